@@ -1,0 +1,148 @@
+//! The errors a caller can match on.
+
+use std::time::Duration;
+
+/// A boxed error from a store's client library, kept as the `source` of [`Error::Unavailable`].
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Everything idem itself can answer instead of running the handler (or after running it).
+///
+/// The handler's own error type absorbs this one through `From<idem_runtime::Error>`, so an
+/// `#[idempotent]` function keeps its signature. Match on the variant to map it to the transport:
+///
+/// ```
+/// use idem_runtime::Error;
+///
+/// fn http_status(e: &Error) -> u16 {
+///     match e {
+///         Error::InFlight { .. } => 409,
+///         Error::Mismatch { .. } => 422,
+///         Error::InvalidKey { .. } => 400,
+///         Error::Unavailable { .. } | Error::NoStore => 503,
+///         _ => 500,
+///     }
+/// }
+/// assert_eq!(http_status(&Error::Mismatch { scope: "s".into(), key: "k".into() }), 422);
+/// ```
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Another holder is executing this key right now and its lease is alive. Try again after
+    /// `retry_after` (MQ: redeliver later; HTTP: 409 with `Retry-After`). Never ack this as success:
+    /// the holder may still fail.
+    #[error(
+        "key {key:?} in {scope} is being processed by another caller; retry after {retry_after:?}"
+    )]
+    InFlight {
+        /// The scope of the key.
+        scope: String,
+        /// The key.
+        key: String,
+        /// When the current lease expires at the latest, as the store sees it.
+        retry_after: Duration,
+    },
+    /// The key was completed with a different fingerprint: the same key was reused for another
+    /// payload (HTTP: 422). The handler did not run and nothing was replayed.
+    #[error("key {key:?} in {scope} was already used with a different payload")]
+    Mismatch {
+        /// The scope of the key.
+        scope: String,
+        /// The key.
+        key: String,
+    },
+    /// This caller's lease was taken over by another holder (its ttl elapsed and it was not
+    /// renewed in time, e.g. the store was unreachable). The handler's effect may have happened;
+    /// the record of the new holder was left untouched.
+    #[error("lease on key {key:?} in {scope} was lost to another holder before completion")]
+    LeaseLost {
+        /// The scope of the key.
+        scope: String,
+        /// The key.
+        key: String,
+    },
+    /// The store could not be reached or answered with an error. In [`Phase::Begin`] the handler
+    /// did not run (idem fails closed). In [`Phase::Complete`] the handler ran but its done mark
+    /// was not written: the lease expires after its ttl.
+    #[error("idempotency store unavailable during {phase}: {source}")]
+    Unavailable {
+        /// Which step failed.
+        phase: Phase,
+        /// The client library's error.
+        #[source]
+        source: BoxError,
+    },
+    /// The key cannot be used (it is empty). Long keys are not an error: they are hashed.
+    #[error("invalid idempotency key: {reason}")]
+    InvalidKey {
+        /// Why the key was refused.
+        reason: &'static str,
+    },
+    /// A stored record could not be read back (wrong format, or an output type that changed
+    /// incompatibly between deploys). The handler did not run.
+    #[error("corrupt idempotency record for key {key:?} in {scope}: {reason}")]
+    Corrupt {
+        /// The scope of the key.
+        scope: String,
+        /// The key.
+        key: String,
+        /// What could not be decoded.
+        reason: String,
+    },
+    /// No store was given and none was installed with [`crate::install_default_store`].
+    #[error(
+        "no idempotency store installed: call idem_runtime::install_default_store(...) at start-up, or pass `store = \"...\"`"
+    )]
+    NoStore,
+}
+
+/// The step of the protocol in which a store error happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Phase {
+    /// Claiming the key (or reading its record). The handler did not run.
+    Begin,
+    /// Writing the done mark after the handler succeeded. The handler ran.
+    Complete,
+    /// Releasing the key after the handler failed.
+    Release,
+    /// Renewing the lease while the handler runs.
+    Extend,
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Phase::Begin => "begin",
+            Phase::Complete => "complete",
+            Phase::Release => "release",
+            Phase::Extend => "extend",
+        })
+    }
+}
+
+/// What a [`Store`](crate::Store) operation can fail with. The wrapper turns it into an [`Error`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The token does not own the key any more (it expired and was taken over, or was released).
+    #[error("lease lost")]
+    LeaseLost,
+    /// The store holds something for this key it cannot interpret.
+    #[error("corrupt record: {0}")]
+    Corrupt(String),
+    /// The store could not be reached or failed.
+    #[error(transparent)]
+    Unavailable(BoxError),
+}
+
+impl StoreError {
+    /// Wrap any client error as [`StoreError::Unavailable`].
+    ///
+    /// ```
+    /// let e = idem_runtime::StoreError::unavailable(std::io::Error::other("connection refused"));
+    /// assert!(matches!(e, idem_runtime::StoreError::Unavailable(_)));
+    /// ```
+    pub fn unavailable(e: impl Into<BoxError>) -> Self {
+        StoreError::Unavailable(e.into())
+    }
+}
