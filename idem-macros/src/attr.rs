@@ -74,16 +74,9 @@ impl Parse for Args {
                 }};
             }
             if lookahead.peek(kw::key) {
-                take!(kw::key, "key", args.key, |l: LitStr| {
-                    if l.value().is_empty() {
-                        Err(syn::Error::new(
-                            l.span(),
-                            "the key is empty: name the parameter that identifies the message, e.g. key = \"order_id\"",
-                        ))
-                    } else {
-                        Ok(l)
-                    }
-                });
+                // An empty or malformed key is reported by the template parser, on the literal;
+                // keeping the literal here avoids a second "missing `key`" error.
+                take!(kw::key, "key", args.key, Ok::<LitStr, syn::Error>);
             } else if lookahead.peek(kw::ttl) {
                 take!(kw::ttl, "ttl", args.ttl, |l| dur(
                     l,
@@ -212,18 +205,23 @@ fn parse_lit(input: ParseStream<'_>, name: &str) -> syn::Result<LitStr> {
 }
 
 fn dur(lit: LitStr, name: &str, min: u64, max: u64, why: &str) -> syn::Result<Dur> {
+    let example = match name {
+        "keep" => "24h",
+        "wait" => "5s",
+        _ => "30s",
+    };
     let ms = duration::parse_ms(&lit.value()).map_err(|e| syn::Error::new(lit.span(), e))?;
     if ms == 0 {
         return Err(syn::Error::new(
             lit.span(),
-            format!("`{name}` must be greater than zero; {why}"),
+            format!("`{name}` must be greater than zero, e.g. {name} = \"{example}\"; {why}"),
         ));
     }
     if ms < min {
         return Err(syn::Error::new(
             lit.span(),
             format!(
-                "`{name}` = \"{}\" is shorter than {}, less than one round trip to a store under load; {why}",
+                "`{name}` = \"{}\" is shorter than the minimum: write at least \"{}\"; {why}",
                 lit.value(),
                 duration::show(min)
             ),
@@ -233,7 +231,7 @@ fn dur(lit: LitStr, name: &str, min: u64, max: u64, why: &str) -> syn::Result<Du
         return Err(syn::Error::new(
             lit.span(),
             format!(
-                "`{name}` = \"{}\" is longer than the maximum of {}; {why}",
+                "`{name}` = \"{}\" is longer than the maximum: write at most \"{}\"; {why}",
                 lit.value(),
                 duration::show(max)
             ),

@@ -1,7 +1,63 @@
 //! Duration literals (`"500ms"`, `"30s"`, `"10m"`, `"1h30m"`, `"2d"`), parsed at expansion time.
 
-/// Parse a duration into milliseconds, or say what is wrong.
+/// Parse a duration into milliseconds, or say what is wrong (and what to write, when the intent
+/// is clear: `"10 minutes"` is answered with `write "10m"`).
 pub(crate) fn parse_ms(text: &str) -> Result<u64, String> {
+    strict(text).map_err(|e| match suggest(text) {
+        Some(fix) => format!(
+            "`{}` is not a duration: write \"{fix}\" (a number and a unit, no spaces; units are ms, s, m, h, d)",
+            text.trim()
+        ),
+        None => e,
+    })
+}
+
+/// The same duration in the accepted syntax, for a text that spells units out or puts spaces
+/// in: `"10 minutes"` → `"10m"`, `"1 hour 30 min"` → `"1h30m"`.
+fn suggest(text: &str) -> Option<String> {
+    let mut out = String::new();
+    let mut chars = text.trim().chars().peekable();
+    let mut expect_unit = false;
+    while let Some(&c) = chars.peek() {
+        if c.is_ascii_digit() {
+            if expect_unit {
+                return None;
+            }
+            while let Some(d) = chars.next_if(char::is_ascii_digit) {
+                out.push(d);
+            }
+            expect_unit = true;
+        } else if c.is_alphabetic() {
+            let mut word = String::new();
+            while let Some(l) = chars.next_if(|c| c.is_alphabetic()) {
+                word.push(l.to_ascii_lowercase());
+            }
+            let unit = match word.as_str() {
+                "and" if !expect_unit => continue,
+                "ms" | "msec" | "msecs" | "milli" | "millis" | "millisecond" | "milliseconds" => {
+                    "ms"
+                }
+                "s" | "sec" | "secs" | "second" | "seconds" => "s",
+                "m" | "min" | "mins" | "minute" | "minutes" => "m",
+                "h" | "hr" | "hrs" | "hour" | "hours" => "h",
+                "d" | "day" | "days" => "d",
+                _ => return None,
+            };
+            if !expect_unit {
+                return None;
+            }
+            out.push_str(unit);
+            expect_unit = false;
+        } else if c.is_whitespace() || c == ',' {
+            chars.next();
+        } else {
+            return None;
+        }
+    }
+    (!expect_unit && strict(&out).is_ok() && out != text).then_some(out)
+}
+
+fn strict(text: &str) -> Result<u64, String> {
     const HELP: &str =
         "write a number and a unit, e.g. \"500ms\", \"30s\", \"10m\", \"1h30m\", \"2d\"";
     let text = text.trim();
@@ -51,7 +107,7 @@ pub(crate) fn show(ms: u64) -> String {
         ("m", 60_000),
         ("s", 1_000),
     ] {
-        if ms >= scale && ms % scale == 0 {
+        if ms >= scale && ms.is_multiple_of(scale) {
             return format!("{}{unit}", ms / scale);
         }
     }
@@ -77,6 +133,20 @@ mod tests {
             assert!(parse_ms(bad).is_err(), "{bad:?} was accepted");
         }
         assert!(parse_ms("99999999999999999999d").is_err());
+    }
+
+    #[test]
+    fn suggests_the_accepted_spelling() {
+        let e = parse_ms("10 minutes").unwrap_err();
+        assert!(e.contains("write \"10m\""), "{e}");
+        let e = parse_ms("1 hour and 30 min").unwrap_err();
+        assert!(e.contains("write \"1h30m\""), "{e}");
+        let e = parse_ms("10min").unwrap_err();
+        assert!(e.contains("write \"10m\""), "{e}");
+        let e = parse_ms("5x").unwrap_err();
+        assert!(!e.contains("write \""), "{e}");
+        let e = parse_ms("10").unwrap_err();
+        assert!(e.contains("without a unit"), "{e}");
     }
 
     #[test]

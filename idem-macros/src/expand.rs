@@ -1,6 +1,6 @@
 //! Code generation: the lock-check-execute-mark wrapper around the user's body.
 
-use proc_macro2::{Span, TokenStream, TokenTree};
+use proc_macro2::{Group, Span, TokenStream, TokenTree};
 use quote::{quote, quote_spanned};
 use syn::spanned::Spanned;
 use syn::{FnArg, Ident, ItemFn, LitStr, Pat, ReturnType, Type};
@@ -13,13 +13,7 @@ use crate::template::{self, Piece};
 pub(crate) fn idempotent(args: TokenStream, item: TokenStream) -> TokenStream {
     let func: ItemFn = match syn::parse2(item.clone()) {
         Ok(f) => f,
-        Err(_) => {
-            let err = syn::Error::new(
-                Span::call_site(),
-                "#[idempotent] goes on an `async fn` that returns `Result<T, E>`",
-            );
-            return with_error(item, err);
-        }
+        Err(_) => return with_error(item.clone(), not_a_fn(item)),
     };
     let args = syn::parse2::<Args>(args);
     match args.and_then(|a| expand(a, &func)) {
@@ -33,25 +27,99 @@ fn with_error(item: TokenStream, err: syn::Error) -> TokenStream {
     quote!(#item #err)
 }
 
+/// The error for an item that is not a function with a body, on the item's own keyword.
+fn not_a_fn(item: TokenStream) -> syn::Error {
+    const WHAT: &str = "#[idempotent] goes on an `async fn` that returns `Result<T, E>`";
+    if let Ok(decl) = syn::parse2::<syn::TraitItemFn>(item.clone())
+        && decl.default.is_none()
+    {
+        let span = decl
+            .semi_token
+            .map_or_else(|| decl.sig.ident.span(), |s| s.span);
+        return syn::Error::new(
+            span,
+            format!(
+                "#[idempotent] needs the function's body, and `{}` has none: put the attribute on the method in each `impl` block instead",
+                decl.sig.ident
+            ),
+        );
+    }
+    let (span, kind) = match syn::parse2::<syn::Item>(item) {
+        Ok(syn::Item::Struct(i)) => (i.struct_token.span, "a struct"),
+        Ok(syn::Item::Enum(i)) => (i.enum_token.span, "an enum"),
+        Ok(syn::Item::Union(i)) => (i.union_token.span, "a union"),
+        Ok(syn::Item::Trait(i)) => (i.trait_token.span, "a trait"),
+        Ok(syn::Item::Impl(i)) => (
+            i.impl_token.span,
+            "an `impl` block (put it on the methods inside)",
+        ),
+        Ok(syn::Item::Mod(i)) => (i.mod_token.span, "a module"),
+        Ok(syn::Item::Const(i)) => (i.const_token.span, "a constant"),
+        Ok(syn::Item::Static(i)) => (i.static_token.span, "a static"),
+        Ok(syn::Item::Type(i)) => (i.type_token.span, "a type alias"),
+        Ok(syn::Item::Use(i)) => (i.use_token.span, "a `use` declaration"),
+        Ok(syn::Item::ForeignMod(i)) => (i.abi.extern_token.span, "an `extern` block"),
+        _ => return syn::Error::new(Span::call_site(), WHAT),
+    };
+    syn::Error::new(span, format!("{WHAT}, not on {kind}"))
+}
+
+/// Give every token of `tokens` the span `span`, so that errors about the code they form are
+/// reported there (`span` must come from the user's attribute or signature, for hygiene).
+fn respan(tokens: TokenStream, span: Span) -> TokenStream {
+    tokens
+        .into_iter()
+        .map(|mut t| {
+            if let TokenTree::Group(g) = &t {
+                let mut group = Group::new(g.delimiter(), respan(g.stream(), span));
+                group.set_span(span);
+                t = TokenTree::Group(group);
+            } else {
+                t.set_span(span);
+            }
+            t
+        })
+        .collect()
+}
+
+/// The span of the first `impl` in a type (`Result<impl Serialize, E>`), if any.
+fn impl_trait_in(tokens: TokenStream) -> Option<Span> {
+    tokens.into_iter().find_map(|t| match t {
+        TokenTree::Ident(i) if i == "impl" => Some(i.span()),
+        TokenTree::Group(g) => impl_trait_in(g.stream()),
+        _ => None,
+    })
+}
+
 /// A parameter the key and fingerprint can name, including names bound by patterns
 /// (`Json(order): Json<Order>` binds `order`).
 struct Params {
     names: Vec<Ident>,
     /// `Some(by_ref)` for methods.
     receiver: Option<bool>,
+    /// The receiver is `&mut self`.
+    receiver_mut: bool,
 }
 
 impl Params {
     fn of(func: &ItemFn) -> Params {
         let mut names = Vec::new();
         let mut receiver = None;
+        let mut receiver_mut = false;
         for arg in &func.sig.inputs {
             match arg {
-                FnArg::Receiver(r) => receiver = Some(matches!(&*r.ty, Type::Reference(_))),
+                FnArg::Receiver(r) => {
+                    receiver = Some(matches!(&*r.ty, Type::Reference(_)));
+                    receiver_mut = matches!(&*r.ty, Type::Reference(t) if t.mutability.is_some());
+                }
                 FnArg::Typed(t) => bind_names(&t.pat, &mut names),
             }
         }
-        Params { names, receiver }
+        Params {
+            names,
+            receiver,
+            receiver_mut,
+        }
     }
 
     fn has(&self, name: &str) -> bool {
@@ -129,14 +197,20 @@ fn path_expr(
     if !params.has(root) {
         let name = &func.sig.ident;
         let mut msg = if root == "self" {
-            format!("`{what}` names `self`, but `{name}` is not a method")
+            format!(
+                "`{what}` names `self`, but `{name}` is not a method; {}",
+                params.list()
+            )
         } else {
             format!(
                 "`{what}` names `{root}`, which is not a parameter of `{name}`; {}",
                 params.list()
             )
         };
-        if let Some(best) = params.closest(root) {
+        if root == "self" && path.len() > 1 && params.has(&path[1]) {
+            // `self.order_id` in a free fn that has an `order_id` parameter.
+            msg.push_str(&format!("; did you mean `{}`?", path[1..].join(".")));
+        } else if let Some(best) = params.closest(root) {
             msg.push_str(&format!("; did you mean `{best}`?"));
         }
         return Err(syn::Error::new(span, msg));
@@ -176,7 +250,8 @@ fn expand(mut args: Args, func: &ItemFn) -> syn::Result<TokenStream> {
             "#[idempotent] cannot wrap a `const fn`: it talks to a store at run time; remove `const` and make it `async`",
         ));
     }
-    if sig.asyncness.is_none() {
+    // A `const fn` is told to become `async` by the error above: one error for one mistake.
+    if sig.asyncness.is_none() && sig.constness.is_none() {
         errors.push(syn::Error::new(
             sig.fn_token.span,
             "the `async` keyword is missing from the function declaration: #[idempotent] wraps an `async fn` (write `async fn`)",
@@ -193,21 +268,29 @@ fn expand(mut args: Args, func: &ItemFn) -> syn::Result<TokenStream> {
             ));
             None
         }
-        ReturnType::Type(_, ty) if matches!(**ty, Type::ImplTrait(_)) => {
-            errors.push(syn::Error::new(
-                ty.span(),
-                "#[idempotent] needs a concrete `Result<T, E>` return type: `T` is stored and replayed, so it cannot be `impl Trait`",
-            ));
-            None
-        }
-        ReturnType::Type(_, ty) => Some(ty),
+        ReturnType::Type(_, ty) => match impl_trait_in(quote!(#ty)) {
+            Some(span) => {
+                errors.push(syn::Error::new(
+                    span,
+                    "#[idempotent] needs a concrete `Result<T, E>` return type: `T` is stored and replayed, so it cannot be `impl Trait`; name the type",
+                ));
+                None
+            }
+            None => Some(ty),
+        },
     };
     let params = Params::of(func);
 
     let Some(key_lit) = &args.key else {
+        let example = params
+            .names
+            .first()
+            .map_or_else(|| "order_id".to_owned(), ToString::to_string);
         errors.push(syn::Error::new(
             Span::call_site(),
-            "missing `key`: name the parameter that identifies the message, e.g. #[idempotent(key = \"order_id\")]",
+            format!(
+                "missing `key`: name the parameter that identifies the message, e.g. #[idempotent(key = \"{example}\")]"
+            ),
         ));
         return Err(combine(errors));
     };
@@ -226,6 +309,7 @@ fn expand(mut args: Args, func: &ItemFn) -> syn::Result<TokenStream> {
         }
         Ok(pieces) => {
             let span = key_lit.span();
+            let krate = respan(krate.clone(), span);
             if let [Piece::Path(path)] = pieces.as_slice() {
                 match path_expr(path, key_lit, "key", func, &params) {
                     Ok(e) => Some(
@@ -276,7 +360,8 @@ fn expand(mut args: Args, func: &ItemFn) -> syn::Result<TokenStream> {
                         unreachable!()
                     };
                     match path_expr(path, lit, "fingerprint", func, &params) {
-                        Ok(e) => adds.extend(quote!(.add(&(#e)))),
+                        // On the literal, so "`Payload: Serialize` is not satisfied" points there.
+                        Ok(e) => adds.extend(quote_spanned!(lit.span()=> .add(&(#e)))),
                         Err(e) => errors.push(e),
                     }
                 }
@@ -291,6 +376,7 @@ fn expand(mut args: Args, func: &ItemFn) -> syn::Result<TokenStream> {
 
     // The store: an expression, or the process-wide default.
     let mut moves = true;
+    let mut store_items = TokenStream::new();
     let store = match &args.store {
         None => quote!(&#krate::DefaultStore),
         Some((lit, expr)) => {
@@ -306,15 +392,58 @@ fn expand(mut args: Args, func: &ItemFn) -> syn::Result<TokenStream> {
             }
             // A store borrowed from a by-value parameter must not be moved into the body: capture
             // by reference then (the body can still move other parameters).
+            // Likewise a store in `&mut self`: moving the `&mut` into the body would conflict
+            // with the store's borrow, while a body that only reads `self` can share it.
             if params
                 .names
                 .iter()
                 .any(|n| mentions(tokens.clone(), &n.to_string()))
+                || (params.receiver_mut && mentions(tokens.clone(), "self"))
             {
                 moves = false;
             }
+            // The expression may be a store, a reference to one (a parameter `store: &MemoryStore`
+            // or `&dyn Store`) or an `Arc`: a method call peels one reference. The check is a
+            // local trait whose message is about stores, reported on the literal; the handle it
+            // returns has one type whatever the store, so `run_future` adds no second error.
             let span = lit.span();
-            quote_spanned!(span=> &(#expr))
+            store_items = quote! {
+                trait __IdemDeref {
+                    fn __idem_deref(&self) -> &Self {
+                        self
+                    }
+                }
+                impl<__IdemT: ?::core::marker::Sized> __IdemDeref for __IdemT {}
+                #[diagnostic::on_unimplemented(
+                    message = "`{Self}` is not an idempotency store",
+                    label = "`store` must be a value that implements `idem_runtime::Store`, or a reference or `Arc` to one",
+                    note = "give a store such as a `MemoryStore` field (`store = \"self.idem\"`), or leave `store` out to use the store installed with `idem_runtime::install_default_store`"
+                )]
+                trait __IdemStore: #krate::StoreHandle {}
+                #[diagnostic::do_not_recommend]
+                impl<__IdemS: #krate::StoreHandle + ?::core::marker::Sized> __IdemStore for __IdemS {}
+                trait __IdemDyn {
+                    fn __idem_store(&self) -> ::core::result::Result<&dyn #krate::Store, #krate::Error>;
+                }
+                impl<__IdemS: #krate::StoreHandle + ?::core::marker::Sized> __IdemDyn for &__IdemS {
+                    fn __idem_store(&self) -> ::core::result::Result<&dyn #krate::Store, #krate::Error> {
+                        #krate::StoreHandle::store(*self)
+                    }
+                }
+                struct __IdemHandle<'a>(&'a (dyn __IdemDyn + ::core::marker::Sync + 'a));
+                impl #krate::StoreHandle for __IdemHandle<'_> {
+                    fn store(&self) -> ::core::result::Result<&dyn #krate::Store, #krate::Error> {
+                        self.0.__idem_store()
+                    }
+                }
+                // `Sync` (every `Store` is) keeps the handler's future `Send`.
+                fn __idem_handle<'a, __IdemS: __IdemStore + ::core::marker::Sync + ?::core::marker::Sized>(
+                    store: &'a &'a __IdemS,
+                ) -> __IdemHandle<'a> {
+                    __IdemHandle(store)
+                }
+            };
+            quote_spanned!(span=> &__idem_handle(&(#expr).__idem_deref()))
         }
     };
 
@@ -355,14 +484,31 @@ fn expand(mut args: Args, func: &ItemFn) -> syn::Result<TokenStream> {
     let block = &func.block;
     let capture = if moves { quote!(move) } else { quote!() };
     // Bounds on the return type are checked at its span, so "must return Result" points there.
-    let run = quote_spanned!(ret.span()=> #krate::__private::run_future::<_, #ret, _>);
-    let typed = quote_spanned!(ret.span()=> #krate::__private::typed::<#ret, _>);
+    // The whole call (path, parentheses, `.await`) is spanned there: obligations of the awaited
+    // future land on the same span as those of the call, and rustc reports them once.
+    let ret_span = ret.span();
+    let krate_ret = respan(krate.clone(), ret_span);
+    let typed = quote_spanned!(ret_span=> #krate_ret::__private::typed::<#ret, _>);
+    // `async` on the user's own keyword: a borrow conflict in the body points at their fn.
+    let async_token = match &sig.asyncness {
+        Some(a) => quote_spanned!(a.span=> async),
+        None => quote!(async),
+    };
+    let args = quote!(#store, &__IDEM_OPTIONS, __idem_call, #typed(#async_token #capture #block));
+    // `R` is inferred from the body (pinned by `typed`): a turbofish would add a second span
+    // (the whole type) to errors that are also reported on its first token.
+    let mut run = quote_spanned!(ret_span=> #krate_ret::__private::run_future);
+    let mut parens = Group::new(proc_macro2::Delimiter::Parenthesis, args);
+    parens.set_span(ret_span);
+    run.extend([TokenTree::Group(parens)]);
+    run.extend(quote_spanned!(ret_span=> .await));
     Ok(quote! {
         #(#attrs)*
         #vis #sig {
+            #store_items
             let __idem_call = #krate::Call::from_key(#key_expr) #fingerprint;
             const __IDEM_OPTIONS: #krate::Options = #options;
-            #run(#store, &__IDEM_OPTIONS, __idem_call, #typed(async #capture #block)).await
+            #run
         }
     })
 }
@@ -417,6 +563,49 @@ mod tests {
         assert!(out.contains("did you mean `order_id`"), "{out}");
         // The user's item is still emitted.
         assert!(out.contains("async fn f"), "{out}");
+    }
+
+    #[test]
+    fn one_mistake_gives_one_error() {
+        for (args, item) in [
+            // Not also "the `async` keyword is missing".
+            (
+                r#"key = "id""#,
+                "const fn f(id: u64) -> Result<(), E> { Ok(()) }",
+            ),
+            // Not also "missing `key`".
+            (
+                r#"key = """#,
+                "async fn f(id: u64) -> Result<(), E> { Ok(()) }",
+            ),
+            // Reported by the macro, not by rustc on a turbofish.
+            (
+                r#"key = "id""#,
+                "async fn f(id: u64) -> Result<impl Debug, E> { Ok(id) }",
+            ),
+            (r#"key = "id""#, "struct S { id: u64 }"),
+            (
+                r#"key = "id""#,
+                "async fn f(&self, id: u64) -> Result<(), E>;",
+            ),
+        ] {
+            let out = expand_str(args, item);
+            assert_eq!(out.matches("compile_error").count(), 1, "{out}");
+        }
+        let out = expand_str(r#"key = "id""#, "struct S { id: u64 }");
+        assert!(out.contains("not on a struct"), "{out}");
+    }
+
+    #[test]
+    fn a_store_expression_is_checked_on_its_own() {
+        let out = expand_str(
+            r#"key = "id", store = "store""#,
+            "async fn f(store: &S, id: u64) -> Result<(), E> { Ok(()) }",
+        );
+        assert!(out.contains("__idem_handle"), "{out}");
+        // Borrowed from a parameter: the body is not `async move`.
+        assert!(!out.contains("async move"), "{out}");
+        assert!(!out.contains("compile_error"), "{out}");
     }
 
     #[test]

@@ -61,7 +61,7 @@ pub(crate) fn parse(text: &str) -> Result<Vec<Piece>, String> {
     }
     if !pieces.iter().any(|p| matches!(p, Piece::Path(_))) {
         return Err(format!(
-            "key template `{text}` has no `{{parameter}}`: every call would share one key"
+            "key template `{text}` has no `{{parameter}}`, so every call would share one key: `{{{{` is a literal brace; write `{{order_id}}` to put a parameter in the key"
         ));
     }
     Ok(pieces)

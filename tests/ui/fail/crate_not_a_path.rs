@@ -1,0 +1,13 @@
+use idem_runtime::idempotent;
+
+#[derive(Debug, thiserror::Error)]
+enum AppError {
+    #[error(transparent)]
+    Idem(#[from] idem_runtime::Error),
+}
+
+#[idempotent(key = "order_id", crate = "idem runtime")]
+async fn handle(order_id: u64) -> Result<u64, AppError> {
+    Ok(order_id)
+}
+fn main() {}

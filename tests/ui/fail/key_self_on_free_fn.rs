@@ -1,0 +1,13 @@
+use idem_runtime::idempotent;
+
+#[derive(Debug, thiserror::Error)]
+enum AppError {
+    #[error(transparent)]
+    Idem(#[from] idem_runtime::Error),
+}
+
+#[idempotent(key = "self.order_id")]
+async fn handle(order_id: u64) -> Result<u64, AppError> {
+    Ok(order_id)
+}
+fn main() {}

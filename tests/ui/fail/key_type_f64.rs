@@ -1,0 +1,14 @@
+use idem_runtime::idempotent;
+
+#[derive(Debug, thiserror::Error)]
+enum AppError {
+    #[error(transparent)]
+    Idem(#[from] idem_runtime::Error),
+}
+
+#[idempotent(key = "amount")]
+async fn handle(amount: f64) -> Result<(), AppError> {
+    let _ = amount;
+    Ok(())
+}
+fn main() {}

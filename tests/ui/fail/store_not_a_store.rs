@@ -1,0 +1,19 @@
+use idem_runtime::idempotent;
+
+#[derive(Debug, thiserror::Error)]
+enum AppError {
+    #[error(transparent)]
+    Idem(#[from] idem_runtime::Error),
+}
+
+struct Service {
+    name: String,
+}
+
+impl Service {
+    #[idempotent(key = "order_id", store = "self.name")]
+    async fn handle(&self, order_id: u64) -> Result<u64, AppError> {
+        Ok(order_id)
+    }
+}
+fn main() {}
