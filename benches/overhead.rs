@@ -1,1 +1,73 @@
-fn main() {}
+//! Per-call cost of `#[idempotent]` on the in-memory store, side by side with calling the same
+//! function without the attribute (what a user pays for the wrapper itself, no network).
+//!
+//! ```text
+//! cargo bench --bench overhead
+//! ```
+
+use std::hint::black_box;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use idem_runtime::{MemoryStore, idempotent};
+
+#[derive(Debug)]
+struct AppError;
+impl From<idem_runtime::Error> for AppError {
+    fn from(_: idem_runtime::Error) -> Self {
+        AppError
+    }
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Coupon {
+    id: u64,
+    code: String,
+}
+
+/// The baseline: the handler as it was before the attribute.
+async fn issue_direct(order_id: u64) -> Result<Coupon, AppError> {
+    Ok(Coupon {
+        id: order_id,
+        code: format!("C-{order_id}"),
+    })
+}
+
+#[idempotent(key = "order_id", ttl = "30s", keep = "2s")]
+async fn issue(order_id: u64) -> Result<Coupon, AppError> {
+    Ok(Coupon {
+        id: order_id,
+        code: format!("C-{order_id}"),
+    })
+}
+
+fn bench(c: &mut Criterion) {
+    idem_runtime::install_default_store(MemoryStore::new()).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let next = AtomicU64::new(1);
+    let mut g = c.benchmark_group("memory-store");
+    g.bench_function("direct call (baseline)", |b| {
+        b.to_async(&rt).iter(|| async {
+            let n = next.fetch_add(1, Ordering::Relaxed);
+            black_box(issue_direct(black_box(n)).await.ok())
+        })
+    });
+    g.bench_function("#[idempotent] first call of a key", |b| {
+        b.to_async(&rt).iter(|| async {
+            let n = next.fetch_add(1, Ordering::Relaxed);
+            black_box(issue(black_box(n)).await.ok())
+        })
+    });
+    rt.block_on(issue(0)).ok().unwrap();
+    g.bench_function("#[idempotent] duplicate (replayed)", |b| {
+        b.to_async(&rt)
+            .iter(|| async { black_box(issue(black_box(0)).await.ok()) })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

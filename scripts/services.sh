@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Start (if not running) the servers the test suite talks to: Redis, PostgreSQL, MariaDB.
+# Idempotent: a running service is left alone. Installs from Debian's packages when missing.
+set -uo pipefail
+
+need_install=()
+command -v redis-server >/dev/null || need_install+=(redis-server)
+command -v pg_ctlcluster >/dev/null || need_install+=(postgresql)
+[ -x /usr/sbin/mariadbd ] || need_install+=(mariadb-server)
+if [ ${#need_install[@]} -gt 0 ]; then
+  echo "installing: ${need_install[*]}"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_install[@]}"
+fi
+
+wait_for() { # name, command
+  for _ in $(seq 1 60); do
+    if eval "$2" >/dev/null 2>&1; then echo "$1: up"; return 0; fi
+    sleep 0.5
+  done
+  echo "$1: NOT reachable" >&2
+  return 1
+}
+
+if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
+  mkdir -p /var/lib/redis /var/log/redis
+  redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no \
+    --dir /var/lib/redis --logfile /var/log/redis/ci.log
+fi
+wait_for redis "redis-cli -h 127.0.0.1 -p 6379 ping"
+
+if ! pg_isready -h 127.0.0.1 -p 5432 >/dev/null 2>&1; then
+  pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n1)" main start || true
+fi
+wait_for postgres "pg_isready -h 127.0.0.1 -p 5432"
+psql -h 127.0.0.1 -U postgres -tc "SELECT 1 FROM pg_database WHERE datname = 'test'" | grep -q 1 \
+  || psql -h 127.0.0.1 -U postgres -c "CREATE DATABASE test" || true
+
+if ! mariadb -h 127.0.0.1 -uroot -e 'SELECT 1' >/dev/null 2>&1; then
+  start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd || true
+fi
+wait_for mariadb "mariadb -h 127.0.0.1 -uroot -e 'SELECT 1'"
+mariadb -h 127.0.0.1 -uroot -e 'CREATE DATABASE IF NOT EXISTS test' || true
