@@ -257,6 +257,8 @@ pub struct FingerprintBuilder {
 impl FingerprintBuilder {
     /// Add one value. A value that cannot be serialized is hashed by its error text, which is
     /// still deterministic.
+    // Named like `Add::add` on purpose: it reads as "add this value"; it is not arithmetic.
+    #[allow(clippy::should_implement_trait)]
     pub fn add<T: serde::Serialize + ?Sized>(mut self, value: &T) -> Self {
         self.buf.clear();
         if let Err(e) = rmp_serde::encode::write_named(&mut self.buf, value) {
