@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::pin::pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -13,8 +13,9 @@ use crate::store::{Begin, BeginRequest, Lease, Store, Token};
 use crate::{Fingerprint, Key, StoreError};
 
 const SHARDS: usize = 32;
-/// Expired entries are swept from a shard after this many claims on it.
-const SWEEP_EVERY: u32 = 4096;
+/// A shard is swept of expired entries when it has grown to twice its size after the last sweep
+/// (and at least this size), so sweeping costs O(1) per insert, amortized.
+const SWEEP_MIN: usize = 1024;
 
 /// An in-process store that honours the whole contract of `protocol.md`.
 ///
@@ -59,12 +60,22 @@ struct Shard {
     map: Mutex<ShardMap>,
     /// Woken whenever a key of this shard stops being in flight.
     changed: Notify,
+    /// How many callers are in `wait` on this shard: `changed` is only signalled when some are.
+    waiting: AtomicUsize,
+}
+
+impl Shard {
+    fn signal(&self) {
+        if self.waiting.load(Ordering::SeqCst) > 0 {
+            self.changed.notify_waiters();
+        }
+    }
 }
 
 #[derive(Default)]
 struct ShardMap {
     entries: HashMap<String, Entry>,
-    claims: u32,
+    sweep_at: usize,
 }
 
 struct Entry {
@@ -99,8 +110,11 @@ impl MemoryStore {
     }
 
     fn shard(&self, id: &str) -> &Shard {
-        use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
-        let h = BuildHasherDefault::<DefaultHasher>::default().hash_one(id);
+        // FNV-1a: only spreads load over the shards. The map inside each shard keeps std's
+        // keyed SipHash, which is what protects against keys chosen to collide.
+        let h = id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
         &self.inner.shards[(h as usize) % SHARDS]
     }
 
@@ -115,7 +129,7 @@ impl MemoryStore {
         {
             map.entries.remove(id);
             drop(map);
-            shard.changed.notify_waiters();
+            shard.signal();
         }
     }
 }
@@ -141,10 +155,9 @@ impl Store for MemoryStore {
         let shard = self.shard(&id);
         let now = Instant::now();
         let mut map = lock(&shard.map);
-        map.claims += 1;
-        if map.claims >= SWEEP_EVERY {
-            map.claims = 0;
+        if map.entries.len() >= map.sweep_at {
             map.entries.retain(|_, e| e.expires > now);
+            map.sweep_at = (map.entries.len() * 2).max(SWEEP_MIN);
         }
         if let Some(e) = map.entries.get_mut(&id)
             && e.expires > now
@@ -198,28 +211,40 @@ impl Store for MemoryStore {
         let shard = self.shard(&id);
         let now = Instant::now();
         let mut map = lock(&shard.map);
-        let fingerprint = match map.entries.get(&id) {
+        let done = State::Done {
+            token: lease.token,
+            output: output.into(),
+        };
+        match map.entries.get_mut(&id) {
             Some(e) if e.expires > now => match &e.state {
-                State::InFlight { token, .. } if *token == lease.token => e.fingerprint,
+                State::InFlight { token, .. } if *token == lease.token => {
+                    e.state = done;
+                    e.expires = now + keep;
+                }
                 State::Done { token, .. } if *token == lease.token => return Ok(()),
                 _ => return Err(StoreError::LeaseLost),
             },
             // Lapsed and not taken over: nobody else owns the key, so record the effect.
-            _ => None,
-        };
-        map.entries.insert(
-            id,
-            Entry {
-                state: State::Done {
-                    token: lease.token,
-                    output: output.into(),
-                },
-                expires: now + keep,
-                fingerprint,
-            },
-        );
+            Some(e) => {
+                *e = Entry {
+                    state: done,
+                    expires: now + keep,
+                    fingerprint: None,
+                }
+            }
+            None => {
+                map.entries.insert(
+                    id,
+                    Entry {
+                        state: done,
+                        expires: now + keep,
+                        fingerprint: None,
+                    },
+                );
+            }
+        }
         drop(map);
-        shard.changed.notify_waiters();
+        shard.signal();
         Ok(())
     }
 
@@ -260,6 +285,9 @@ impl Store for MemoryStore {
     async fn wait(&self, scope: &str, key: &Key, max: Duration) {
         let id = record_id(scope, key);
         let shard = self.shard(&id);
+        // Counted before registering, so a signaller that sees no waiter cannot miss this one.
+        shard.waiting.fetch_add(1, Ordering::SeqCst);
+        let _count = WaitingGuard(&shard.waiting);
         let mut changed = pin!(shard.changed.notified());
         // Register before looking, so a change between the look and the await still wakes us.
         changed.as_mut().enable();
@@ -271,5 +299,14 @@ impl Store for MemoryStore {
             }
         }
         let _ = tokio::time::timeout(max, changed).await;
+    }
+}
+
+/// Decrements a shard's waiter count however `wait` ends (including cancellation).
+struct WaitingGuard<'a>(&'a AtomicUsize);
+
+impl Drop for WaitingGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
