@@ -51,6 +51,8 @@ impl<T, E> Outcome for Result<T, E> {
     note = "derive `serde::Serialize` and `serde::Deserialize` for `{Self}`, or return a type that has them (`()` is fine)"
 )]
 pub trait Replayable: Serialize + DeserializeOwned + Send {}
+// Report the missing trait by this trait's message, once, rather than each missing bound.
+#[diagnostic::do_not_recommend]
 impl<T: Serialize + DeserializeOwned + Send> Replayable for T {}
 
 /// An error type that can carry idem's own errors.
@@ -60,6 +62,8 @@ impl<T: Serialize + DeserializeOwned + Send> Replayable for T {}
     note = "add `#[error(transparent)] Idem(#[from] idem_runtime::Error)` to your thiserror enum, or `impl From<idem_runtime::Error> for {Self}`; `anyhow::Error` and `Box<dyn Error + Send + Sync>` already work"
 )]
 pub trait AbsorbsIdemError: From<Error> {}
+// Report the missing trait by this trait's message, once, rather than each missing bound.
+#[diagnostic::do_not_recommend]
 impl<E: From<Error>> AbsorbsIdemError for E {}
 
 /// One call of an idempotent handler: its key and, optionally, its payload fingerprint.
@@ -140,7 +144,7 @@ where
         Err(e) => return R::from_result(Err(e.into())),
     };
     // Laziness matters here: `handler` is only called once the key is ours.
-    execute(store, opts, call, handler).await
+    execute(store, opts, call, Marking::ByWrapper, move |_| handler()).await
 }
 
 /// What the macro calls: `fut` is the user's body, not yet polled.
@@ -157,7 +161,7 @@ where
         Ok(s) => s,
         Err(e) => return R::from_result(Err(e.into())),
     };
-    execute(store, opts, call, move || fut).await
+    execute(store, opts, call, Marking::ByWrapper, move |_| fut).await
 }
 
 fn lift<R: Outcome>(e: Error) -> R
@@ -167,7 +171,7 @@ where
     R::from_result(Err(e.into()))
 }
 
-fn store_error(e: StoreError, phase: Phase, scope: &str, key: &Key) -> Error {
+pub(crate) fn store_error(e: StoreError, phase: Phase, scope: &str, key: &Key) -> Error {
     match e {
         StoreError::LeaseLost => Error::LeaseLost {
             scope: scope.to_owned(),
@@ -182,12 +186,34 @@ fn store_error(e: StoreError, phase: Phase, scope: &str, key: &Key) -> Error {
     }
 }
 
-async fn execute<R, F, Fut>(store: &dyn Store, opts: &Options, call: Call, handler: F) -> R
+/// Who writes the done mark after the handler returned `Ok`.
+#[cfg_attr(
+    not(any(feature = "postgres", feature = "mysql", feature = "sqlite")),
+    allow(dead_code)
+)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Marking {
+    /// The wrapper calls [`Store::complete`] (the usual case).
+    ByWrapper,
+    /// The handler already wrote (and committed) the done mark for the lease it was given, e.g. in
+    /// its own database transaction: `Ok` needs no further store call.
+    ByHandler,
+}
+
+/// The wrapper's core: lock, check, run `handler` with the lease it holds while renewing it, then
+/// mark (see [`Marking`]) or release.
+pub(crate) async fn execute<R, F, Fut>(
+    store: &dyn Store,
+    opts: &Options,
+    call: Call,
+    marking: Marking,
+    handler: F,
+) -> R
 where
     R: Outcome,
     R::Ok: Replayable,
     R::Err: AbsorbsIdemError,
-    F: FnOnce() -> Fut,
+    F: FnOnce(Lease) -> Fut,
     Fut: Future<Output = R>,
 {
     let key = match call.key {
@@ -267,7 +293,9 @@ where
         ttl: opts.ttl,
         timer: None,
         renewal: None,
-        handler: pin!(CatchUnwind { inner: handler() }),
+        handler: pin!(CatchUnwind {
+            inner: handler(lease)
+        }),
     }
     .await;
 
@@ -287,6 +315,9 @@ where
             Ok(value) => {
                 // From here on the effect has happened: never release, or a redelivery runs again.
                 guard.lease = None;
+                if marking == Marking::ByHandler {
+                    return R::from_result(Ok(value));
+                }
                 let bytes = codec::encode(&value);
                 match complete(store, scope, &key, &lease, &bytes, opts.keep).await {
                     Ok(()) => R::from_result(Ok(value)),

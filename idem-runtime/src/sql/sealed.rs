@@ -1,0 +1,173 @@
+//! The sealed trait behind [`Backend`](super::Backend) and the types its methods take. They are
+//! `pub` because they appear in a public bound, but this module is private: no user can name or
+//! implement them.
+#![allow(unreachable_pub)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::{Pool, Transaction};
+
+use super::{DONE, FREE, IN_FLIGHT, InvalidTableName, MAX_TABLE_NAME_LEN, token_of};
+use crate::StoreError;
+use crate::store::{Begin, Token};
+
+/// A validated table name.
+#[derive(Debug, Clone)]
+pub struct Table {
+    /// As given: `name` or `schema.name`.
+    pub qualified: String,
+    /// The schema with its dot (`"schema."`), or empty.
+    pub schema_prefix: String,
+    /// The name without its schema.
+    pub name: String,
+}
+
+impl Table {
+    pub fn parse(table: &str) -> Result<Table, InvalidTableName> {
+        let invalid = || InvalidTableName(table.to_owned());
+        let ident = |s: &str| {
+            let mut chars = s.chars();
+            matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+                && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        };
+        if table.len() > MAX_TABLE_NAME_LEN {
+            return Err(invalid());
+        }
+        let (schema, name) = match table.split_once('.') {
+            Some((s, n)) => (Some(s), n),
+            None => (None, table),
+        };
+        if !ident(name) || schema.is_some_and(|s| !ident(s)) {
+            return Err(invalid());
+        }
+        Ok(Table {
+            qualified: table.to_owned(),
+            schema_prefix: schema.map_or(String::new(), |s| format!("{s}.")),
+            name: name.to_owned(),
+        })
+    }
+
+    /// Fill the placeholders of a statement template: `{table}` (as given), `{name}` (without the
+    /// schema), `{schema}` (`schema.` or empty) and `{now}` (the database's clock in µs).
+    pub fn fill(&self, template: &str, now: &str) -> sqlx::SqlStr {
+        use sqlx::SqlSafeStr;
+        let sql = template
+            .replace("{table}", &self.qualified)
+            .replace("{name}", &self.name)
+            .replace("{schema}", &self.schema_prefix)
+            .replace("{now}", now);
+        // Safe: the table name was validated as plain identifiers; everything else is ours.
+        sqlx::AssertSqlSafe(Arc::<str>::from(sql)).into_sql_str()
+    }
+}
+
+/// The row a call addresses.
+pub struct At<'a> {
+    pub scope: &'a str,
+    pub key: &'a str,
+}
+
+/// What `begin` asks for, in the table's terms.
+pub struct Claim<'a> {
+    pub at: At<'a>,
+    pub token: Token,
+    pub ttl_us: i64,
+    pub fingerprint: Option<[u8; 16]>,
+}
+
+/// What `complete` writes.
+pub struct Mark<'a> {
+    pub at: At<'a>,
+    pub token: Token,
+    pub output: &'a [u8],
+    pub keep_us: i64,
+}
+
+/// A row as read back, with its remaining time by the database's clock.
+pub struct Current {
+    pub state: i16,
+    pub token: Vec<u8>,
+    pub remaining_us: i64,
+    pub fingerprint: Option<Vec<u8>>,
+    pub output: Option<Vec<u8>>,
+}
+
+/// What a read row tells `begin`.
+pub enum Seen {
+    /// The answer: done (replay or mismatch) or held by another live lease.
+    Answer(Begin),
+    /// Free, expired, or held by this very token: claim it.
+    Claimable,
+}
+
+impl Current {
+    pub fn judge(self, claim: &Claim<'_>) -> Result<Seen, StoreError> {
+        if self.remaining_us <= 0 || self.state == FREE {
+            return Ok(Seen::Claimable);
+        }
+        match self.state {
+            IN_FLIGHT if token_of(&self.token)? == claim.token => Ok(Seen::Claimable),
+            IN_FLIGHT => Ok(Seen::Answer(Begin::InFlight {
+                retry_after: Duration::from_micros(self.remaining_us.unsigned_abs()),
+            })),
+            DONE => {
+                if let (Some(stored), Some(asked)) = (&self.fingerprint, &claim.fingerprint)
+                    && stored.as_slice() != asked.as_slice()
+                {
+                    return Ok(Seen::Answer(Begin::Mismatch));
+                }
+                match self.output {
+                    Some(output) => Ok(Seen::Answer(Begin::Completed { output })),
+                    None => Err(StoreError::Corrupt("done record without output".into())),
+                }
+            }
+            other => Err(StoreError::Corrupt(format!("unknown row state {other}"))),
+        }
+    }
+}
+
+/// The migrations the crate ships for one database: (version, name, SQL). Statements are
+/// separated by `;` at the end of a line; placeholders as in [`Table::fill`].
+pub type Migrations = &'static [(i64, &'static str, &'static str)];
+
+/// The SQL of one database. Not public API.
+#[async_trait::async_trait]
+pub trait Ops: sqlx::Database + Sized {
+    /// The statements, prepared for one table.
+    type Sql: Send + Sync + 'static;
+    /// The migrations this crate ships.
+    const MIGRATIONS: Migrations;
+
+    fn prepare(table: &Table) -> Self::Sql;
+    async fn migrate(pool: &Pool<Self>, table: &Table) -> Result<(), sqlx::Error>;
+    async fn begin_tx(pool: &Pool<Self>) -> Result<Transaction<'static, Self>, sqlx::Error>;
+    async fn begin(
+        conn: &mut Self::Connection,
+        sql: &Self::Sql,
+        claim: &Claim<'_>,
+    ) -> Result<Begin, StoreError>;
+    async fn complete(
+        conn: &mut Self::Connection,
+        sql: &Self::Sql,
+        mark: &Mark<'_>,
+    ) -> Result<(), StoreError>;
+    async fn release(
+        conn: &mut Self::Connection,
+        sql: &Self::Sql,
+        at: &At<'_>,
+        token: Token,
+    ) -> Result<(), StoreError>;
+    async fn extend(
+        conn: &mut Self::Connection,
+        sql: &Self::Sql,
+        at: &At<'_>,
+        token: Token,
+        ttl_us: i64,
+    ) -> Result<(), StoreError>;
+    async fn purge_batch(
+        conn: &mut Self::Connection,
+        sql: &Self::Sql,
+        limit: i64,
+    ) -> Result<u64, StoreError>;
+}

@@ -1,0 +1,296 @@
+//! The SQL store on SQLite.
+
+use sqlx::sqlite::SqliteRow;
+use sqlx::{Pool, Row, SqlStr, Sqlite, SqliteConnection, Transaction};
+
+use super::sealed::{At, Claim, Current, Mark, Migrations, Ops, Seen, Table};
+use super::{
+    Backend, MAX_RACES, corrupt, db_error as unavailable, done_by, statements, token_bytes,
+};
+use crate::StoreError;
+use crate::store::{Begin, Lease, Token};
+
+/// The database's clock, in microseconds since 1970 (SQLite's clock has millisecond precision,
+/// and `'now'` is fixed for the statement). `julianday` works on every SQLite version.
+const NOW: &str = "(CAST(ROUND((julianday('now') - 2440587.5) * 86400000.0) AS INTEGER) * 1000)";
+
+/// Claim an absent key. No row back: it exists (read it).
+const CLAIM: &str = "INSERT INTO {table}
+    (scope, idem_key, state, token, fence, expires_at, fingerprint, output)
+VALUES (?1, ?2, 1, ?3, {now}, {now} + ?4, ?5, NULL)
+ON CONFLICT (scope, idem_key) DO NOTHING
+RETURNING fence";
+
+/// Take over a free or expired row (fence + 1, or the clock if larger), or renew our own lease
+/// (same fence): one atomic statement that re-checks the row as it is now.
+const TAKE_OVER: &str = "UPDATE {table} SET
+    state = 1,
+    token = ?3,
+    fence = CASE WHEN state = 1 AND token = ?3 AND expires_at > {now}
+                 THEN fence ELSE max(fence + 1, {now}) END,
+    expires_at = {now} + ?4,
+    fingerprint = ?5,
+    output = NULL
+WHERE scope = ?1 AND idem_key = ?2
+  AND (state = 0 OR expires_at <= {now} OR (state = 1 AND token = ?3))
+RETURNING fence";
+
+/// The usual mark: our lease still holds the key.
+const MARK: &str = "UPDATE {table} SET state = 2, expires_at = {now} + ?4, output = ?5
+WHERE scope = ?1 AND idem_key = ?2 AND state = 1 AND token = ?3";
+
+const READ: &str = "SELECT state, token, fence, expires_at - {now}, fingerprint, output
+FROM {table} WHERE scope = ?1 AND idem_key = ?2";
+
+/// Otherwise: mark done if nobody else holds the key (free, lapsed, or purged).
+const COMPLETE: &str = "INSERT INTO {table}
+    (scope, idem_key, state, token, fence, expires_at, fingerprint, output)
+VALUES (?1, ?2, 2, ?3, {now}, {now} + ?4, NULL, ?5)
+ON CONFLICT (scope, idem_key) DO UPDATE SET
+    state = 2,
+    token = excluded.token,
+    expires_at = excluded.expires_at,
+    output = excluded.output,
+    fingerprint = CASE WHEN token = excluded.token THEN fingerprint END
+WHERE (state = 1 AND token = excluded.token) OR state = 0 OR expires_at <= {now}
+RETURNING 1";
+
+const OWNER: &str = "SELECT state, token FROM {table} WHERE scope = ?1 AND idem_key = ?2";
+
+/// The row is kept (marked free) so that the next lease's fence continues from this one.
+const RELEASE: &str = "UPDATE {table}
+SET state = 0, output = NULL, fingerprint = NULL, expires_at = {now}
+WHERE scope = ?1 AND idem_key = ?2 AND state = 1 AND token = ?3";
+
+const EXTEND: &str = "UPDATE {table} SET expires_at = {now} + ?4
+WHERE scope = ?1 AND idem_key = ?2 AND state = 1 AND token = ?3";
+
+/// `DELETE ... LIMIT` needs a compile-time option; a rowid subquery does not.
+const PURGE: &str = "DELETE FROM {table} WHERE rowid IN (
+    SELECT rowid FROM {table} WHERE expires_at <= {now} LIMIT ?1)";
+
+const MIGRATIONS: Migrations = &[(
+    1,
+    "create idem_keys",
+    include_str!("../../migrations/sqlite/0001_create_idem_keys.sql"),
+)];
+
+const MIGRATIONS_TABLE: &str = "CREATE TABLE IF NOT EXISTS {table}_migrations (
+    version INTEGER PRIMARY KEY,
+    name TEXT NOT NULL,
+    applied_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP)";
+
+pub struct Sql {
+    claim: SqlStr,
+    take_over: SqlStr,
+    mark: SqlStr,
+    read: SqlStr,
+    complete: SqlStr,
+    owner: SqlStr,
+    release: SqlStr,
+    extend: SqlStr,
+    purge: SqlStr,
+}
+
+impl Backend for Sqlite {}
+
+#[async_trait::async_trait]
+impl Ops for Sqlite {
+    type Sql = Sql;
+    const MIGRATIONS: Migrations = MIGRATIONS;
+
+    fn prepare(t: &Table) -> Sql {
+        Sql {
+            claim: t.fill(CLAIM, NOW),
+            take_over: t.fill(TAKE_OVER, NOW),
+            mark: t.fill(MARK, NOW),
+            read: t.fill(READ, NOW),
+            complete: t.fill(COMPLETE, NOW),
+            owner: t.fill(OWNER, NOW),
+            release: t.fill(RELEASE, NOW),
+            extend: t.fill(EXTEND, NOW),
+            purge: t.fill(PURGE, NOW),
+        }
+    }
+
+    async fn migrate(pool: &Pool<Sqlite>, t: &Table) -> Result<(), sqlx::Error> {
+        // The write lock from the start serialises concurrent start-ups; DDL is transactional.
+        let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+        sqlx::raw_sql(t.fill(MIGRATIONS_TABLE, NOW))
+            .execute(&mut *tx)
+            .await?;
+        let applied: Vec<i64> =
+            sqlx::query_scalar(t.fill("SELECT version FROM {table}_migrations", NOW))
+                .fetch_all(&mut *tx)
+                .await?;
+        for &(version, name, sql) in Self::MIGRATIONS {
+            if applied.contains(&version) {
+                continue;
+            }
+            for statement in statements(sql) {
+                sqlx::raw_sql(t.fill(statement, NOW))
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            sqlx::query(t.fill(
+                "INSERT INTO {table}_migrations (version, name) VALUES (?1, ?2)",
+                NOW,
+            ))
+            .bind(version)
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await
+    }
+
+    async fn begin_tx(pool: &Pool<Sqlite>) -> Result<Transaction<'static, Sqlite>, sqlx::Error> {
+        // Take the write lock at once: a deferred transaction that reads and then writes can fail
+        // with SQLITE_BUSY without waiting when another connection wrote in between.
+        pool.begin_with("BEGIN IMMEDIATE").await
+    }
+
+    async fn begin(
+        conn: &mut SqliteConnection,
+        sql: &Sql,
+        claim: &Claim<'_>,
+    ) -> Result<Begin, StoreError> {
+        // Read first: a duplicate of a done or in-flight key is answered without the write lock
+        // (SQLite has one writer at a time).
+        let token = token_bytes(claim.token);
+        let fingerprint = claim.fingerprint.as_ref().map(|f| &f[..]);
+        for _ in 0..MAX_RACES {
+            let row: Option<SqliteRow> = sqlx::query(sql.read.clone())
+                .bind(claim.at.scope)
+                .bind(claim.at.key)
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err(unavailable)?;
+            let statement = match row {
+                None => sql.claim.clone(),
+                Some(row) => {
+                    let current = Current {
+                        state: row.try_get(0).map_err(corrupt)?,
+                        token: row.try_get(1).map_err(corrupt)?,
+                        remaining_us: row.try_get(3).map_err(corrupt)?,
+                        fingerprint: row.try_get(4).map_err(corrupt)?,
+                        output: row.try_get(5).map_err(corrupt)?,
+                    };
+                    if let Seen::Answer(answer) = current.judge(claim)? {
+                        return Ok(answer);
+                    }
+                    sql.take_over.clone()
+                }
+            };
+            let fence: Option<i64> = sqlx::query_scalar(statement)
+                .bind(claim.at.scope)
+                .bind(claim.at.key)
+                .bind(&token[..])
+                .bind(claim.ttl_us)
+                .bind(fingerprint)
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err(unavailable)?;
+            if let Some(fence) = fence {
+                return Ok(Begin::Acquired(Lease {
+                    token: claim.token,
+                    fence: fence as u64,
+                }));
+            }
+            // Another claim changed the row between the two statements: look again.
+        }
+        Err(StoreError::unavailable(
+            "begin kept racing with concurrent claims of the same key",
+        ))
+    }
+
+    async fn complete(
+        conn: &mut SqliteConnection,
+        sql: &Sql,
+        mark: &Mark<'_>,
+    ) -> Result<(), StoreError> {
+        let token = token_bytes(mark.token);
+        let marked = sqlx::query(sql.mark.clone())
+            .bind(mark.at.scope)
+            .bind(mark.at.key)
+            .bind(&token[..])
+            .bind(mark.keep_us)
+            .bind(mark.output)
+            .execute(&mut *conn)
+            .await
+            .map_err(unavailable)?;
+        if marked.rows_affected() == 1 {
+            return Ok(());
+        }
+        let written: Option<i64> = sqlx::query_scalar(sql.complete.clone())
+            .bind(mark.at.scope)
+            .bind(mark.at.key)
+            .bind(&token[..])
+            .bind(mark.keep_us)
+            .bind(mark.output)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(unavailable)?;
+        if written.is_some() {
+            return Ok(());
+        }
+        let row: Option<(i16, Vec<u8>)> = sqlx::query_as(sql.owner.clone())
+            .bind(mark.at.scope)
+            .bind(mark.at.key)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(unavailable)?;
+        done_by(row, mark.token)
+    }
+
+    async fn release(
+        conn: &mut SqliteConnection,
+        sql: &Sql,
+        at: &At<'_>,
+        token: Token,
+    ) -> Result<(), StoreError> {
+        sqlx::query(sql.release.clone())
+            .bind(at.scope)
+            .bind(at.key)
+            .bind(&token_bytes(token)[..])
+            .execute(&mut *conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn extend(
+        conn: &mut SqliteConnection,
+        sql: &Sql,
+        at: &At<'_>,
+        token: Token,
+        ttl_us: i64,
+    ) -> Result<(), StoreError> {
+        let done = sqlx::query(sql.extend.clone())
+            .bind(at.scope)
+            .bind(at.key)
+            .bind(&token_bytes(token)[..])
+            .bind(ttl_us)
+            .execute(&mut *conn)
+            .await
+            .map_err(unavailable)?;
+        if done.rows_affected() == 1 {
+            Ok(())
+        } else {
+            Err(StoreError::LeaseLost)
+        }
+    }
+
+    async fn purge_batch(
+        conn: &mut SqliteConnection,
+        sql: &Sql,
+        limit: i64,
+    ) -> Result<u64, StoreError> {
+        let done = sqlx::query(sql.purge.clone())
+            .bind(limit)
+            .execute(&mut *conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(done.rows_affected())
+    }
+}
