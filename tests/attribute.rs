@@ -270,3 +270,22 @@ mod default_store {
         assert_eq!(RUNS.load(Ordering::SeqCst), 1);
     }
 }
+
+#[cfg(feature = "uuid")]
+mod uuid_keys {
+    use super::*;
+
+    #[idempotent(key = "request", store = "store")]
+    async fn by_uuid(store: &MemoryStore, request: uuid::Uuid, n: u32) -> Result<u32, AppError> {
+        Ok(n)
+    }
+
+    #[tokio::test]
+    async fn a_uuid_is_a_key() {
+        let store = MemoryStore::new();
+        let id = uuid::Uuid::from_u128(0x67e5_5044_10b1_426f_9247_bb68_0e5f_e0c8);
+        assert_eq!(by_uuid(&store, id, 1).await.unwrap(), 1);
+        assert_eq!(by_uuid(&store, id, 2).await.unwrap(), 1);
+        assert_eq!(by_uuid(&store, uuid::Uuid::nil(), 3).await.unwrap(), 3);
+    }
+}

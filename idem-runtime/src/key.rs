@@ -29,6 +29,8 @@ const HASHED_PREFIX: &str = "sha256:";
 /// }
 /// let key = idem_runtime::Key::new(&OrderId(42)).unwrap();
 /// assert_eq!(key.as_str(), "42");
+/// let uuid_like = [0x67, 0xe5, 0x50, 0x44, 0x10, 0xb1, 0x42, 0x6f, 0x92, 0x47, 0xbb, 0x68, 0x0e, 0x5f, 0xe0, 0xc8];
+/// assert_eq!(idem_runtime::Key::new(&uuid_like).unwrap().as_str(), "67e55044-10b1-426f-9247-bb680e5fe0c8");
 /// ```
 #[diagnostic::on_unimplemented(
     message = "`{Self}` cannot be used as an idempotency key",
@@ -105,6 +107,15 @@ impl KeyPart for [u8; 16] {
             }
             let _ = write!(out, "{b:02x}");
         }
+    }
+}
+
+/// Keyed by the hyphenated lowercase form, the same text as `[u8; 16]` of the same bytes.
+#[cfg(feature = "uuid")]
+#[cfg_attr(docsrs, doc(cfg(feature = "uuid")))]
+impl KeyPart for uuid::Uuid {
+    fn write_key(&self, out: &mut String) {
+        self.as_bytes().write_key(out)
     }
 }
 

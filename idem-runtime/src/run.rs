@@ -11,9 +11,11 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::time::{Instant, Sleep};
 
-use crate::codec;
+use std::borrow::Cow;
+
 use crate::store::{Begin, BeginRequest, Lease, Store, StoreHandle, Token};
 use crate::{Error, Fingerprint, Key, KeyPart, Options, Phase, StoreError};
+use crate::{codec, metrics};
 
 /// The return type of an idempotent handler: `Result<T, E>`, where `T` is stored and replayed and
 /// `E` absorbs idem's [`Error`].
@@ -141,7 +143,7 @@ where
 {
     let store = match store.store() {
         Ok(s) => s,
-        Err(e) => return R::from_result(Err(e.into())),
+        Err(e) => return lift(&opts.scope, e),
     };
     // Laziness matters here: `handler` is only called once the key is ours.
     execute(store, opts, call, Marking::ByWrapper, move |_| handler()).await
@@ -159,15 +161,17 @@ where
 {
     let store = match store.store() {
         Ok(s) => s,
-        Err(e) => return R::from_result(Err(e.into())),
+        Err(e) => return lift(&opts.scope, e),
     };
     execute(store, opts, call, Marking::ByWrapper, move |_| fut).await
 }
 
-fn lift<R: Outcome>(e: Error) -> R
+/// Return one of idem's errors through the handler's error type, counting it.
+fn lift<R: Outcome>(scope: &Cow<'static, str>, e: Error) -> R
 where
     R::Err: From<Error>,
 {
+    metrics::record(scope, metrics::Outcome::of(&e));
     R::from_result(Err(e.into()))
 }
 
@@ -218,7 +222,7 @@ where
 {
     let key = match call.key {
         Ok(k) => k,
-        Err(e) => return lift(e),
+        Err(e) => return lift(&opts.scope, e),
     };
     let scope: &str = &opts.scope;
     let req = BeginRequest {
@@ -238,26 +242,32 @@ where
             Ok(Begin::Completed { output }) => {
                 tracing::debug!(scope, key = %key, "duplicate of a completed key: replayed");
                 return match codec::decode::<R::Ok>(&output) {
-                    Ok(v) => R::from_result(Ok(v)),
-                    Err(reason) => lift(Error::Corrupt {
-                        scope: scope.to_owned(),
-                        key: key.to_string(),
-                        reason,
-                    }),
+                    Ok(v) => {
+                        metrics::record(&opts.scope, metrics::Outcome::Replayed);
+                        R::from_result(Ok(v))
+                    }
+                    Err(reason) => lift(
+                        &opts.scope,
+                        Error::Corrupt {
+                            scope: scope.to_owned(),
+                            key: key.to_string(),
+                            reason,
+                        },
+                    ),
                 };
             }
             Ok(Begin::Mismatch) => {
-                return lift(Error::Mismatch {
-                    scope: scope.to_owned(),
-                    key: key.to_string(),
-                });
+                return lift(
+                    &opts.scope,
+                    Error::Mismatch {
+                        scope: scope.to_owned(),
+                        key: key.to_string(),
+                    },
+                );
             }
             Ok(Begin::InFlight { retry_after }) => {
                 let now = Instant::now();
-                let deadline = match opts.wait {
-                    None => None,
-                    Some(w) => Some(*wait_deadline.get_or_insert(now + w)),
-                };
+                let deadline = opts.wait.map(|w| *wait_deadline.get_or_insert(now + w));
                 match deadline {
                     Some(d) if d > now => {
                         let pause = backoff.min(retry_after).min(d - now);
@@ -266,15 +276,18 @@ where
                     }
                     _ => {
                         tracing::debug!(scope, key = %key, ?retry_after, "duplicate while in flight");
-                        return lift(Error::InFlight {
-                            scope: scope.to_owned(),
-                            key: key.to_string(),
-                            retry_after,
-                        });
+                        return lift(
+                            &opts.scope,
+                            Error::InFlight {
+                                scope: scope.to_owned(),
+                                key: key.to_string(),
+                                retry_after,
+                            },
+                        );
                     }
                 }
             }
-            Err(e) => return lift(store_error(e, Phase::Begin, scope, &key)),
+            Err(e) => return lift(&opts.scope, store_error(e, Phase::Begin, scope, &key)),
         }
     };
 
@@ -302,12 +315,14 @@ where
     // Mark (or release).
     match outcome {
         Err(panic) => {
+            metrics::record(&opts.scope, metrics::Outcome::Panicked);
             release(store, scope, &key, &lease).await;
             guard.lease = None;
             resume_unwind(panic)
         }
         Ok(result) => match result.into_result() {
             Err(e) => {
+                metrics::record(&opts.scope, metrics::Outcome::HandlerError);
                 release(store, scope, &key, &lease).await;
                 guard.lease = None;
                 R::from_result(Err(e))
@@ -316,14 +331,18 @@ where
                 // From here on the effect has happened: never release, or a redelivery runs again.
                 guard.lease = None;
                 if marking == Marking::ByHandler {
+                    metrics::record(&opts.scope, metrics::Outcome::Executed);
                     return R::from_result(Ok(value));
                 }
                 let bytes = codec::encode(&value);
                 match complete(store, scope, &key, &lease, &bytes, opts.keep).await {
-                    Ok(()) => R::from_result(Ok(value)),
+                    Ok(()) => {
+                        metrics::record(&opts.scope, metrics::Outcome::Executed);
+                        R::from_result(Ok(value))
+                    }
                     Err(e) => {
                         tracing::error!(scope, key = %key, error = %e, "handler ran but its done mark was not written");
-                        lift(store_error(e, Phase::Complete, scope, &key))
+                        lift(&opts.scope, store_error(e, Phase::Complete, scope, &key))
                     }
                 }
             }
@@ -377,6 +396,9 @@ impl Drop for ReleaseGuard<'_> {
     }
 }
 
+/// A store operation in progress (what `async_trait` methods return).
+type StoreCall<'a> = Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send + 'a>>;
+
 /// Polls the handler and, while it runs, renews the lease every third of its ttl (the watchdog).
 /// Everything runs in the caller's task: no spawn, and no timer at all for a handler that finishes
 /// on its first poll.
@@ -387,7 +409,7 @@ struct Renewing<'a, H> {
     lease: &'a Lease,
     ttl: Duration,
     timer: Option<Pin<Box<Sleep>>>,
-    renewal: Option<Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send + 'a>>>,
+    renewal: Option<StoreCall<'a>>,
     handler: Pin<&'a mut H>,
 }
 

@@ -1,0 +1,75 @@
+//! Counters of what the wrapper did, through the `metrics` facade (feature `metrics`): install any
+//! exporter (Prometheus, StatsD, ...) in the application and they appear.
+//!
+//! `idem_calls_total{scope, outcome}`, where `outcome` is one of `executed` (the handler ran and
+//! its output was marked done), `replayed`, `in_flight`, `mismatch`, `handler_error` (the handler
+//! returned `Err`; the key was released), `panicked`, `store_unavailable`, `lease_lost`, `corrupt`,
+//! `invalid_key`, `no_store`. Without the feature every call compiles to nothing.
+
+use std::borrow::Cow;
+
+/// What one call of the wrapper ended with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    Executed,
+    Replayed,
+    InFlight,
+    Mismatch,
+    HandlerError,
+    Panicked,
+    StoreUnavailable,
+    LeaseLost,
+    Corrupt,
+    InvalidKey,
+    NoStore,
+}
+
+impl Outcome {
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Executed => "executed",
+            Outcome::Replayed => "replayed",
+            Outcome::InFlight => "in_flight",
+            Outcome::Mismatch => "mismatch",
+            Outcome::HandlerError => "handler_error",
+            Outcome::Panicked => "panicked",
+            Outcome::StoreUnavailable => "store_unavailable",
+            Outcome::LeaseLost => "lease_lost",
+            Outcome::Corrupt => "corrupt",
+            Outcome::InvalidKey => "invalid_key",
+            Outcome::NoStore => "no_store",
+        }
+    }
+
+    /// The outcome that an idem error stands for.
+    pub(crate) fn of(e: &crate::Error) -> Outcome {
+        use crate::Error;
+        match e {
+            Error::InFlight { .. } => Outcome::InFlight,
+            Error::Mismatch { .. } => Outcome::Mismatch,
+            Error::LeaseLost { .. } => Outcome::LeaseLost,
+            Error::Unavailable { .. } => Outcome::StoreUnavailable,
+            Error::InvalidKey { .. } => Outcome::InvalidKey,
+            Error::Corrupt { .. } => Outcome::Corrupt,
+            Error::NoStore => Outcome::NoStore,
+        }
+    }
+}
+
+/// Count one call.
+#[inline]
+pub(crate) fn record(scope: &Cow<'static, str>, outcome: Outcome) {
+    #[cfg(feature = "metrics")]
+    {
+        // A `&'static str` scope (the macro's) is used without allocating.
+        let scope: metrics::SharedString = match scope {
+            Cow::Borrowed(s) => metrics::SharedString::const_str(s),
+            Cow::Owned(s) => s.clone().into(),
+        };
+        metrics::counter!("idem_calls_total", "scope" => scope, "outcome" => outcome.as_str())
+            .increment(1);
+    }
+    #[cfg(not(feature = "metrics"))]
+    let _ = (scope, outcome);
+}
