@@ -36,19 +36,51 @@ mod codec;
 mod error;
 mod key;
 mod memory;
+mod metrics;
 mod options;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+mod redis_store;
 mod run;
 mod store;
+
+#[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
+#[cfg_attr(
+    docsrs,
+    doc(cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite")))
+)]
+pub mod sql;
 
 #[cfg(feature = "conformance")]
 #[cfg_attr(docsrs, doc(cfg(feature = "conformance")))]
 pub mod conformance;
 
+/// The `redis` crate the Redis store is built on (1.x), for building your own client or connection.
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use ::redis;
+/// The `sqlx` crate (0.9) the SQL store is built on, for building pools and transactions.
+#[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
+#[cfg_attr(
+    docsrs,
+    doc(cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite")))
+)]
+pub use ::sqlx;
 pub use error::{BoxError, Error, Phase, StoreError};
 pub use key::{Fingerprint, FingerprintBuilder, Key, KeyBuilder, KeyPart, MAX_KEY_LEN};
 pub use memory::MemoryStore;
 pub use options::Options;
+#[cfg(feature = "redis")]
+pub use redis_store::{RedisConnection, RedisStore, RedisStoreBuilder};
 pub use run::{AbsorbsIdemError, Call, Outcome, Replayable, run};
+#[cfg(feature = "mysql")]
+pub use sql::MySqlStore;
+#[cfg(feature = "postgres")]
+pub use sql::PgStore;
+#[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
+pub use sql::SqlStore;
+#[cfg(feature = "sqlite")]
+pub use sql::SqliteStore;
 pub use store::{
     AlreadyInstalled, Begin, BeginRequest, DefaultStore, Lease, Store, StoreHandle, Token,
     default_store, install_default_store,
