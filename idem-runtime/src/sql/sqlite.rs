@@ -294,3 +294,37 @@ impl Ops for Sqlite {
         Ok(done.rows_affected())
     }
 }
+
+impl super::SqlStore<Sqlite> {
+    /// The embedded default: a store on the SQLite file at `path` (created if missing), in WAL
+    /// mode with a 10 s `busy_timeout`, migrated and ready. No server needed, and the records
+    /// survive a restart of the process.
+    ///
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// let dir = std::env::temp_dir().join(format!("idem-doc-{}", std::process::id()));
+    /// std::fs::create_dir_all(&dir).unwrap();
+    /// let store = idem_runtime::SqliteStore::open(dir.join("idem.sqlite")).await.unwrap();
+    /// idem_runtime::install_default_store(store).unwrap();
+    /// # std::fs::remove_dir_all(dir).ok();
+    /// # });
+    /// ```
+    pub async fn open(path: impl AsRef<std::path::Path>) -> Result<Self, StoreError> {
+        use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // WAL with NORMAL is durable against process crashes (not power loss), and cheap.
+            .synchronous(sqlx::sqlite::SqliteSynchronous::Normal)
+            .busy_timeout(std::time::Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(8)
+            .connect_with(options)
+            .await
+            .map_err(unavailable)?;
+        let store = Self::new(pool);
+        store.migrate().await?;
+        Ok(store)
+    }
+}
