@@ -118,48 +118,16 @@ impl MemoryStore {
         &self.inner.shards[(h as usize) % SHARDS]
     }
 
-    fn remove_if_owned(&self, id: &str, lease: &Lease) {
+    fn begin_at(&self, id: &str, req: &BeginRequest<'_>) -> Result<Begin, StoreError> {
         let shard = self.shard(id);
-        let mut map = lock(&shard.map);
-        if let Some(Entry {
-            state: State::InFlight { token, .. },
-            ..
-        }) = map.entries.get(id)
-            && *token == lease.token
-        {
-            map.entries.remove(id);
-            drop(map);
-            shard.signal();
-        }
-    }
-}
 
-fn lock(m: &Mutex<ShardMap>) -> MutexGuard<'_, ShardMap> {
-    // A panic while holding the lock cannot leave a map half-updated (each update is one call),
-    // so a poisoned lock is safe to keep using.
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn record_id(scope: &str, key: &Key) -> String {
-    let mut id = String::with_capacity(scope.len() + 1 + key.as_str().len());
-    id.push_str(scope);
-    id.push('\0');
-    id.push_str(key.as_str());
-    id
-}
-
-#[async_trait::async_trait]
-impl Store for MemoryStore {
-    async fn begin(&self, req: &BeginRequest<'_>) -> Result<Begin, StoreError> {
-        let id = record_id(req.scope, req.key);
-        let shard = self.shard(&id);
         let now = Instant::now();
         let mut map = lock(&shard.map);
         if map.entries.len() >= map.sweep_at {
             map.entries.retain(|_, e| e.expires > now);
             map.sweep_at = (map.entries.len() * 2).max(SWEEP_MIN);
         }
-        if let Some(e) = map.entries.get_mut(&id)
+        if let Some(e) = map.entries.get_mut(id)
             && e.expires > now
         {
             return Ok(match &e.state {
@@ -183,7 +151,7 @@ impl Store for MemoryStore {
         }
         let fence = self.inner.fence.fetch_add(1, Ordering::Relaxed) + 1;
         map.entries.insert(
-            id,
+            id.to_owned(),
             Entry {
                 state: State::InFlight {
                     token: req.token,
@@ -199,23 +167,21 @@ impl Store for MemoryStore {
         }))
     }
 
-    async fn complete(
+    fn complete_at(
         &self,
-        scope: &str,
-        key: &Key,
+        id: &str,
         lease: &Lease,
         output: &[u8],
         keep: Duration,
     ) -> Result<(), StoreError> {
-        let id = record_id(scope, key);
-        let shard = self.shard(&id);
+        let shard = self.shard(id);
         let now = Instant::now();
         let mut map = lock(&shard.map);
         let done = State::Done {
             token: lease.token,
             output: output.into(),
         };
-        match map.entries.get_mut(&id) {
+        match map.entries.get_mut(id) {
             Some(e) if e.expires > now => match &e.state {
                 State::InFlight { token, .. } if *token == lease.token => {
                     e.state = done;
@@ -234,7 +200,7 @@ impl Store for MemoryStore {
             }
             None => {
                 map.entries.insert(
-                    id,
+                    id.to_owned(),
                     Entry {
                         state: done,
                         expires: now + keep,
@@ -248,8 +214,70 @@ impl Store for MemoryStore {
         Ok(())
     }
 
+    fn remove_if_owned(&self, id: &str, lease: &Lease) {
+        let shard = self.shard(id);
+        let mut map = lock(&shard.map);
+        if let Some(Entry {
+            state: State::InFlight { token, .. },
+            ..
+        }) = map.entries.get(id)
+            && *token == lease.token
+        {
+            map.entries.remove(id);
+            drop(map);
+            shard.signal();
+        }
+    }
+}
+
+fn lock(m: &Mutex<ShardMap>) -> MutexGuard<'_, ShardMap> {
+    // A panic while holding the lock cannot leave a map half-updated (each update is one call),
+    // so a poisoned lock is safe to keep using.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Runs `f` with the record's id, built in a reused per-thread buffer: looking a key up allocates
+/// nothing (only inserting a new record does). `f` must not call `with_id` again.
+fn with_id<R>(scope: &str, key: &Key, f: impl FnOnce(&str) -> R) -> R {
+    thread_local! {
+        static BUF: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+    }
+    BUF.with_borrow_mut(|id| {
+        id.clear();
+        id.push_str(scope);
+        id.push('\0');
+        id.push_str(key.as_str());
+        f(id)
+    })
+}
+
+fn record_id(scope: &str, key: &Key) -> String {
+    let mut id = String::with_capacity(scope.len() + 1 + key.as_str().len());
+    id.push_str(scope);
+    id.push('\0');
+    id.push_str(key.as_str());
+    id
+}
+
+#[async_trait::async_trait]
+impl Store for MemoryStore {
+    async fn begin(&self, req: &BeginRequest<'_>) -> Result<Begin, StoreError> {
+        with_id(req.scope, req.key, |id| self.begin_at(id, req))
+    }
+
+    async fn complete(
+        &self,
+        scope: &str,
+        key: &Key,
+        lease: &Lease,
+        output: &[u8],
+        keep: Duration,
+    ) -> Result<(), StoreError> {
+        with_id(scope, key, |id| self.complete_at(id, lease, output, keep))
+    }
+
     async fn release(&self, scope: &str, key: &Key, lease: &Lease) -> Result<(), StoreError> {
-        self.remove_if_owned(&record_id(scope, key), lease);
+        with_id(scope, key, |id| self.remove_if_owned(id, lease));
         Ok(())
     }
 
@@ -260,29 +288,31 @@ impl Store for MemoryStore {
         lease: &Lease,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        let id = record_id(scope, key);
-        let now = Instant::now();
-        let mut map = lock(&self.shard(&id).map);
-        match map.entries.get_mut(&id) {
-            // An expired entry that nobody took over still belongs to its token.
-            Some(Entry {
-                state: State::InFlight { token, .. },
-                expires,
-                ..
-            }) if *token == lease.token => {
-                *expires = now + ttl;
-                Ok(())
+        with_id(scope, key, |id| {
+            let now = Instant::now();
+            let mut map = lock(&self.shard(id).map);
+            match map.entries.get_mut(id) {
+                // An expired entry that nobody took over still belongs to its token.
+                Some(Entry {
+                    state: State::InFlight { token, .. },
+                    expires,
+                    ..
+                }) if *token == lease.token => {
+                    *expires = now + ttl;
+                    Ok(())
+                }
+                _ => Err(StoreError::LeaseLost),
             }
-            _ => Err(StoreError::LeaseLost),
-        }
+        })
     }
 
     fn release_detached(&self, scope: &str, key: &Key, lease: Lease) {
         // Nothing to wait for in memory: release right away.
-        self.remove_if_owned(&record_id(scope, key), &lease);
+        with_id(scope, key, |id| self.remove_if_owned(id, &lease));
     }
 
     async fn wait(&self, scope: &str, key: &Key, max: Duration) {
+        // This one awaits, so it cannot borrow the per-thread buffer: waiting is the slow path.
         let id = record_id(scope, key);
         let shard = self.shard(&id);
         // Counted before registering, so a signaller that sees no waiter cannot miss this one.
