@@ -5,6 +5,9 @@
 //! cargo bench --bench overhead
 //! ```
 
+// `criterion_group!` generates an undocumented function.
+#![allow(missing_docs)]
+
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering};
 

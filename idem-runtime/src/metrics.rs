@@ -6,8 +6,6 @@
 //! returned `Err`; the key was released), `panicked`, `store_unavailable`, `lease_lost`, `corrupt`,
 //! `invalid_key`, `no_store`. Without the feature every call compiles to nothing.
 
-use std::borrow::Cow;
-
 /// What one call of the wrapper ended with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Outcome {
@@ -59,17 +57,17 @@ impl Outcome {
 
 /// Count one call.
 #[inline]
-pub(crate) fn record(scope: &Cow<'static, str>, outcome: Outcome) {
+pub(crate) fn record(opts: &crate::Options, outcome: Outcome) {
     #[cfg(feature = "metrics")]
     {
         // A `&'static str` scope (the macro's) is used without allocating.
-        let scope: metrics::SharedString = match scope {
-            Cow::Borrowed(s) => metrics::SharedString::const_str(s),
-            Cow::Owned(s) => s.clone().into(),
+        let scope: metrics::SharedString = match &opts.scope {
+            std::borrow::Cow::Borrowed(s) => metrics::SharedString::const_str(s),
+            std::borrow::Cow::Owned(s) => s.clone().into(),
         };
         metrics::counter!("idem_calls_total", "scope" => scope, "outcome" => outcome.as_str())
             .increment(1);
     }
     #[cfg(not(feature = "metrics"))]
-    let _ = (scope, outcome);
+    let _ = (opts, outcome);
 }

@@ -11,7 +11,6 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::time::{Instant, Sleep};
 
-use std::borrow::Cow;
 
 use crate::store::{Begin, BeginRequest, Lease, Store, StoreHandle, Token};
 use crate::{Error, Fingerprint, Key, KeyPart, Options, Phase, StoreError};
@@ -143,7 +142,7 @@ where
 {
     let store = match store.store() {
         Ok(s) => s,
-        Err(e) => return lift(&opts.scope, e),
+        Err(e) => return lift(opts, e),
     };
     // Laziness matters here: `handler` is only called once the key is ours.
     execute(store, opts, call, Marking::ByWrapper, move |_| handler()).await
@@ -161,17 +160,17 @@ where
 {
     let store = match store.store() {
         Ok(s) => s,
-        Err(e) => return lift(&opts.scope, e),
+        Err(e) => return lift(opts, e),
     };
     execute(store, opts, call, Marking::ByWrapper, move |_| fut).await
 }
 
 /// Return one of idem's errors through the handler's error type, counting it.
-fn lift<R: Outcome>(scope: &Cow<'static, str>, e: Error) -> R
+fn lift<R: Outcome>(opts: &Options, e: Error) -> R
 where
     R::Err: From<Error>,
 {
-    metrics::record(scope, metrics::Outcome::of(&e));
+    metrics::record(opts, metrics::Outcome::of(&e));
     R::from_result(Err(e.into()))
 }
 
@@ -222,7 +221,7 @@ where
 {
     let key = match call.key {
         Ok(k) => k,
-        Err(e) => return lift(&opts.scope, e),
+        Err(e) => return lift(opts, e),
     };
     let scope: &str = &opts.scope;
     let req = BeginRequest {
@@ -243,11 +242,11 @@ where
                 tracing::debug!(scope, key = %key, "duplicate of a completed key: replayed");
                 return match codec::decode::<R::Ok>(&output) {
                     Ok(v) => {
-                        metrics::record(&opts.scope, metrics::Outcome::Replayed);
+                        metrics::record(opts, metrics::Outcome::Replayed);
                         R::from_result(Ok(v))
                     }
                     Err(reason) => lift(
-                        &opts.scope,
+                        opts,
                         Error::Corrupt {
                             scope: scope.to_owned(),
                             key: key.to_string(),
@@ -258,7 +257,7 @@ where
             }
             Ok(Begin::Mismatch) => {
                 return lift(
-                    &opts.scope,
+                    opts,
                     Error::Mismatch {
                         scope: scope.to_owned(),
                         key: key.to_string(),
@@ -277,7 +276,7 @@ where
                     _ => {
                         tracing::debug!(scope, key = %key, ?retry_after, "duplicate while in flight");
                         return lift(
-                            &opts.scope,
+                            opts,
                             Error::InFlight {
                                 scope: scope.to_owned(),
                                 key: key.to_string(),
@@ -287,7 +286,7 @@ where
                     }
                 }
             }
-            Err(e) => return lift(&opts.scope, store_error(e, Phase::Begin, scope, &key)),
+            Err(e) => return lift(opts, store_error(e, Phase::Begin, scope, &key)),
         }
     };
 
@@ -315,14 +314,14 @@ where
     // Mark (or release).
     match outcome {
         Err(panic) => {
-            metrics::record(&opts.scope, metrics::Outcome::Panicked);
+            metrics::record(opts, metrics::Outcome::Panicked);
             release(store, scope, &key, &lease).await;
             guard.lease = None;
             resume_unwind(panic)
         }
         Ok(result) => match result.into_result() {
             Err(e) => {
-                metrics::record(&opts.scope, metrics::Outcome::HandlerError);
+                metrics::record(opts, metrics::Outcome::HandlerError);
                 release(store, scope, &key, &lease).await;
                 guard.lease = None;
                 R::from_result(Err(e))
@@ -331,18 +330,18 @@ where
                 // From here on the effect has happened: never release, or a redelivery runs again.
                 guard.lease = None;
                 if marking == Marking::ByHandler {
-                    metrics::record(&opts.scope, metrics::Outcome::Executed);
+                    metrics::record(opts, metrics::Outcome::Executed);
                     return R::from_result(Ok(value));
                 }
                 let bytes = codec::encode(&value);
                 match complete(store, scope, &key, &lease, &bytes, opts.keep).await {
                     Ok(()) => {
-                        metrics::record(&opts.scope, metrics::Outcome::Executed);
+                        metrics::record(opts, metrics::Outcome::Executed);
                         R::from_result(Ok(value))
                     }
                     Err(e) => {
                         tracing::error!(scope, key = %key, error = %e, "handler ran but its done mark was not written");
-                        lift(&opts.scope, store_error(e, Phase::Complete, scope, &key))
+                        lift(opts, store_error(e, Phase::Complete, scope, &key))
                     }
                 }
             }
