@@ -11,7 +11,6 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::time::{Instant, Sleep};
 
-
 use crate::store::{Begin, BeginRequest, Lease, Store, StoreHandle, Token};
 use crate::{Error, Fingerprint, Key, KeyPart, Options, Phase, StoreError};
 use crate::{codec, metrics};
