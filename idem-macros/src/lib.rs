@@ -1,6 +1,6 @@
 //! The `#[idempotent]` attribute. Depend on `idem-runtime`, which re-exports it and documents it.
 //!
-//! This crate only forwards to [`attr`] (argument parsing) and [`expand`] (code generation), which
+//! This crate only forwards to `attr` (argument parsing) and `expand` (code generation), which
 //! work on `proc_macro2` so they can be unit-tested without a compiler run.
 
 use proc_macro::TokenStream;

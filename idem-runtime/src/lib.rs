@@ -86,7 +86,45 @@ pub use store::{
     default_store, install_default_store,
 };
 
-/// Wrap an async fn in lock-check-execute-mark. See the crate docs and the README for options.
+/// Wrap an async fn in lock-check-execute-mark, keeping its signature.
+///
+/// The function must be `async` and return `Result<T, E>`, where `T` (the output, stored and
+/// replayed to duplicates) implements serde's `Serialize` and `Deserialize`, and `E` implements
+/// `From<idem_runtime::Error>`.
+///
+/// | option | meaning | default |
+/// |---|---|---|
+/// | `key = "..."` | a parameter (`"order_id"`), a field path (`"msg.order_id"`), or a template (`"{tenant}:{order.id}"`) | required |
+/// | `ttl = "10m"` | the in-flight lease, renewed while the handler runs | `"60s"` |
+/// | `keep = "24h"` | how long the done record and its output are kept | `"24h"` |
+/// | `wait = "5s"` | an in-flight duplicate waits up to this long and replays the holder's output | refuse at once with [`Error::InFlight`] |
+/// | `scope = "..."` | the key namespace | module path and fn name |
+/// | `store = "self.idem"` | an expression giving the store | the [`DefaultStore`] |
+/// | `fingerprint = "amount, currency"` | parameters whose hash must match on replay ([`Error::Mismatch`]) | none |
+/// | `crate = "idem"` | the path of this crate when renamed | `::idem_runtime` |
+///
+/// ```
+/// use idem_runtime::{idempotent, Error, MemoryStore};
+///
+/// #[derive(serde::Serialize, serde::Deserialize, Debug, PartialEq)]
+/// struct Receipt { order: u64, cents: u32 }
+///
+/// struct Billing { idem: MemoryStore }
+///
+/// impl Billing {
+///     #[idempotent(key = "{tenant}:{order}", store = "self.idem", ttl = "30s", fingerprint = "cents")]
+///     async fn charge(&self, tenant: &str, order: u64, cents: u32) -> Result<Receipt, Error> {
+///         Ok(Receipt { order, cents })
+///     }
+/// }
+///
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// let billing = Billing { idem: MemoryStore::new() };
+/// let first = billing.charge("acme", 7, 500).await.unwrap();
+/// assert_eq!(billing.charge("acme", 7, 500).await.unwrap(), first); // replayed
+/// assert!(matches!(billing.charge("acme", 7, 999).await, Err(Error::Mismatch { .. })));
+/// # });
+/// ```
 #[doc(inline)]
 pub use idem_macros::idempotent;
 
