@@ -35,6 +35,7 @@
 mod codec;
 mod error;
 mod key;
+mod layered;
 mod memory;
 mod metrics;
 mod options;
@@ -68,6 +69,7 @@ pub use ::redis;
 pub use ::sqlx;
 pub use error::{BoxError, Error, Phase, StoreError};
 pub use key::{Fingerprint, FingerprintBuilder, Key, KeyBuilder, KeyPart, MAX_KEY_LEN};
+pub use layered::{LayeredStore, LayeredStoreBuilder};
 pub use memory::MemoryStore;
 pub use options::Options;
 #[cfg(feature = "redis")]

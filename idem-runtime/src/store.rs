@@ -102,7 +102,7 @@ pub enum Begin {
 ///
 /// Every operation that changes state is atomic on the server and checked against the lease
 /// token, and each is idempotent under retry. Expiry is decided by the store's own clock.
-/// Run your implementation through [`store_conformance!`](crate::store_conformance) (feature
+/// Run your implementation through `idem_runtime::store_conformance!` (feature
 /// `conformance`) to prove it.
 ///
 /// ```
