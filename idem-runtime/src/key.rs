@@ -119,8 +119,8 @@ impl KeyPart for uuid::Uuid {
     }
 }
 
-/// A validated idempotency key, ready for a store: never empty, at most [`MAX_KEY_LEN`] bytes
-/// (longer keys are replaced by `sha256:<hex>` of their text).
+/// A validated idempotency key, ready for a store: never empty, at most [`MAX_KEY_LEN`] bytes,
+/// no NUL (longer keys, and keys with NUL, are replaced by `sha256:<hex>` of their text).
 ///
 /// ```
 /// use idem_runtime::Key;
@@ -128,6 +128,7 @@ impl KeyPart for uuid::Uuid {
 /// assert!(Key::new("").is_err());
 /// let long = "x".repeat(1000);
 /// assert!(Key::new(long.as_str()).unwrap().as_str().starts_with("sha256:"));
+/// assert!(Key::new("a\0b").unwrap().as_str().starts_with("sha256:"));
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Key(String);
@@ -147,9 +148,10 @@ impl Key {
                 reason: "the key is empty",
             });
         }
-        if text.len() > MAX_KEY_LEN || text.starts_with(HASHED_PREFIX) {
+        if text.len() > MAX_KEY_LEN || text.starts_with(HASHED_PREFIX) || text.contains('\0') {
             // A user key that already looks hashed is hashed again, so it can never be mistaken
-            // for (and collide with) the hash of some long key.
+            // for (and collide with) the hash of some long key. NUL is refused by PostgreSQL's
+            // text type and used as a separator by some stores: such keys are hashed too.
             let digest = Sha256::digest(text.as_bytes());
             let mut h = String::with_capacity(HASHED_PREFIX.len() + 64);
             h.push_str(HASHED_PREFIX);

@@ -190,12 +190,17 @@ impl MemoryStore {
                 State::Done { token, .. } if *token == lease.token => return Ok(()),
                 _ => return Err(StoreError::LeaseLost),
             },
-            // Lapsed and not taken over: nobody else owns the key, so record the effect.
+            // Lapsed and not taken over: nobody else owns the key, so record the effect (with the
+            // fingerprint the lease was taken with, if the entry is still ours).
             Some(e) => {
+                let fingerprint = match &e.state {
+                    State::InFlight { token, .. } if *token == lease.token => e.fingerprint,
+                    _ => None,
+                };
                 *e = Entry {
                     state: done,
                     expires: now + keep,
-                    fingerprint: None,
+                    fingerprint,
                 }
             }
             None => {

@@ -304,6 +304,7 @@ where
         ttl: opts.ttl,
         timer: None,
         renewal: None,
+        lost: false,
         handler: pin!(CatchUnwind {
             inner: handler(lease)
         }),
@@ -408,6 +409,8 @@ struct Renewing<'a, H> {
     ttl: Duration,
     timer: Option<Pin<Box<Sleep>>>,
     renewal: Option<StoreCall<'a>>,
+    /// Set once the store said the lease is gone: renewing again is pointless.
+    lost: bool,
     handler: Pin<&'a mut H>,
 }
 
@@ -419,42 +422,57 @@ impl<H: Future> Future for Renewing<'_, H> {
         if let Poll::Ready(out) = this.handler.as_mut().poll(cx) {
             return Poll::Ready(out);
         }
+        if this.lost {
+            // Only the handler can wake us now.
+            return Poll::Pending;
+        }
         let period = this.ttl / 3;
         loop {
+            // One timer serves both as "next renewal is due" and, while a renewal is in flight,
+            // as its deadline: a renewal that hangs (a pool waiting for a connection, a lock)
+            // must not stop the ones after it, or the lease lapses under a live handler.
+            let timer = this
+                .timer
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(period)));
+            let due = timer.as_mut().poll(cx).is_ready();
             if let Some(renewal) = this.renewal.as_mut() {
-                let Poll::Ready(result) = renewal.as_mut().poll(cx) else {
-                    return Poll::Pending;
-                };
-                this.renewal = None;
-                let next = match result {
-                    Ok(()) => period,
-                    Err(StoreError::LeaseLost) => {
+                let next = match renewal.as_mut().poll(cx) {
+                    Poll::Ready(Ok(())) => period,
+                    Poll::Ready(Err(StoreError::LeaseLost)) => {
                         // Stop renewing; completion will report LeaseLost (or record the effect
                         // if nobody took over).
                         tracing::warn!(scope = this.scope, key = %this.key, "lease lost while the handler runs");
+                        this.renewal = None;
                         this.timer = None;
+                        this.lost = true;
                         return Poll::Pending;
                     }
-                    Err(e) => {
+                    Poll::Ready(Err(e)) => {
                         tracing::warn!(scope = this.scope, key = %this.key, error = %e, "lease renewal failed; retrying");
                         period / 4
                     }
+                    Poll::Pending if due => {
+                        tracing::warn!(scope = this.scope, key = %this.key, "lease renewal timed out; retrying");
+                        Duration::ZERO
+                    }
+                    Poll::Pending => return Poll::Pending,
                 };
+                this.renewal = None;
                 if let Some(t) = this.timer.as_mut() {
                     t.as_mut().reset(Instant::now() + next);
                 }
                 continue;
             }
-            let timer = this
-                .timer
-                .get_or_insert_with(|| Box::pin(tokio::time::sleep(period)));
-            if timer.as_mut().poll(cx).is_pending() {
+            if !due {
                 return Poll::Pending;
             }
             this.renewal = Some(
                 this.store
                     .extend(this.scope, this.key, this.lease, this.ttl),
             );
+            if let Some(t) = this.timer.as_mut() {
+                t.as_mut().reset(Instant::now() + period);
+            }
         }
     }
 }
