@@ -11,7 +11,7 @@
 //!
 //! ```text
 //! cargo run --example quickstart                        # the whole stream
-//! cargo run --example quickstart -- --crash-after 8     # dies half-way, like kill -9 ...
+//! cargo run --example quickstart -- --crash-after 6     # dies half-way, like kill -9 ...
 //! cargo run --example quickstart                        # ... and resumes: redeliveries suppressed
 //! ```
 
@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use idem_runtime::sqlx::{self, Row, SqlitePool};
-use idem_runtime::{SqliteStore, idempotent};
+use idem_runtime::{Call, Options, SqliteStore};
 use tokio::sync::{Notify, mpsc};
 
 #[derive(Debug, thiserror::Error)]
@@ -31,30 +31,44 @@ enum AppError {
     Db(#[from] sqlx::Error),
 }
 
-/// The handler, as a user writes it: one attribute, signature unchanged. The effect is a row in
-/// `coupons`, which has no unique key: only idem stands between a duplicate and a second coupon.
-// ttl: how long a holder that crashed mid-handler blocks its order (the lease is renewed while a
-// live handler runs, however slow).
-#[idempotent(key = "order_id", ttl = "3s")]
+/// How long a holder that crashed mid-handler blocks its order (the lease is renewed while a live
+/// handler runs, however slow).
+const COUPONS: Options = Options::new("quickstart::issue_coupon").ttl(Duration::from_secs(3));
+
+/// The handler. The effect is a row in `coupons`, which has no unique key: only idem stands
+/// between a duplicate and a second coupon.
+///
+/// It runs in idem's transactional mode: the coupon row and the order's done mark are written in
+/// one SQLite transaction, so they commit together or not at all. Kill the process at any moment,
+/// even between the insert and the mark, and the redelivery still issues exactly one coupon. (With
+/// `#[idempotent]`, as on the README's first page, the mark is written after the handler: a crash
+/// in between would let the redelivery run it again. That is the right tool when the effect is not
+/// in this database.)
 async fn issue_coupon(
-    db: &SqlitePool,
+    store: &SqliteStore,
     order_id: i64,
-    user: &str,
+    user: &'static str,
     slow: bool,
-    ran: &AtomicBool,
+    ran: Arc<AtomicBool>,
 ) -> Result<String, AppError> {
-    ran.store(true, Ordering::SeqCst);
-    if slow {
-        // A handler that takes a while (a call to the coupon service, say).
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-    let code = format!("COUPON-{order_id}-{user}");
-    sqlx::query("INSERT INTO coupons (order_id, code) VALUES (?, ?)")
-        .bind(order_id)
-        .bind(&code)
-        .execute(db)
-        .await?;
-    Ok(code)
+    store
+        .run_in_tx(&COUPONS, Call::new(&order_id), move |tx| {
+            Box::pin(async move {
+                ran.store(true, Ordering::SeqCst);
+                if slow {
+                    // A handler that takes a while (a call to the coupon service, say).
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+                let code = format!("COUPON-{order_id}-{user}");
+                sqlx::query("INSERT INTO coupons (order_id, code) VALUES (?, ?)")
+                    .bind(order_id)
+                    .bind(&code)
+                    .execute(&mut **tx)
+                    .await?;
+                Ok(code)
+            })
+        })
+        .await
 }
 
 /// The stream the producer sent: (message id, order, user, story, slow handler, ack lost).
@@ -129,7 +143,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // The embedded default store: one SQLite file, created and migrated on first use.
     let store = SqliteStore::open(&path).await?;
     let db = store.pool().clone();
-    idem_runtime::install_default_store(store).expect("installed once");
 
     for ddl in [
         "CREATE TABLE IF NOT EXISTS coupons (order_id INTEGER NOT NULL, code TEXT NOT NULL)",
@@ -195,10 +208,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let mut consumers = Vec::new();
     for _ in 0..4 {
-        let (rx, tx, db, done, pending, handled_ok) = (
+        let (rx, tx, db, store, done, pending, handled_ok) = (
             rx.clone(),
             tx.clone(),
             db.clone(),
+            store.clone(),
             done.clone(),
             pending.clone(),
             handled_ok.clone(),
@@ -206,8 +220,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         consumers.push(tokio::spawn(async move {
             loop {
                 let Some(d) = rx.lock().await.recv().await else { return };
-                let ran = AtomicBool::new(false);
-                let result = issue_coupon(&db, d.order_id, d.user, d.slow, &ran).await;
+                let ran = Arc::new(AtomicBool::new(false));
+                let result = issue_coupon(&store, d.order_id, d.user, d.slow, ran.clone()).await;
                 let outcome = match &result {
                     Ok(_) if ran.load(Ordering::SeqCst) => "issued",
                     Ok(_) => "replayed",
