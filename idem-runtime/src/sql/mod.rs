@@ -109,6 +109,101 @@ use crate::store::{Begin, BeginRequest, Lease, Store, Token};
 use crate::{AbsorbsIdemError, Call, Error, Key, Options, Outcome, Phase, Replayable, StoreError};
 use sealed::{At, Claim, Mark, Table};
 
+/// The `Ops` impl of a backend with `RETURNING` (PostgreSQL, SQLite): `complete`, `release`,
+/// `extend` and `purge_batch` are the same statements, bound the same way, on both; only the
+/// connection type differs. The backend's own items are passed in. Names in the bodies (`Sql`,
+/// `unavailable`, `done_by`, ...) resolve in the invoking backend's module.
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+macro_rules! returning_ops {
+    (impl Ops for $db:ty, $conn:ty { $($items:tt)* }) => {
+        #[async_trait::async_trait]
+        impl Ops for $db {
+        $($items)*
+        async fn complete(conn: &mut $conn, sql: &Sql, mark: &Mark<'_>) -> Result<(), StoreError> {
+            let token = token_bytes(mark.token);
+            let marked = sqlx::query(sql.mark.clone())
+                .bind(mark.at.scope)
+                .bind(mark.at.key)
+                .bind(&token[..])
+                .bind(mark.keep_us)
+                .bind(mark.output)
+                .execute(&mut *conn)
+                .await
+                .map_err(unavailable)?;
+            if marked.rows_affected() == 1 {
+                return Ok(());
+            }
+            let written = sqlx::query(sql.complete.clone())
+                .bind(mark.at.scope)
+                .bind(mark.at.key)
+                .bind(&token[..])
+                .bind(mark.keep_us)
+                .bind(mark.output)
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err(unavailable)?;
+            if written.is_some() {
+                return Ok(());
+            }
+            let row: Option<(i16, Vec<u8>)> = sqlx::query_as(sql.owner.clone())
+                .bind(mark.at.scope)
+                .bind(mark.at.key)
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err(unavailable)?;
+            done_by(row, mark.token)
+        }
+
+        async fn release(
+            conn: &mut $conn,
+            sql: &Sql,
+            at: &At<'_>,
+            token: Token,
+        ) -> Result<(), StoreError> {
+            sqlx::query(sql.release.clone())
+                .bind(at.scope)
+                .bind(at.key)
+                .bind(&token_bytes(token)[..])
+                .execute(&mut *conn)
+                .await
+                .map_err(unavailable)?;
+            Ok(())
+        }
+
+        async fn extend(
+            conn: &mut $conn,
+            sql: &Sql,
+            at: &At<'_>,
+            token: Token,
+            ttl_us: i64,
+        ) -> Result<(), StoreError> {
+            let done = sqlx::query(sql.extend.clone())
+                .bind(at.scope)
+                .bind(at.key)
+                .bind(&token_bytes(token)[..])
+                .bind(ttl_us)
+                .execute(&mut *conn)
+                .await
+                .map_err(unavailable)?;
+            if done.rows_affected() == 1 {
+                Ok(())
+            } else {
+                Err(StoreError::LeaseLost)
+            }
+        }
+
+        async fn purge_batch(conn: &mut $conn, sql: &Sql, limit: i64) -> Result<u64, StoreError> {
+            let done = sqlx::query(sql.purge.clone())
+                .bind(limit)
+                .execute(&mut *conn)
+                .await
+                .map_err(unavailable)?;
+            Ok(done.rows_affected())
+        }
+        }
+    };
+}
+
 mod sealed;
 
 #[cfg(feature = "mysql")]

@@ -94,8 +94,8 @@ pub struct Sql {
 
 impl Backend for Sqlite {}
 
-#[async_trait::async_trait]
-impl Ops for Sqlite {
+returning_ops! {
+impl Ops for Sqlite, SqliteConnection {
     type Sql = Sql;
     const MIGRATIONS: Migrations = MIGRATIONS;
 
@@ -204,95 +204,7 @@ impl Ops for Sqlite {
         ))
     }
 
-    async fn complete(
-        conn: &mut SqliteConnection,
-        sql: &Sql,
-        mark: &Mark<'_>,
-    ) -> Result<(), StoreError> {
-        let token = token_bytes(mark.token);
-        let marked = sqlx::query(sql.mark.clone())
-            .bind(mark.at.scope)
-            .bind(mark.at.key)
-            .bind(&token[..])
-            .bind(mark.keep_us)
-            .bind(mark.output)
-            .execute(&mut *conn)
-            .await
-            .map_err(unavailable)?;
-        if marked.rows_affected() == 1 {
-            return Ok(());
-        }
-        let written: Option<i64> = sqlx::query_scalar(sql.complete.clone())
-            .bind(mark.at.scope)
-            .bind(mark.at.key)
-            .bind(&token[..])
-            .bind(mark.keep_us)
-            .bind(mark.output)
-            .fetch_optional(&mut *conn)
-            .await
-            .map_err(unavailable)?;
-        if written.is_some() {
-            return Ok(());
-        }
-        let row: Option<(i16, Vec<u8>)> = sqlx::query_as(sql.owner.clone())
-            .bind(mark.at.scope)
-            .bind(mark.at.key)
-            .fetch_optional(&mut *conn)
-            .await
-            .map_err(unavailable)?;
-        done_by(row, mark.token)
-    }
-
-    async fn release(
-        conn: &mut SqliteConnection,
-        sql: &Sql,
-        at: &At<'_>,
-        token: Token,
-    ) -> Result<(), StoreError> {
-        sqlx::query(sql.release.clone())
-            .bind(at.scope)
-            .bind(at.key)
-            .bind(&token_bytes(token)[..])
-            .execute(&mut *conn)
-            .await
-            .map_err(unavailable)?;
-        Ok(())
-    }
-
-    async fn extend(
-        conn: &mut SqliteConnection,
-        sql: &Sql,
-        at: &At<'_>,
-        token: Token,
-        ttl_us: i64,
-    ) -> Result<(), StoreError> {
-        let done = sqlx::query(sql.extend.clone())
-            .bind(at.scope)
-            .bind(at.key)
-            .bind(&token_bytes(token)[..])
-            .bind(ttl_us)
-            .execute(&mut *conn)
-            .await
-            .map_err(unavailable)?;
-        if done.rows_affected() == 1 {
-            Ok(())
-        } else {
-            Err(StoreError::LeaseLost)
-        }
-    }
-
-    async fn purge_batch(
-        conn: &mut SqliteConnection,
-        sql: &Sql,
-        limit: i64,
-    ) -> Result<u64, StoreError> {
-        let done = sqlx::query(sql.purge.clone())
-            .bind(limit)
-            .execute(&mut *conn)
-            .await
-            .map_err(unavailable)?;
-        Ok(done.rows_affected())
-    }
+}
 }
 
 impl super::SqlStore<Sqlite> {
