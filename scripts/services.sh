@@ -5,6 +5,8 @@ set -uo pipefail
 
 need_install=()
 command -v redis-server >/dev/null || need_install+=(redis-server)
+command -v redis-cli >/dev/null || need_install+=(redis-tools)
+command -v openssl >/dev/null || need_install+=(openssl)  # the TLS test makes its certificates
 command -v pg_ctlcluster >/dev/null || need_install+=(postgresql)
 [ -x /usr/sbin/mariadbd ] || need_install+=(mariadb-server)
 if [ ${#need_install[@]} -gt 0 ]; then
