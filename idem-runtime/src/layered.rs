@@ -696,21 +696,8 @@ impl<F: Store, DB: crate::sql::Backend> LayeredStore<F, crate::SqlStore<DB>> {
         R::Err: crate::AbsorbsIdemError,
         H: for<'t> FnOnce(&'t mut sqlx::Transaction<'static, DB>) -> crate::sql::TxFuture<'t, R>,
     {
-        use crate::{Error, Phase, codec};
-
-        fn fail<R: crate::Outcome>(e: Error) -> R
-        where
-            R::Err: From<Error>,
-        {
-            R::from_result(Err(e.into()))
-        }
-
-        async fn rollback<DB: crate::sql::Backend>(tx: sqlx::Transaction<'static, DB>) {
-            if let Err(e) = tx.rollback().await {
-                // The connection is closed or broken: the database rolls back on its side.
-                tracing::debug!(error = %e, "rollback failed");
-            }
-        }
+        use crate::Error;
+        use crate::sql::fail;
 
         let key = call.key().ok().cloned();
         let body = move |lease: Lease| async move {
@@ -721,38 +708,14 @@ impl<F: Store, DB: crate::sql::Backend> LayeredStore<F, crate::SqlStore<DB>> {
                     reason: "the key is empty",
                 });
             };
-            let sql = self.durable();
-            // The SQL store's own way to begin (SQLite: `BEGIN IMMEDIATE`).
-            let mut tx = match DB::begin_tx(sql.pool()).await {
-                Ok(tx) => tx,
-                Err(e) => {
-                    return fail(Error::Unavailable {
-                        phase: Phase::Begin,
-                        source: Box::new(e),
-                    });
-                }
-            };
-            let value = match handler(&mut tx).await.into_result() {
-                Ok(value) => value,
-                Err(e) => {
-                    rollback(tx).await;
-                    return R::from_result(Err(e));
-                }
-            };
-            let output = codec::encode(&value);
-            if let Err(e) = sql
-                .complete_in(&mut tx, scope, &key, &lease, &output, opts.keep)
+            let (value, output) = match self
+                .durable()
+                .transact(None, opts, &key, &lease, handler)
                 .await
             {
-                rollback(tx).await;
-                return fail(crate::run::store_error(e, Phase::Complete, scope, &key));
-            }
-            if let Err(e) = tx.commit().await {
-                return fail(Error::Unavailable {
-                    phase: Phase::Complete,
-                    source: Box::new(e),
-                });
-            }
+                Ok(done) => done,
+                Err(failed) => return failed,
+            };
             let tracked = self.inner.leases.take(lease.token);
             self.inner
                 .front_mark(scope, &key, &lease, &output, opts.keep, tracked)

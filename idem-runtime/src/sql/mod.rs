@@ -534,49 +534,71 @@ impl<DB: Backend> SqlStore<DB> {
     {
         let key = call.key().ok().cloned();
         let body = move |lease: Lease| async move {
-            let scope = opts.scope_str();
             let Some(key) = key else {
                 // `execute` refuses an invalid key before it calls the handler.
                 return fail(Error::InvalidKey {
                     reason: "the key is empty",
                 });
             };
-            let mut tx = match given {
-                Some(tx) => tx,
-                None => match DB::begin_tx(&self.inner.pool).await {
-                    Ok(tx) => tx,
-                    Err(e) => {
-                        return fail(Error::Unavailable {
-                            phase: Phase::Begin,
-                            source: Box::new(e),
-                        });
-                    }
-                },
-            };
-            let value = match handler(&mut tx).await.into_result() {
-                Ok(value) => value,
-                Err(e) => {
-                    rollback(tx).await;
-                    return R::from_result(Err(e));
-                }
-            };
-            let output = codec::encode(&value);
-            if let Err(e) = self
-                .complete_in(&mut tx, scope, &key, &lease, &output, opts.keep)
-                .await
-            {
-                rollback(tx).await;
-                return fail(store_error(e, Phase::Complete, scope, &key));
-            }
-            match tx.commit().await {
-                Ok(()) => R::from_result(Ok(value)),
-                Err(e) => fail(Error::Unavailable {
-                    phase: Phase::Complete,
-                    source: Box::new(e),
-                }),
+            match self.transact(given, opts, &key, &lease, handler).await {
+                Ok((value, _output)) => R::from_result(Ok(value)),
+                Err(failed) => failed,
             }
         };
         execute(self, opts, call, Marking::ByHandler, body).await
+    }
+
+    /// The transactional mode's middle, shared with the layered store: begin a transaction (or take
+    /// the caller's), run the handler in it, write the done mark for `lease` in it, commit. Returns
+    /// the value and its encoded output, or the outcome to return as it is (the handler's own
+    /// error, or idem's).
+    pub(crate) async fn transact<R, F>(
+        &self,
+        given: Option<Transaction<'static, DB>>,
+        opts: &Options,
+        key: &Key,
+        lease: &Lease,
+        handler: F,
+    ) -> Result<(R::Ok, Vec<u8>), R>
+    where
+        R: Outcome,
+        R::Ok: Replayable,
+        R::Err: AbsorbsIdemError,
+        F: for<'t> FnOnce(&'t mut Transaction<'static, DB>) -> TxFuture<'t, R>,
+    {
+        let scope = opts.scope_str();
+        let mut tx = match given {
+            Some(tx) => tx,
+            // The SQL store's own way to begin (SQLite: `BEGIN IMMEDIATE`).
+            None => DB::begin_tx(&self.inner.pool).await.map_err(|e| {
+                fail(Error::Unavailable {
+                    phase: Phase::Begin,
+                    source: Box::new(e),
+                })
+            })?,
+        };
+        let value = match handler(&mut tx).await.into_result() {
+            Ok(value) => value,
+            Err(e) => {
+                rollback(tx).await;
+                return Err(R::from_result(Err(e)));
+            }
+        };
+        let output = codec::encode(&value);
+        if let Err(e) = self
+            .complete_in(&mut tx, scope, key, lease, &output, opts.keep)
+            .await
+        {
+            rollback(tx).await;
+            return Err(fail(store_error(e, Phase::Complete, scope, key)));
+        }
+        tx.commit().await.map_err(|e| {
+            fail(Error::Unavailable {
+                phase: Phase::Complete,
+                source: Box::new(e),
+            })
+        })?;
+        Ok((value, output))
     }
 
     async fn acquire(&self) -> Result<sqlx::pool::PoolConnection<DB>, StoreError> {
@@ -584,7 +606,7 @@ impl<DB: Backend> SqlStore<DB> {
     }
 }
 
-fn fail<R: Outcome>(e: Error) -> R
+pub(crate) fn fail<R: Outcome>(e: Error) -> R
 where
     R::Err: From<Error>,
 {
