@@ -35,13 +35,8 @@
 mod codec;
 mod error;
 mod key;
-mod layered;
-mod memory;
 mod metrics;
 mod options;
-#[cfg(feature = "redis")]
-#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
-mod redis_store;
 mod run;
 mod store;
 
@@ -50,7 +45,7 @@ mod store;
     docsrs,
     doc(cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite")))
 )]
-pub mod sql;
+pub use store::sql;
 
 #[cfg(feature = "conformance")]
 #[cfg_attr(docsrs, doc(cfg(feature = "conformance")))]
@@ -69,11 +64,11 @@ pub use ::redis;
 pub use ::sqlx;
 pub use error::{BoxError, Error, Phase, StoreError};
 pub use key::{Fingerprint, FingerprintBuilder, Key, KeyBuilder, KeyPart, MAX_KEY_LEN};
-pub use layered::{LayeredStore, LayeredStoreBuilder};
-pub use memory::MemoryStore;
+pub use store::layered::{LayeredStore, LayeredStoreBuilder};
+pub use store::memory::MemoryStore;
 pub use options::Options;
 #[cfg(feature = "redis")]
-pub use redis_store::{RedisConnection, RedisStore, RedisStoreBuilder};
+pub use store::redis::{RedisConnection, RedisStore, RedisStoreBuilder};
 pub use run::{AbsorbsIdemError, Call, Outcome, Replayable, run};
 #[cfg(feature = "mysql")]
 pub use sql::MySqlStore;

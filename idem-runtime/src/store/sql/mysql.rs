@@ -69,7 +69,7 @@ const PURGE: &str = "DELETE FROM {table} WHERE expires_at <= {now} ORDER BY expi
 const MIGRATIONS: Migrations = &[(
     1,
     "create idem_keys",
-    include_str!("../../migrations/mysql/0001_create_idem_keys.sql"),
+    include_str!("../../../migrations/mysql/0001_create_idem_keys.sql"),
 )];
 
 const MIGRATIONS_TABLE: &str = "CREATE TABLE IF NOT EXISTS {table}_migrations (

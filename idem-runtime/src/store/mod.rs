@@ -1,4 +1,13 @@
-//! The store contract (`protocol.md`): four token-checked, atomic operations.
+//! The store contract (`protocol.md`): four token-checked, atomic operations, and the stores
+//! that honour it, one folder or file each.
+
+pub(crate) mod layered;
+pub(crate) mod memory;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub(crate) mod redis;
+#[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
+pub mod sql;
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
