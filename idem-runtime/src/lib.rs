@@ -64,11 +64,7 @@ pub use ::redis;
 pub use ::sqlx;
 pub use error::{BoxError, Error, Phase, StoreError};
 pub use key::{Fingerprint, FingerprintBuilder, Key, KeyBuilder, KeyPart, MAX_KEY_LEN};
-pub use store::layered::{LayeredStore, LayeredStoreBuilder};
-pub use store::memory::MemoryStore;
 pub use options::Options;
-#[cfg(feature = "redis")]
-pub use store::redis::{RedisConnection, RedisStore, RedisStoreBuilder};
 pub use run::{AbsorbsIdemError, Call, Outcome, Replayable, run};
 #[cfg(feature = "mysql")]
 pub use sql::MySqlStore;
@@ -78,6 +74,10 @@ pub use sql::PgStore;
 pub use sql::SqlStore;
 #[cfg(feature = "sqlite")]
 pub use sql::SqliteStore;
+pub use store::layered::{LayeredStore, LayeredStoreBuilder};
+pub use store::memory::MemoryStore;
+#[cfg(feature = "redis")]
+pub use store::redis::{RedisConnection, RedisStore, RedisStoreBuilder};
 pub use store::{
     AlreadyInstalled, Begin, BeginRequest, DefaultStore, Lease, Store, StoreHandle, Token,
     default_store, install_default_store,
