@@ -54,10 +54,7 @@ struct NullStore;
 #[async_trait::async_trait]
 impl Store for NullStore {
     async fn begin(&self, req: &BeginRequest<'_>) -> Result<Begin, StoreError> {
-        Ok(Begin::Acquired(Lease {
-            token: req.token,
-            fence: 1,
-        }))
+        Ok(Begin::Acquired(req.lease(1)))
     }
     async fn complete(
         &self,
@@ -75,6 +72,9 @@ impl Store for NullStore {
     }
     async fn extend(&self, _: &str, _: &Key, _: &Lease, _: Duration) -> Result<(), StoreError> {
         Ok(())
+    }
+    fn for_watchdog(&self) -> std::sync::Arc<dyn Store> {
+        std::sync::Arc::new(NullStore)
     }
 }
 

@@ -509,23 +509,18 @@ async fn run_in_tx_commits_the_effect_with_the_mark() {
     // A failure rolls back its write and frees the key at once.
     assert!(matches!(deliver(1, true).await, Err(AppError::Db(_))));
     assert!(world.effects().await.is_empty());
-    let exists: bool = redis::cmd("EXISTS")
-        .arg(in_redis(1))
-        .query_async(&mut admin)
-        .await
-        .unwrap();
-    assert!(!exists, "the front still holds the failed call's claim");
+    assert_ne!(
+        record_tag(&mut admin, &in_redis(1)).await,
+        Some(b'I'),
+        "the front still holds the failed call's claim"
+    );
 
     for _ in 0..3 {
         assert_eq!(deliver(1, false).await.unwrap(), "coupon-1");
     }
-    let exists: bool = redis::cmd("EXISTS")
-        .arg(in_redis(1))
-        .query_async(&mut admin)
-        .await
-        .unwrap();
-    assert!(
-        exists,
+    assert_eq!(
+        record_tag(&mut admin, &in_redis(1)).await,
+        Some(b'D'),
         "the done mark was not copied to Redis after the commit"
     );
     let _: () = redis::cmd("FLUSHALL")
@@ -574,10 +569,16 @@ async fn database_down_fails_closed() {
         .get_multiplexed_async_connection()
         .await
         .unwrap();
-    let exists: bool = redis::cmd("EXISTS")
-        .arg(store.front().record_key("db-down", &Key::new("k").unwrap()))
-        .query_async(&mut admin)
+    let record = store.front().record_key("db-down", &Key::new("k").unwrap());
+    assert_ne!(record_tag(&mut admin, &record).await, Some(b'I'));
+}
+
+/// The state of a record in Redis: `I` in flight, `F` released, `D` done; `None` when absent.
+async fn record_tag(admin: &mut redis::aio::MultiplexedConnection, record: &str) -> Option<u8> {
+    let value: Option<Vec<u8>> = redis::cmd("GET")
+        .arg(record)
+        .query_async(admin)
         .await
         .unwrap();
-    assert!(!exists);
+    value.and_then(|v| v.first().copied())
 }

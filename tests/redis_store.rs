@@ -4,7 +4,7 @@ mod redis_support;
 mod support;
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use idem_runtime::redis::{self, AsyncCommands};
 use idem_runtime::{
@@ -203,10 +203,11 @@ async fn foreign_data_is_reported_corrupt() {
     assert!(matches!(out, Err(Error::Corrupt { .. })), "{out:?}");
 }
 
-/// Fences come from the server's clock and stay above a released lease's fence even when the
-/// keys holding it are gone.
+/// A key's next fence is its last one + 1 whenever Redis still has the key's record (released, or
+/// in flight with a lapsed lease), whatever Redis's clock says; a key without a record starts
+/// from the clock.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fences_increase_across_release_and_lost_keys() {
+async fn fences_follow_the_record_not_the_clock() {
     let (Some(store), Some(mut conn)) = (shared_store().await, shared_conn().await) else {
         return;
     };
@@ -214,20 +215,52 @@ async fn fences_increase_across_release_and_lost_keys() {
     let key = Key::new("k").unwrap();
     let record = store.record_key(&s, &key);
     let first = acquire(&store, &s, &key).await;
-    // Microseconds of the server's clock: far above any counter.
+    // Microseconds of the server's clock for a key seen for the first time.
     assert!(first.fence > 1_600_000_000_000_000, "{}", first.fence);
     store.release(&s, &key, &first).await.unwrap();
-    let kept: u64 = conn.get(format!("{record}:fence")).await.unwrap();
-    assert_eq!(kept, first.fence);
+    let kept: Vec<u8> = conn.get(&record).await.unwrap();
+    assert_eq!(kept, format!("F{:016}", first.fence).into_bytes());
     let second = acquire(&store, &s, &key).await;
     assert!(second.fence > first.fence);
-    // Everything about the key is lost (as after an expiry): the clock still orders the leases.
-    let _: () = conn
-        .del(&[record.clone(), format!("{record}:fence")])
-        .await
-        .unwrap();
+
+    // A released record whose fence is far ahead of Redis's clock (as after the clock stepped
+    // back): the next lease follows the record, not the clock.
+    let ahead: u64 = 9_000_000_000_000_000;
+    let _: () = conn.set(&record, format!("F{ahead:016}")).await.unwrap();
     let third = acquire(&store, &s, &key).await;
-    assert!(third.fence > second.fence);
+    assert_eq!(third.fence, ahead + 1);
+
+    // The same for a lease that lapsed without a release (the holder crashed).
+    let short = BeginRequest {
+        ttl: Duration::from_millis(100),
+        ..req(&s, &key)
+    };
+    let other = Key::new("lapsed").unwrap();
+    let lapsed_req = BeginRequest {
+        key: &other,
+        ..short
+    };
+    let Begin::Acquired(lapsed) = store.begin(&lapsed_req).await.unwrap() else {
+        panic!()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let taken = loop {
+        match store.begin(&req(&s, &other)).await.unwrap() {
+            Begin::Acquired(l) => break l,
+            Begin::InFlight { .. } => {
+                assert!(Instant::now() < deadline);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            x => panic!("{x:?}"),
+        }
+    };
+    assert!(taken.fence > lapsed.fence);
+
+    // Everything about the key is lost (FLUSHALL, a restart without persistence): the clock
+    // still orders leases that are separated by a lease's length.
+    let _: () = conn.del(&record).await.unwrap();
+    let fourth = acquire(&store, &s, &key).await;
+    assert!(fourth.fence > second.fence);
 }
 
 /// A store on a plain multiplexed connection works too.

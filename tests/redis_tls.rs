@@ -142,8 +142,17 @@ async fn works_over_tls() {
         .await;
         assert_eq!(out.unwrap(), "over tls");
     }
-    // A client that does not trust the CA is refused.
-    let untrusted = RedisStore::from_url(&format!("rediss://127.0.0.1:{tls_port}")).await;
-    assert!(untrusted.is_err());
+    // A client that does not trust the CA is refused: its calls fail closed.
+    let untrusted = RedisStore::from_url(&format!("rediss://127.0.0.1:{tls_port}"))
+        .await
+        .unwrap();
+    let refused: Result<String, Error> = run(&untrusted, &opts, Call::new("other"), || async {
+        Ok("must not run".to_owned())
+    })
+    .await;
+    assert!(
+        matches!(refused, Err(Error::Unavailable { .. })),
+        "{refused:?}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

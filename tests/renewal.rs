@@ -20,6 +20,41 @@ struct Faulty {
     extends: AtomicU32,
 }
 
+/// The watchdog renews through this: the same store, behind an `Arc`.
+struct Shared(Arc<Faulty>);
+
+#[async_trait::async_trait]
+impl Store for Shared {
+    async fn begin(&self, req: &BeginRequest<'_>) -> Result<Begin, StoreError> {
+        self.0.begin(req).await
+    }
+    async fn complete(
+        &self,
+        scope: &str,
+        key: &Key,
+        lease: &Lease,
+        output: &[u8],
+        keep: Duration,
+    ) -> Result<(), StoreError> {
+        self.0.complete(scope, key, lease, output, keep).await
+    }
+    async fn release(&self, scope: &str, key: &Key, lease: &Lease) -> Result<(), StoreError> {
+        self.0.release(scope, key, lease).await
+    }
+    async fn extend(
+        &self,
+        scope: &str,
+        key: &Key,
+        lease: &Lease,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.0.extend(scope, key, lease, ttl).await
+    }
+    fn for_watchdog(&self) -> Arc<dyn Store> {
+        Arc::new(Shared(self.0.clone()))
+    }
+}
+
 #[async_trait::async_trait]
 impl Store for Faulty {
     async fn begin(&self, req: &BeginRequest<'_>) -> Result<Begin, StoreError> {
@@ -54,12 +89,15 @@ impl Store for Faulty {
         }
         self.inner.extend(scope, key, lease, ttl).await
     }
+    fn for_watchdog(&self) -> Arc<dyn Store> {
+        unreachable!("the tests use `Shared`")
+    }
 }
 
 const TTL: Duration = Duration::from_millis(300);
 
 /// Runs a handler for over 3 ttls and, 3 ttls in, tries a duplicate. Returns both results.
-async fn slow_call_with_duplicate(store: Arc<Faulty>) -> (Result<u32, Error>, Result<u32, Error>) {
+async fn slow_call_with_duplicate(store: Shared) -> (Result<u32, Error>, Result<u32, Error>) {
     let opts = Options::with_scope("renewal").ttl(TTL);
     let (started_tx, started_rx) = oneshot::channel();
     let (finish_tx, finish_rx) = oneshot::channel::<()>();
@@ -89,7 +127,7 @@ async fn a_hung_renewal_is_abandoned_and_retried() {
         lose: false,
         extends: AtomicU32::new(0),
     });
-    let (slow, dup) = slow_call_with_duplicate(store.clone()).await;
+    let (slow, dup) = slow_call_with_duplicate(Shared(store.clone())).await;
     assert_eq!(slow.unwrap(), 1);
     // The lease stayed alive although the first renewal never returned.
     assert!(matches!(dup, Err(Error::InFlight { .. })), "{dup:?}");
@@ -104,7 +142,7 @@ async fn a_lost_lease_stops_renewals() {
         lose: true,
         extends: AtomicU32::new(0),
     });
-    let (slow, dup) = slow_call_with_duplicate(store.clone()).await;
+    let (slow, dup) = slow_call_with_duplicate(Shared(store.clone())).await;
     assert_eq!(
         store.extends.load(Ordering::SeqCst),
         1,

@@ -15,9 +15,12 @@ mod kw {
     syn::custom_keyword!(store);
     syn::custom_keyword!(fingerprint);
     syn::custom_keyword!(wait);
+    syn::custom_keyword!(tx);
+    syn::custom_keyword!(max_lease);
+    syn::custom_keyword!(max_output);
 }
 
-const OPTIONS: &str = "`key`, `ttl`, `keep`, `scope`, `store`, `fingerprint`, `wait`, `crate`";
+const OPTIONS: &str = "`key`, `ttl`, `keep`, `scope`, `store`, `tx`, `fingerprint`, `wait`, `max_lease`, `max_output`, `crate`";
 
 /// Limits on durations: a zero or absurd value is a mistake worth a compile error.
 const TTL_MIN_MS: u64 = 100;
@@ -25,6 +28,10 @@ const TTL_MAX_MS: u64 = 24 * 3_600_000;
 const KEEP_MIN_MS: u64 = 1_000;
 const KEEP_MAX_MS: u64 = 400 * 86_400_000;
 const WAIT_MAX_MS: u64 = 3_600_000;
+const MAX_LEASE_MIN_MS: u64 = 1_000;
+const MAX_LEASE_MAX_MS: u64 = 400 * 86_400_000;
+/// Outputs are bounded so that a done mark always fits in one statement or command.
+const MAX_OUTPUT_MAX: u64 = 256 * 1024 * 1024;
 
 /// A duration and the literal it came from.
 pub(crate) struct Dur {
@@ -42,6 +49,11 @@ pub(crate) struct Args {
     pub(crate) store: Option<(LitStr, Expr)>,
     pub(crate) fingerprint: Option<(LitStr, Vec<(String, Span)>)>,
     pub(crate) wait: Option<Dur>,
+    /// The transaction parameter of the transactional form.
+    pub(crate) tx: Option<LitStr>,
+    /// `None` inside: renew forever.
+    pub(crate) max_lease: Option<Option<Dur>>,
+    pub(crate) max_output: Option<(LitStr, u64)>,
     pub(crate) krate: Option<(LitStr, Path)>,
     /// Mistakes in individual options; the others are still checked against the function.
     pub(crate) errors: Vec<syn::Error>,
@@ -101,6 +113,52 @@ impl Parse for Args {
                     WAIT_MAX_MS,
                     "wait bounds how long an in-flight duplicate waits for the holder's result"
                 ));
+            } else if lookahead.peek(kw::max_lease) {
+                take!(kw::max_lease, "max_lease", args.max_lease, |l: LitStr| {
+                    if l.value() == "forever" {
+                        return Ok(None);
+                    }
+                    dur(
+                        l,
+                        "max_lease",
+                        MAX_LEASE_MIN_MS,
+                        MAX_LEASE_MAX_MS,
+                        "max_lease is how long a running handler's lease is renewed at most (write \"forever\" to renew while it runs)",
+                    )
+                    .map(Some)
+                });
+            } else if lookahead.peek(kw::max_output) {
+                take!(
+                    kw::max_output,
+                    "max_output",
+                    args.max_output,
+                    |l: LitStr| {
+                        match crate::size::parse_bytes(&l.value()) {
+                            Ok(0) => Err(syn::Error::new(
+                                l.span(),
+                                "`max_output` must be greater than zero, e.g. max_output = \"256KiB\"",
+                            )),
+                            Ok(n) if n > MAX_OUTPUT_MAX => Err(syn::Error::new(
+                                l.span(),
+                                "`max_output` is at most \"256MiB\": a larger output is kept better outside the idempotency record",
+                            )),
+                            Ok(n) => Ok((l.clone(), n)),
+                            Err(e) => Err(syn::Error::new(l.span(), e)),
+                        }
+                    }
+                );
+            } else if lookahead.peek(kw::tx) {
+                take!(kw::tx, "tx", args.tx, |l: LitStr| {
+                    let v = l.value();
+                    if syn::parse_str::<syn::Ident>(&v).is_ok() {
+                        Ok(l)
+                    } else {
+                        Err(syn::Error::new(
+                            l.span(),
+                            "`tx` names the parameter that is the transaction, e.g. tx = \"tx\" for `tx: &mut Transaction<'_, Postgres>`",
+                        ))
+                    }
+                });
             } else if lookahead.peek(kw::scope) {
                 take!(kw::scope, "scope", args.scope, |l: LitStr| {
                     if l.value().trim().is_empty() {
@@ -160,6 +218,12 @@ impl Parse for Args {
                         " (to wait for an in-flight duplicate, use `wait = \"5s\"`)"
                     }
                     "payload" | "hash" | "validate" => " (payload checking is `fingerprint`)",
+                    "transaction" | "txn" | "conn" | "connection" => {
+                        " (the transaction parameter is `tx`)"
+                    }
+                    "max_size" | "output_limit" | "limit" => {
+                        " (the stored output's bound is `max_output`)"
+                    }
                     _ => "",
                 };
                 push(syn::Error::new(
@@ -196,6 +260,9 @@ fn parse_lit(input: ParseStream<'_>, name: &str) -> syn::Result<LitStr> {
         "scope" => "scope = \"billing::charge\"",
         "store" => "store = \"self.idem\"",
         "fingerprint" => "fingerprint = \"amount, currency\"",
+        "tx" => "tx = \"tx\"",
+        "max_lease" => "max_lease = \"1h\"",
+        "max_output" => "max_output = \"256KiB\"",
         _ => "crate = \"idem\"",
     };
     Err(syn::Error::new_spanned(
@@ -208,6 +275,7 @@ fn dur(lit: LitStr, name: &str, min: u64, max: u64, why: &str) -> syn::Result<Du
     let example = match name {
         "keep" => "24h",
         "wait" => "5s",
+        "max_lease" => "1h",
         _ => "30s",
     };
     let ms = duration::parse_ms(&lit.value()).map_err(|e| syn::Error::new(lit.span(), e))?;

@@ -3,7 +3,7 @@
 use proc_macro2::{Group, Span, TokenStream, TokenTree};
 use quote::{quote, quote_spanned};
 use syn::spanned::Spanned;
-use syn::{FnArg, Ident, ItemFn, LitStr, Pat, ReturnType, Type};
+use syn::{Expr, FnArg, Ident, ItemFn, LitStr, Pat, ReturnType, Type};
 
 use crate::attr::Args;
 use crate::template::{self, Piece};
@@ -281,6 +281,32 @@ fn expand(mut args: Args, func: &ItemFn) -> syn::Result<TokenStream> {
     };
     let params = Params::of(func);
 
+    // Instantiations of a generic handler would share the default scope: one could replay
+    // another's output, or be suppressed by another's record. Refuse to guess.
+    if args.scope.is_none()
+        && let Some((span, what)) = generic_part(sig, args.store.as_ref().map(|(_, e)| e))
+    {
+        errors.push(syn::Error::new(
+            span,
+            format!(
+                "`{}` is generic over {what}, so all its instantiations would share one default scope, and one instantiation could replay another's output or be suppressed by another's record; name the scope they share, e.g. scope = \"{}\", and put what tells them apart in `key`",
+                sig.ident, sig.ident
+            ),
+        ));
+    }
+
+    // The transactional form: the parameter that is the transaction.
+    let tx = args
+        .tx
+        .as_ref()
+        .and_then(|lit| match tx_param(func, lit, &params) {
+            Ok(ident) => Some(ident),
+            Err(e) => {
+                errors.push(e);
+                None
+            }
+        });
+
     let Some(key_lit) = &args.key else {
         let example = params
             .names
@@ -478,6 +504,18 @@ fn expand(mut args: Args, func: &ItemFn) -> syn::Result<TokenStream> {
         let d = ms(d);
         options.extend(quote!(.wait(#d)));
     }
+    match &args.max_lease {
+        Some(Some(d)) => {
+            let d = ms(d);
+            options.extend(quote!(.max_lease(#d)));
+        }
+        Some(None) => options.extend(quote!(.renew_forever())),
+        None => {}
+    }
+    if let Some((lit, bytes)) = &args.max_output {
+        let bytes = *bytes as usize;
+        options.extend(quote_spanned!(lit.span()=> .max_output(#bytes)));
+    }
 
     let attrs = &func.attrs;
     let vis = &func.vis;
@@ -494,10 +532,32 @@ fn expand(mut args: Args, func: &ItemFn) -> syn::Result<TokenStream> {
         Some(a) => quote_spanned!(a.span=> async),
         None => quote!(async),
     };
-    let args = quote!(#store, &__IDEM_OPTIONS, __idem_call, #typed(#async_token #capture #block));
-    // `R` is inferred from the body (pinned by `typed`): a turbofish would add a second span
-    // (the whole type) to errors that are also reported on its first token.
-    let mut run = quote_spanned!(ret_span=> #krate_ret::__private::run_future);
+    // Checked on the parameter itself, so a parameter that is not a transaction is one error.
+    let tx_access = tx.as_ref().map(|tx| {
+        let krate = respan(krate.clone(), tx.span());
+        quote_spanned!(tx.span()=> let __idem_tx_access = #krate::__private::tx_access(&*#tx);)
+    });
+    let (args, entry) = match &tx {
+        // The body becomes an async closure over the transaction, which the wrapper hands back
+        // after the body ran, to write the done mark in it.
+        // The body borrows the transaction and hands it back when it is done: the inner block
+        // is not `move`, so it only borrows `tx` (and moves what the body moves).
+        Some(tx) => (
+            quote!(#store, &__IDEM_OPTIONS, __idem_call, #tx, __idem_tx_access, #capture |#tx| #async_token #capture {
+                let __idem_out = #typed(#async_token #block).await;
+                (__idem_out, #tx)
+            }),
+            quote_spanned!(ret_span=> #krate_ret::__private::run_tx_future),
+        ),
+        None => (
+            quote!(#store, &__IDEM_OPTIONS, __idem_call, #typed(#async_token #capture #block)),
+            quote_spanned!(ret_span=> #krate_ret::__private::run_future),
+        ),
+    };
+    // `R` is inferred from the body (pinned by `typed`, or the closure's return type): a
+    // turbofish would add a second span (the whole type) to errors that are also reported on its
+    // first token.
+    let mut run = entry;
     let mut parens = Group::new(proc_macro2::Delimiter::Parenthesis, args);
     parens.set_span(ret_span);
     run.extend([TokenTree::Group(parens)]);
@@ -507,10 +567,84 @@ fn expand(mut args: Args, func: &ItemFn) -> syn::Result<TokenStream> {
         #vis #sig {
             #store_items
             let __idem_call = #krate::Call::from_key(#key_expr) #fingerprint;
+            #tx_access
             const __IDEM_OPTIONS: #krate::Options = #options;
             #run
         }
     })
+}
+
+/// The first part of the signature that makes the handler generic over types: a type or const
+/// parameter, or an `impl Trait` argument. Lifetimes do not count, nor a type parameter that only
+/// picks the store (it appears only in the types of the parameters the `store` expression uses):
+/// that changes where records are kept, not what the handler does.
+fn generic_part(sig: &syn::Signature, store: Option<&Expr>) -> Option<(Span, String)> {
+    let store_tokens = store.map(|e| quote!(#e));
+    let is_store_param = |pat: &Pat| {
+        let mut names = Vec::new();
+        bind_names(pat, &mut names);
+        store_tokens
+            .as_ref()
+            .is_some_and(|t| names.iter().any(|n| mentions(t.clone(), &n.to_string())))
+    };
+    // The types of the store's parameters, and of the rest of the signature.
+    let (mut store_types, mut elsewhere) = (TokenStream::new(), TokenStream::new());
+    if let ReturnType::Type(_, ty) = &sig.output {
+        elsewhere.extend(quote!(#ty));
+    }
+    for arg in &sig.inputs {
+        let FnArg::Typed(t) = arg else { continue };
+        let ty = &t.ty;
+        if is_store_param(&t.pat) {
+            store_types.extend(quote!(#ty));
+            continue;
+        }
+        elsewhere.extend(quote!(#ty));
+        if let Some(span) = impl_trait_in(quote!(#ty)) {
+            return Some((span, "an `impl Trait` argument".to_owned()));
+        }
+    }
+    sig.generics.params.iter().find_map(|p| match p {
+        syn::GenericParam::Type(t) => {
+            let name = t.ident.to_string();
+            let picks_the_store_only =
+                mentions(store_types.clone(), &name) && !mentions(elsewhere.clone(), &name);
+            (!picks_the_store_only).then(|| (t.ident.span(), format!("`{}`", t.ident)))
+        }
+        syn::GenericParam::Const(c) => Some((c.ident.span(), format!("`{}`", c.ident))),
+        syn::GenericParam::Lifetime(_) => None,
+    })
+}
+
+/// The parameter `tx = "..."` names: a plain name whose type is `&mut ...` (the transaction is
+/// borrowed back after the body, so it must be a mutable reference the caller keeps).
+fn tx_param(func: &ItemFn, lit: &LitStr, params: &Params) -> syn::Result<Ident> {
+    let name = lit.value();
+    for arg in &func.sig.inputs {
+        let FnArg::Typed(t) = arg else { continue };
+        let Pat::Ident(p) = &*t.pat else { continue };
+        if p.ident != name {
+            continue;
+        }
+        return match &*t.ty {
+            Type::Reference(r) if r.mutability.is_some() => Ok(p.ident.clone()),
+            other => Err(syn::Error::new_spanned(
+                other,
+                format!(
+                    "`{name}` must be a mutable reference to the transaction, e.g. `{name}: &mut Transaction<'_, Postgres>`: idem writes the done mark in it and leaves the commit to the caller"
+                ),
+            )),
+        };
+    }
+    let mut msg = format!(
+        "`tx` names `{name}`, which is not a parameter of `{}`; {}",
+        func.sig.ident,
+        params.list()
+    );
+    if let Some(best) = params.closest(&name) {
+        msg.push_str(&format!("; did you mean `{best}`?"));
+    }
+    Err(syn::Error::new(lit.span(), msg))
 }
 
 fn combine(errors: Vec<syn::Error>) -> syn::Error {

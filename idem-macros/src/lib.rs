@@ -8,6 +8,7 @@ use proc_macro::TokenStream;
 mod attr;
 mod duration;
 mod expand;
+mod size;
 mod template;
 
 /// Wrap an async fn in lock-check-execute-mark. Documented in `idem_runtime::idempotent`.

@@ -231,8 +231,8 @@ pub async fn extend_keeps_the_lease(store: Arc<dyn Store>) {
 pub async fn fingerprints_are_checked(store: Arc<dyn Store>) {
     let store = &*store;
     let (s, k) = (scope("fingerprint"), key("order-1"));
-    let a = Fingerprint::builder().add(&"payload-a").finish();
-    let b = Fingerprint::builder().add(&"payload-b").finish();
+    let a = Fingerprint::of(&"payload-a").unwrap();
+    let b = Fingerprint::of(&"payload-b").unwrap();
     let lease = acquire(
         store,
         &BeginRequest {
@@ -568,8 +568,7 @@ pub async fn wrapper_refuses_fingerprint_mismatch(store: Arc<dyn Store>) {
     let store = &*store;
     let o = opts("w-mismatch");
     let runs = AtomicU32::new(0);
-    let call =
-        |amount: u32| Call::new(&8u8).fingerprint(Fingerprint::builder().add(&amount).finish());
+    let call = |amount: u32| Call::new(&8u8).fingerprint(Fingerprint::of(&amount));
     assert_eq!(
         run(store, &o, call(100), || counted(&runs, 1u32))
             .await

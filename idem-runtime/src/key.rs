@@ -1,6 +1,7 @@
 //! Business keys: what can be a key, how composite keys are built, and payload fingerprints.
 
 use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use sha2::{Digest, Sha256};
 
@@ -122,6 +123,11 @@ impl KeyPart for uuid::Uuid {
 /// A validated idempotency key, ready for a store: never empty, at most [`MAX_KEY_LEN`] bytes,
 /// no NUL (longer keys, and keys with NUL, are replaced by `sha256:<hex>` of their text).
 ///
+/// Keys are often personal data (an e-mail, an account number), so a key's `Display` and `Debug`
+/// (which is what idem's errors and logs print) show a short hash, `redacted:9f86d081884c`, not
+/// the key. [`reveal_keys(true)`](reveal_keys) shows the keys themselves, for development.
+/// [`Key::as_str`] always gives the text.
+///
 /// ```
 /// use idem_runtime::Key;
 /// assert_eq!(Key::new(&42u64).unwrap().as_str(), "42");
@@ -129,8 +135,10 @@ impl KeyPart for uuid::Uuid {
 /// let long = "x".repeat(1000);
 /// assert!(Key::new(long.as_str()).unwrap().as_str().starts_with("sha256:"));
 /// assert!(Key::new("a\0b").unwrap().as_str().starts_with("sha256:"));
+/// let email = Key::new("ann@example.com").unwrap();
+/// assert!(!email.to_string().contains("ann"));
 /// ```
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Clone, PartialEq, Eq, Hash)]
 pub struct Key(String);
 
 impl Key {
@@ -152,12 +160,9 @@ impl Key {
             // A user key that already looks hashed is hashed again, so it can never be mistaken
             // for (and collide with) the hash of some long key. NUL is refused by PostgreSQL's
             // text type and used as a separator by some stores: such keys are hashed too.
-            let digest = Sha256::digest(text.as_bytes());
             let mut h = String::with_capacity(HASHED_PREFIX.len() + 64);
             h.push_str(HASHED_PREFIX);
-            for b in digest {
-                let _ = write!(h, "{b:02x}");
-            }
+            push_hex(&mut h, &Sha256::digest(text.as_bytes()));
             return Ok(Key(h));
         }
         Ok(Key(text))
@@ -169,16 +174,56 @@ impl Key {
     }
 }
 
+fn push_hex(out: &mut String, bytes: &[u8]) {
+    for b in bytes {
+        let _ = write!(out, "{b:02x}");
+    }
+}
+
+static REVEAL_KEYS: AtomicBool = AtomicBool::new(false);
+
+/// Show keys themselves, not their hash, in idem's errors and logs (`Display` and `Debug` of
+/// [`Key`] and of [`Error`]). Off by default, because keys are often personal data; turn it on in
+/// development, or where your logs may hold the keys. Process-wide.
+///
+/// ```
+/// use idem_runtime::{Key, reveal_keys};
+/// let key = Key::new("order-7").unwrap();
+/// reveal_keys(true);
+/// assert_eq!(key.to_string(), "order-7");
+/// reveal_keys(false);
+/// assert!(key.to_string().starts_with("redacted:"));
+/// ```
+pub fn reveal_keys(reveal: bool) {
+    REVEAL_KEYS.store(reveal, Ordering::Relaxed);
+}
+
 impl std::fmt::Display for Key {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+        if REVEAL_KEYS.load(Ordering::Relaxed) {
+            return f.write_str(&self.0);
+        }
+        // 48 bits of the key's SHA-256: enough to tell keys apart in logs, and to find a key's
+        // lines when you know the key; not the key.
+        let mut h = String::with_capacity(9 + 12);
+        h.push_str("redacted:");
+        push_hex(&mut h, &Sha256::digest(self.0.as_bytes())[..6]);
+        f.write_str(&h)
+    }
+}
+
+impl std::fmt::Debug for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Key({self})")
     }
 }
 
 /// Builds a key from a template such as `"{tenant}:{order.id}"`.
 ///
 /// Characters of the template's literal text (and `%`) are percent-escaped inside each part, so
-/// parts can never be confused: `("a:b", "c")` and `("a", "b:c")` give different keys.
+/// parts can never be confused: `("a:b", "c")` and `("a", "b:c")` give different keys. Two parts
+/// with no literal text between them (`"{a}{b}"`) are separated by `%-`, which no escaped part
+/// contains, so `("ab", "c")` and `("a", "bc")` differ too.
 ///
 /// ```
 /// use idem_runtime::KeyBuilder;
@@ -187,12 +232,21 @@ impl std::fmt::Display for Key {
 /// b.lit(":");
 /// b.part(&7u32);
 /// assert_eq!(b.finish().unwrap().as_str(), "a%3Ab:7");
+///
+/// let adjacent = |x: &str, y: &str| {
+///     let mut b = KeyBuilder::new("");
+///     b.part(&x).part(&y);
+///     b.finish().unwrap()
+/// };
+/// assert_ne!(adjacent("ab", "c"), adjacent("a", "bc"));
 /// ```
 #[derive(Debug)]
 pub struct KeyBuilder {
     out: String,
     scratch: String,
     reserved: &'static str,
+    /// The last thing appended was a part: the next part needs a separator.
+    after_part: bool,
 }
 
 impl KeyBuilder {
@@ -202,17 +256,24 @@ impl KeyBuilder {
             out: String::new(),
             scratch: String::new(),
             reserved,
+            after_part: false,
         }
     }
 
     /// Append literal template text.
     pub fn lit(&mut self, s: &str) -> &mut Self {
         self.out.push_str(s);
+        self.after_part = s.is_empty() && self.after_part;
         self
     }
 
     /// Append one value, escaped.
     pub fn part<K: KeyPart + ?Sized>(&mut self, k: &K) -> &mut Self {
+        if self.after_part {
+            // `%` is always escaped inside a part (`%25`), so `%-` can only be this separator.
+            self.out.push_str("%-");
+        }
+        self.after_part = true;
         self.scratch.clear();
         k.write_key(&mut self.scratch);
         for c in self.scratch.chars() {
@@ -230,6 +291,7 @@ impl KeyBuilder {
 
     /// The finished, validated key.
     pub fn finish(&mut self) -> Result<Key, Error> {
+        self.after_part = false;
         Key::from_text(std::mem::take(&mut self.out))
     }
 }
@@ -237,15 +299,34 @@ impl KeyBuilder {
 /// A hash of the payload that must match when a completed key is seen again (the IETF/Stripe
 /// "same key, different request" check).
 ///
-/// It is computed from the values' serde serialization (MessagePack) with SHA-256, so it is stable
-/// across processes and deploys as long as the values serialize the same way (a `HashMap`'s order
-/// is not stable: use a `BTreeMap` in fingerprinted payloads).
+/// # What it is computed from, and what changes it
+///
+/// Each value is serialized with serde into a canonical form (JSON's data model, with the fields
+/// of structs and the entries of maps sorted by name) and hashed with SHA-256. So the fingerprint
+/// is the same in every process and across deploys as long as the *data* is the same:
+///
+/// - it does **not** change when the fields of a struct are reordered, or with the iteration order
+///   of a `HashMap`;
+/// - it **does** change when a field is added, removed or renamed (even one with a default),
+///   when a field's type changes how it serializes (`u32` to `String`, an enum's representation),
+///   or with `#[serde(skip_serializing_if)]` choices.
+///
+/// The stable choice is to fingerprint the values that define the operation, not a whole request
+/// struct: `fingerprint = "body.amount, body.currency"` on the attribute, or
+/// [`add`](FingerprintBuilder::add) per field. [`add_bytes`](FingerprintBuilder::add_bytes)
+/// hashes bytes as they are (e.g. a raw request body).
+///
+/// A value that cannot be serialized (a map whose keys are not strings, numbers or booleans, a
+/// `Serialize` impl that fails) is an error, [`Error::InvalidFingerprint`]: the handler does not
+/// run. (As in JSON, a float that is NaN or infinite hashes like `None`.)
 ///
 /// ```
 /// use idem_runtime::Fingerprint;
-/// let a = Fingerprint::builder().add(&("alice", 10u32)).finish();
-/// let b = Fingerprint::builder().add(&("alice", 11u32)).finish();
+/// let a = Fingerprint::builder().add(&("alice", 10u32)).finish().unwrap();
+/// let b = Fingerprint::builder().add(&("alice", 11u32)).finish().unwrap();
 /// assert_ne!(a, b);
+/// let tuple_keys: std::collections::BTreeMap<(u8, u8), u8> = [((1, 2), 3)].into();
+/// assert!(Fingerprint::of(&tuple_keys).is_err());
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Fingerprint(pub [u8; 16]);
@@ -256,7 +337,26 @@ impl Fingerprint {
         FingerprintBuilder {
             hasher: Sha256::new(),
             buf: Vec::new(),
+            error: None,
         }
+    }
+
+    /// The fingerprint of one value.
+    ///
+    /// ```
+    /// # use idem_runtime::Fingerprint;
+    /// assert_eq!(Fingerprint::of(&7u8).unwrap(), Fingerprint::builder().add(&7u8).finish().unwrap());
+    /// ```
+    pub fn of<T: serde::Serialize + ?Sized>(value: &T) -> Result<Fingerprint, Error> {
+        Fingerprint::builder().add(value).finish()
+    }
+}
+
+/// Lets [`Call::fingerprint`](crate::Call::fingerprint) take a [`Fingerprint`] or the result of
+/// [`FingerprintBuilder::finish`].
+impl From<Fingerprint> for Result<Fingerprint, Error> {
+    fn from(fp: Fingerprint) -> Self {
+        Ok(fp)
     }
 }
 
@@ -265,30 +365,85 @@ impl Fingerprint {
 pub struct FingerprintBuilder {
     hasher: Sha256,
     buf: Vec<u8>,
+    error: Option<String>,
 }
 
 impl FingerprintBuilder {
-    /// Add one value. A value that cannot be serialized is hashed by its error text, which is
-    /// still deterministic.
+    /// Add one value, in its canonical form (see [`Fingerprint`]). A value that cannot be
+    /// serialized makes [`finish`](Self::finish) fail.
     // Named like `Add::add` on purpose: it reads as "add this value"; it is not arithmetic.
     #[allow(clippy::should_implement_trait)]
     pub fn add<T: serde::Serialize + ?Sized>(mut self, value: &T) -> Self {
-        self.buf.clear();
-        if let Err(e) = rmp_serde::encode::write_named(&mut self.buf, value) {
-            self.buf.clear();
-            self.buf.extend_from_slice(e.to_string().as_bytes());
+        if self.error.is_some() {
+            return self;
         }
-        // Length-prefix each value so that value boundaries are part of the hash.
-        self.hasher.update((self.buf.len() as u64).to_le_bytes());
-        self.hasher.update(&self.buf);
+        self.buf.clear();
+        match serde_json::to_value(value) {
+            Ok(v) => match canonical(&v, &mut self.buf) {
+                Ok(()) => self.push(),
+                Err(e) => self.error = Some(e),
+            },
+            Err(e) => self.error = Some(e.to_string()),
+        }
         self
     }
 
-    /// The fingerprint.
-    pub fn finish(self) -> Fingerprint {
+    /// Add bytes as they are (a raw request body, a canonical form of your own).
+    pub fn add_bytes(mut self, bytes: &[u8]) -> Self {
+        self.buf.clear();
+        self.buf.extend_from_slice(bytes);
+        self.push();
+        self
+    }
+
+    fn push(&mut self) {
+        // Length-prefix each value so that value boundaries are part of the hash.
+        self.hasher.update((self.buf.len() as u64).to_le_bytes());
+        self.hasher.update(&self.buf);
+    }
+
+    /// The fingerprint, or [`Error::InvalidFingerprint`] when a value could not be serialized.
+    pub fn finish(self) -> Result<Fingerprint, Error> {
+        if let Some(reason) = self.error {
+            return Err(Error::InvalidFingerprint { reason });
+        }
         let d = self.hasher.finalize();
         let mut out = [0u8; 16];
         out.copy_from_slice(&d[..16]);
-        Fingerprint(out)
+        Ok(Fingerprint(out))
     }
+}
+
+/// Write `v` canonically: JSON text with object keys sorted, whatever order the map kept them in
+/// (serde_json's `preserve_order` feature may be on in the application's dependency graph).
+fn canonical(v: &serde_json::Value, out: &mut Vec<u8>) -> Result<(), String> {
+    use serde_json::Value;
+    match v {
+        Value::Object(map) => {
+            let mut entries: Vec<_> = map.iter().collect();
+            entries.sort_by(|a, b| a.0.cmp(b.0));
+            out.push(b'{');
+            for (i, (k, v)) in entries.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                serde_json::to_writer(&mut *out, k).map_err(|e| e.to_string())?;
+                out.push(b':');
+                canonical(v, out)?;
+            }
+            out.push(b'}');
+        }
+        Value::Array(items) => {
+            out.push(b'[');
+            for (i, v) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                canonical(v, out)?;
+            }
+            out.push(b']');
+        }
+        other => serde_json::to_writer(&mut *out, other).map_err(|e| e.to_string())?,
+    }
+    Ok(())
 }

@@ -35,6 +35,7 @@
 mod codec;
 mod error;
 mod key;
+mod lease;
 mod metrics;
 mod options;
 mod run;
@@ -63,9 +64,12 @@ pub use ::redis;
 )]
 pub use ::sqlx;
 pub use error::{BoxError, Error, Phase, StoreError};
-pub use key::{Fingerprint, FingerprintBuilder, Key, KeyBuilder, KeyPart, MAX_KEY_LEN};
+pub use key::{
+    Fingerprint, FingerprintBuilder, Key, KeyBuilder, KeyPart, MAX_KEY_LEN, reveal_keys,
+};
+pub use lease::{CurrentLease, current_lease};
 pub use options::Options;
-pub use run::{AbsorbsIdemError, Call, Outcome, Replayable, run};
+pub use run::{AbsorbsIdemError, Call, Outcome, Replayable, TxConnection, run};
 #[cfg(feature = "mysql")]
 pub use sql::MySqlStore;
 #[cfg(feature = "postgres")]
@@ -79,7 +83,7 @@ pub use store::memory::MemoryStore;
 #[cfg(feature = "redis")]
 pub use store::redis::{RedisConnection, RedisStore, RedisStoreBuilder};
 pub use store::{
-    AlreadyInstalled, Begin, BeginRequest, DefaultStore, Lease, Store, StoreHandle, Token,
+    AlreadyInstalled, Begin, BeginRequest, DefaultStore, Lease, Store, StoreHandle, Token, TxStore,
     default_store, install_default_store,
 };
 
@@ -128,7 +132,7 @@ pub use idem_macros::idempotent;
 /// Support for the code `#[idempotent]` generates. Not public API: may change in any release.
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::run::run_future;
+    pub use crate::run::{run_future, run_tx_future, tx_access};
     pub use serde;
 
     /// Pins the body's output type to the function's return type, so `?` and `.into()` in the body

@@ -4,7 +4,7 @@
 //! `idem_calls_total{scope, outcome}`, where `outcome` is one of `executed` (the handler ran and
 //! its output was marked done), `replayed`, `in_flight`, `mismatch`, `handler_error` (the handler
 //! returned `Err`; the key was released), `panicked`, `store_unavailable`, `lease_lost`, `corrupt`,
-//! `invalid_key`, `no_store`. Without the feature every call compiles to nothing.
+//! `unreplayable`, `invalid_key`, `invalid_fingerprint`, `not_transactional`, `no_store`. Without the feature every call compiles to nothing.
 
 /// What one call of the wrapper ended with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -19,6 +19,9 @@ pub(crate) enum Outcome {
     LeaseLost,
     Corrupt,
     InvalidKey,
+    InvalidFingerprint,
+    Unreplayable,
+    NotTransactional,
     NoStore,
 }
 
@@ -36,6 +39,9 @@ impl Outcome {
             Outcome::LeaseLost => "lease_lost",
             Outcome::Corrupt => "corrupt",
             Outcome::InvalidKey => "invalid_key",
+            Outcome::InvalidFingerprint => "invalid_fingerprint",
+            Outcome::Unreplayable => "unreplayable",
+            Outcome::NotTransactional => "not_transactional",
             Outcome::NoStore => "no_store",
         }
     }
@@ -49,6 +55,9 @@ impl Outcome {
             Error::LeaseLost { .. } => Outcome::LeaseLost,
             Error::Unavailable { .. } => Outcome::StoreUnavailable,
             Error::InvalidKey { .. } => Outcome::InvalidKey,
+            Error::InvalidFingerprint { .. } => Outcome::InvalidFingerprint,
+            Error::Unreplayable { .. } => Outcome::Unreplayable,
+            Error::NotTransactional { .. } => Outcome::NotTransactional,
             Error::Corrupt { .. } => Outcome::Corrupt,
             Error::NoStore => Outcome::NoStore,
         }

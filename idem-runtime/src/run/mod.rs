@@ -1,19 +1,31 @@
 //! The lock-check-execute-mark wrapper that `#[idempotent]` expands to.
+//!
+//! `mod.rs` holds what both forms share (the call, the claim loop, replay, the guard that
+//! finishes a dropped call in the background) and the plain form, where the wrapper writes the
+//! done mark after the handler; `tx.rs` the transactional form, where the mark is written in the
+//! handler's own transaction.
+
+mod tx;
 
 use std::any::Any;
 use std::future::Future;
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
-use std::pin::{Pin, pin};
+use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
 
-use crate::store::{Begin, BeginRequest, Lease, Store, StoreHandle, Token};
-use crate::{Error, Fingerprint, Key, KeyPart, Options, Phase, StoreError};
-use crate::{codec, metrics};
+use crate::codec::{self, Undecodable};
+use crate::lease::{self, Held};
+use crate::store::{Begin, BeginRequest, Lease, Store, StoreHandle, Token, TxStore};
+use crate::{Error, Fingerprint, Key, KeyPart, Options, Phase, StoreError, metrics};
+
+pub(crate) use tx::{Marked, claim_outside, execute_tx};
+pub use tx::{TxConnection, run_tx_future, tx_access};
 
 /// The return type of an idempotent handler: `Result<T, E>`, where `T` is stored and replayed and
 /// `E` absorbs idem's [`Error`].
@@ -70,13 +82,13 @@ impl<E: From<Error>> AbsorbsIdemError for E {}
 ///
 /// ```
 /// use idem_runtime::{Call, Fingerprint};
-/// let call = Call::new(&"order-42").fingerprint(Fingerprint::builder().add(&99_u32).finish());
+/// let call = Call::new(&"order-42").fingerprint(Fingerprint::of(&99_u32));
 /// assert_eq!(call.key().unwrap().as_str(), "order-42");
 /// ```
 #[derive(Debug)]
 pub struct Call {
     key: Result<Key, Error>,
-    fingerprint: Option<Fingerprint>,
+    fingerprint: Option<Result<Fingerprint, Error>>,
 }
 
 impl Call {
@@ -93,9 +105,11 @@ impl Call {
         }
     }
 
-    /// Require this fingerprint to match on replay.
-    pub fn fingerprint(mut self, fp: Fingerprint) -> Call {
-        self.fingerprint = Some(fp);
+    /// Require this fingerprint to match on replay: a [`Fingerprint`], or what
+    /// [`FingerprintBuilder::finish`](crate::FingerprintBuilder::finish) returned (an error is
+    /// reported when the call runs, and the handler does not run).
+    pub fn fingerprint(mut self, fp: impl Into<Result<Fingerprint, Error>>) -> Call {
+        self.fingerprint = Some(fp.into());
         self
     }
 
@@ -103,14 +117,33 @@ impl Call {
     pub fn key(&self) -> Result<&Key, &Error> {
         self.key.as_ref()
     }
+
+    /// The key and fingerprint, or the error that stops the call before the store is asked.
+    fn into_parts(self) -> Result<(Key, Option<Fingerprint>), Error> {
+        let key = self.key?;
+        let fingerprint = self.fingerprint.transpose()?;
+        Ok((key, fingerprint))
+    }
+
+    /// [`into_parts`](Self::into_parts), keeping the call (the error is rebuilt for the caller).
+    fn parts(&self) -> Result<(Key, Option<Fingerprint>), Error> {
+        let key = self.key.as_ref().map_err(Error::again)?.clone();
+        let fingerprint = match &self.fingerprint {
+            None => None,
+            Some(Ok(fp)) => Some(*fp),
+            Some(Err(e)) => return Err(e.again()),
+        };
+        Ok((key, fingerprint))
+    }
 }
 
 /// Run `handler` at most once per key: the wrapper `#[idempotent]` generates, for code where an
 /// attribute does not fit.
 ///
 /// Claims the key, replays the stored output of a completed key, otherwise runs the handler while
-/// renewing its lease, then marks the key done with the output (`Ok`) or releases it (`Err`,
-/// panic, cancellation) so a redelivery can run.
+/// idem's watchdog renews its lease, then marks the key done with the output (`Ok`) or releases it
+/// (`Err`, panic, cancellation) so a redelivery can run. Inside `handler`,
+/// [`current_lease`](crate::current_lease) gives the lease (its fence, and whether it was lost).
 ///
 /// ```
 /// use idem_runtime::{Call, MemoryStore, Options, run};
@@ -144,7 +177,7 @@ where
         Err(e) => return lift(opts, e),
     };
     // Laziness matters here: `handler` is only called once the key is ours.
-    execute(store, opts, call, Marking::ByWrapper, move |_| handler()).await
+    execute(store, opts, call, handler).await
 }
 
 /// What the macro calls: `fut` is the user's body, not yet polled.
@@ -161,7 +194,7 @@ where
         Ok(s) => s,
         Err(e) => return lift(opts, e),
     };
-    execute(store, opts, call, Marking::ByWrapper, move |_| fut).await
+    execute(store, opts, call, move || fut).await
 }
 
 /// Return one of idem's errors through the handler's error type, counting it.
@@ -177,91 +210,85 @@ pub(crate) fn store_error(e: StoreError, phase: Phase, scope: &str, key: &Key) -
     match e {
         StoreError::LeaseLost => Error::LeaseLost {
             scope: scope.to_owned(),
-            key: key.to_string(),
+            key: key.clone(),
         },
         StoreError::Corrupt(reason) => Error::Corrupt {
             scope: scope.to_owned(),
-            key: key.to_string(),
+            key: key.clone(),
             reason,
         },
         StoreError::Unavailable(source) => Error::Unavailable { phase, source },
+        StoreError::Unsupported(reason) => Error::NotTransactional { reason },
     }
 }
 
-/// Who writes the done mark after the handler returned `Ok`.
-#[cfg_attr(
-    not(any(feature = "postgres", feature = "mysql", feature = "sqlite")),
-    allow(dead_code)
-)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Marking {
-    /// The wrapper calls [`Store::complete`] (the usual case).
-    ByWrapper,
-    /// The handler already wrote (and committed) the done mark for the lease it was given, e.g. in
-    /// its own database transaction: `Ok` needs no further store call.
-    ByHandler,
+/// Where `begin` goes: the store, or the store inside the caller's transaction.
+pub(crate) enum Claimant<'a> {
+    Store(&'a dyn Store),
+    Tx(&'a dyn TxStore, &'a mut (dyn Any + Send)),
 }
 
-/// The wrapper's core: lock, check, run `handler` with the lease it holds while renewing it, then
-/// mark (see [`Marking`]) or release.
-pub(crate) async fn execute<R, F, Fut>(
+impl Claimant<'_> {
+    async fn begin(&mut self, req: &BeginRequest<'_>) -> Result<Begin, StoreError> {
+        match self {
+            Claimant::Store(s) => s.begin(req).await,
+            Claimant::Tx(s, tx) => s.begin_in(&mut **tx, req).await,
+        }
+    }
+}
+
+/// Lock and check: claim the key, or return what the caller gets instead of a run (the replayed
+/// output, or one of idem's errors). An in-flight key is refused, or waited for (`wait`).
+pub(crate) async fn claim<R>(
     store: &dyn Store,
+    mut claimant: Claimant<'_>,
     opts: &Options,
-    call: Call,
-    marking: Marking,
-    handler: F,
-) -> R
+    req: &BeginRequest<'_>,
+) -> Result<Lease, R>
 where
     R: Outcome,
     R::Ok: Replayable,
     R::Err: AbsorbsIdemError,
-    F: FnOnce(Lease) -> Fut,
-    Fut: Future<Output = R>,
 {
-    let key = match call.key {
-        Ok(k) => k,
-        Err(e) => return lift(opts, e),
-    };
-    let scope: &str = &opts.scope;
-    let req = BeginRequest {
-        scope,
-        key: &key,
-        token: Token::generate(),
-        ttl: opts.ttl,
-        fingerprint: call.fingerprint,
-    };
-
-    // Lock and check.
+    let (scope, key) = (req.scope, req.key);
     let mut wait_deadline = None;
     let mut backoff = Duration::from_millis(5);
-    let lease = loop {
-        match store.begin(&req).await {
-            Ok(Begin::Acquired(lease)) => break lease,
+    loop {
+        match claimant.begin(req).await {
+            Ok(Begin::Acquired(lease)) => return Ok(lease),
             Ok(Begin::Completed { output }) => {
                 tracing::debug!(scope, key = %key, "duplicate of a completed key: replayed");
-                return match codec::decode::<R::Ok>(&output) {
+                return Err(match codec::decode::<R::Ok>(&output) {
                     Ok(v) => {
                         metrics::record(opts, metrics::Outcome::Replayed);
                         R::from_result(Ok(v))
                     }
-                    Err(reason) => lift(
+                    Err(Undecodable::Unreplayable(reason)) => lift(
                         opts,
-                        Error::Corrupt {
+                        Error::Unreplayable {
                             scope: scope.to_owned(),
-                            key: key.to_string(),
+                            key: key.clone(),
                             reason,
                         },
                     ),
-                };
+                    Err(Undecodable::Corrupt(reason)) => lift(
+                        opts,
+                        Error::Corrupt {
+                            scope: scope.to_owned(),
+                            key: key.clone(),
+                            reason,
+                        },
+                    ),
+                });
             }
             Ok(Begin::Mismatch) => {
-                return lift(
+                return Err(lift(
                     opts,
                     Error::Mismatch {
                         scope: scope.to_owned(),
-                        key: key.to_string(),
+                        key: key.clone(),
                     },
-                );
+                ));
             }
             Ok(Begin::InFlight { retry_after }) => {
                 let now = Instant::now();
@@ -270,78 +297,99 @@ where
                     Some(d) if d > now => {
                         let pause = backoff.min(retry_after).min(d - now);
                         backoff = (backoff * 2).min(Duration::from_millis(500));
-                        store.wait(scope, &key, pause).await;
+                        store.wait(scope, key, pause).await;
                     }
                     _ => {
                         tracing::debug!(scope, key = %key, ?retry_after, "duplicate while in flight");
-                        return lift(
+                        return Err(lift(
                             opts,
                             Error::InFlight {
                                 scope: scope.to_owned(),
-                                key: key.to_string(),
+                                key: key.clone(),
                                 retry_after,
                             },
-                        );
+                        ));
                     }
                 }
             }
-            Err(e) => return lift(opts, store_error(e, Phase::Begin, scope, &key)),
+            Err(e) => return Err(lift(opts, store_error(e, Phase::Begin, scope, key))),
         }
-    };
-
-    // Execute, renewing the lease; a drop of this future (cancellation) releases in the background.
-    let mut guard = ReleaseGuard {
-        store,
-        scope,
-        key: &key,
-        lease: Some(lease),
-    };
-    let outcome = Renewing {
-        store,
-        scope,
-        key: &key,
-        lease: &lease,
-        ttl: opts.ttl,
-        timer: None,
-        renewal: None,
-        lost: false,
-        handler: pin!(CatchUnwind {
-            inner: handler(lease)
-        }),
     }
-    .await;
+}
 
-    // Mark (or release).
+/// The plain form: lock, check, run `handler` while the watchdog renews the lease, then mark (or
+/// release).
+async fn execute<R, F, Fut>(store: &dyn Store, opts: &Options, call: Call, handler: F) -> R
+where
+    R: Outcome,
+    R::Ok: Replayable,
+    R::Err: AbsorbsIdemError,
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = R>,
+{
+    let (key, fingerprint) = match call.into_parts() {
+        Ok(parts) => parts,
+        Err(e) => return lift(opts, e),
+    };
+    let scope: &str = &opts.scope;
+    let req = BeginRequest {
+        scope,
+        key: &key,
+        token: Token::generate(),
+        ttl: opts.ttl,
+        fingerprint,
+    };
+    let lease = match claim::<R>(store, Claimant::Store(store), opts, &req).await {
+        Ok(lease) => lease,
+        Err(answer) => return answer,
+    };
+
+    // Execute, renewed from the watchdog's thread; a drop of this future finishes in the
+    // background (release, or the done mark once the handler succeeded).
+    let held = Held::new(opts.scope.clone(), key, lease);
+    let twin = store.for_watchdog();
+    let watch = lease::watch(&held, twin.clone(), opts.ttl, opts.max_lease);
+    let mut guard = Finish::holding(&held, Some(twin), opts);
+    let outcome = held.scope(CatchUnwind { inner: handler() }).await;
+    drop(watch);
+
+    let (scope, key) = (&*held.scope, &held.key);
     match outcome {
         Err(panic) => {
             metrics::record(opts, metrics::Outcome::Panicked);
-            release(store, scope, &key, &lease).await;
-            guard.lease = None;
+            release(store, scope, key, &lease).await;
+            guard.done();
             resume_unwind(panic)
         }
         Ok(result) => match result.into_result() {
             Err(e) => {
                 metrics::record(opts, metrics::Outcome::HandlerError);
-                release(store, scope, &key, &lease).await;
-                guard.lease = None;
+                release(store, scope, key, &lease).await;
+                guard.done();
                 R::from_result(Err(e))
             }
             Ok(value) => {
                 // From here on the effect has happened: never release, or a redelivery runs again.
-                guard.lease = None;
-                if marking == Marking::ByHandler {
-                    metrics::record(opts, metrics::Outcome::Executed);
-                    return R::from_result(Ok(value));
-                }
-                let bytes = codec::encode(&value);
-                match complete(store, scope, &key, &lease, &bytes, opts.keep).await {
+                let output: Arc<[u8]> = codec::encode(&value, opts.max_output).into();
+                guard.marking(output.clone());
+                match complete(store, scope, key, &lease, &output, opts.keep).await {
                     Ok(()) => {
+                        guard.done();
                         metrics::record(opts, metrics::Outcome::Executed);
                         R::from_result(Ok(value))
                     }
+                    Err(StoreError::Unavailable(e)) => {
+                        // The guard goes on trying in the background as this returns.
+                        tracing::error!(scope, key = %key, error = %e, "handler ran but its done mark was not written; retrying in the background");
+                        lift(
+                            opts,
+                            store_error(StoreError::Unavailable(e), Phase::Complete, scope, key),
+                        )
+                    }
                     Err(e) => {
-                        tracing::error!(scope, key = %key, error = %e, "handler ran but its done mark was not written");
-                        lift(opts, store_error(e, Phase::Complete, scope, &key))
+                        guard.done();
+                        tracing::error!(scope, key = %key, error = %e, "handler ran but its done mark was refused");
+                        lift(opts, store_error(e, Phase::Complete, scope, key))
                     }
                 }
             }
@@ -349,7 +397,12 @@ where
     }
 }
 
-/// `complete` is idempotent, so a transient failure is retried a few times before giving up.
+/// Attempts at the done mark in the foreground before the call reports `Unavailable`.
+const COMPLETE_ATTEMPTS: u32 = 3;
+
+/// Write the done mark. `complete` is idempotent, so a failure is retried; when the store keeps
+/// refusing the output (one larger than it accepts fails the same way every time), the key is
+/// marked done without it, so the handler is not run again on every delivery.
 async fn complete(
     store: &dyn Store,
     scope: &str,
@@ -361,10 +414,24 @@ async fn complete(
     let mut attempt = 0;
     loop {
         match store.complete(scope, key, lease, output, keep).await {
-            Err(StoreError::Unavailable(e)) if attempt < 2 => {
+            Err(StoreError::Unavailable(e)) if attempt + 1 < COMPLETE_ATTEMPTS => {
                 attempt += 1;
                 tracing::warn!(scope, key = %key, error = %e, attempt, "complete failed; retrying");
-                tokio::time::sleep(Duration::from_millis(20 * attempt)).await;
+                tokio::time::sleep(Duration::from_millis(20 * u64::from(attempt))).await;
+            }
+            Err(StoreError::Unavailable(e)) if !codec::is_unreplayable(output) => {
+                let without = codec::unreplayable(&format!(
+                    "the store refused the output of {} bytes: {e}",
+                    output.len()
+                ));
+                return match store.complete(scope, key, lease, &without, keep).await {
+                    Ok(()) => {
+                        tracing::warn!(scope, key = %key, error = %e, "the store refused the output; the key is marked done without it");
+                        Ok(())
+                    }
+                    // Still failing: the store itself is down, not the output.
+                    Err(_) => Err(StoreError::Unavailable(e)),
+                };
             }
             r => return r,
         }
@@ -378,100 +445,99 @@ async fn release(store: &dyn Store, scope: &str, key: &Key, lease: &Lease) {
     }
 }
 
-/// Releases the lease if the wrapper is dropped before it finished (the caller was cancelled).
-struct ReleaseGuard<'a> {
-    store: &'a dyn Store,
-    scope: &'a str,
-    key: &'a Key,
-    lease: Option<Lease>,
+/// Finishes a call whose future is dropped (the caller was cancelled: a timeout, a client that
+/// hung up) on the watchdog's thread: releases the key while the handler had not succeeded, and
+/// writes the done mark once it had, so a redelivery neither waits for the lease nor runs again.
+pub(crate) struct Finish<'a> {
+    held: &'a Arc<Held>,
+    /// Where to finish (a store for the watchdog's thread); `None`: nothing to do (the caller's
+    /// transaction holds the claim and ends with it).
+    background: Option<Arc<dyn Store>>,
+    ttl: Duration,
+    keep: Duration,
+    state: FinishState,
 }
 
-impl Drop for ReleaseGuard<'_> {
+enum FinishState {
+    Holding,
+    Marking(Arc<[u8]>),
+    Done,
+}
+
+impl<'a> Finish<'a> {
+    pub(crate) fn holding(
+        held: &'a Arc<Held>,
+        background: Option<Arc<dyn Store>>,
+        opts: &Options,
+    ) -> Self {
+        Finish {
+            held,
+            background,
+            ttl: opts.ttl,
+            keep: opts.keep,
+            state: FinishState::Holding,
+        }
+    }
+
+    pub(crate) fn marking(&mut self, output: Arc<[u8]>) {
+        self.state = FinishState::Marking(output);
+    }
+
+    pub(crate) fn done(&mut self) {
+        self.state = FinishState::Done;
+    }
+}
+
+impl Drop for Finish<'_> {
     fn drop(&mut self) {
-        if let Some(lease) = self.lease.take() {
-            tracing::debug!(scope = self.scope, key = %self.key, "cancelled while holding the lease: releasing");
-            self.store.release_detached(self.scope, self.key, lease);
+        let state = std::mem::replace(&mut self.state, FinishState::Done);
+        let (Some(store), held) = (self.background.take(), self.held.clone()) else {
+            return;
+        };
+        match state {
+            FinishState::Done => {}
+            FinishState::Holding => {
+                tracing::debug!(scope = %held.scope, key = %held.key, "cancelled while holding the lease: releasing in the background");
+                lease::spawn_background(async move {
+                    release(&*store, &held.scope, &held.key, &held.lease).await;
+                });
+            }
+            FinishState::Marking(output) => {
+                let (ttl, keep) = (self.ttl, self.keep);
+                lease::spawn_background(async move {
+                    complete_in_background(&*store, &held, &output, ttl, keep).await;
+                });
+            }
         }
     }
 }
 
-/// A store operation in progress (what `async_trait` methods return).
-type StoreCall<'a> = Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send + 'a>>;
-
-/// Polls the handler and, while it runs, renews the lease every third of its ttl (the watchdog).
-/// Everything runs in the caller's task: no spawn, and no timer at all for a handler that finishes
-/// on its first poll.
-struct Renewing<'a, H> {
-    store: &'a dyn Store,
-    scope: &'a str,
-    key: &'a Key,
-    lease: &'a Lease,
+/// Keep trying to write a done mark whose handler succeeded, for about the lease's ttl (after
+/// that a redelivery may have taken the key over: the mark would be refused anyway).
+async fn complete_in_background(
+    store: &dyn Store,
+    held: &Held,
+    output: &[u8],
     ttl: Duration,
-    timer: Option<Pin<Box<Sleep>>>,
-    renewal: Option<StoreCall<'a>>,
-    /// Set once the store said the lease is gone: renewing again is pointless.
-    lost: bool,
-    handler: Pin<&'a mut H>,
-}
-
-impl<H: Future> Future for Renewing<'_, H> {
-    type Output = H::Output;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<H::Output> {
-        let this = &mut *self;
-        if let Poll::Ready(out) = this.handler.as_mut().poll(cx) {
-            return Poll::Ready(out);
-        }
-        if this.lost {
-            // Only the handler can wake us now.
-            return Poll::Pending;
-        }
-        let period = this.ttl / 3;
-        loop {
-            // One timer serves both as "next renewal is due" and, while a renewal is in flight,
-            // as its deadline: a renewal that hangs (a pool waiting for a connection, a lock)
-            // must not stop the ones after it, or the lease lapses under a live handler.
-            let timer = this
-                .timer
-                .get_or_insert_with(|| Box::pin(tokio::time::sleep(period)));
-            let due = timer.as_mut().poll(cx).is_ready();
-            if let Some(renewal) = this.renewal.as_mut() {
-                let next = match renewal.as_mut().poll(cx) {
-                    Poll::Ready(Ok(())) => period,
-                    Poll::Ready(Err(StoreError::LeaseLost)) => {
-                        // Stop renewing; completion will report LeaseLost (or record the effect
-                        // if nobody took over).
-                        tracing::warn!(scope = this.scope, key = %this.key, "lease lost while the handler runs");
-                        this.renewal = None;
-                        this.timer = None;
-                        this.lost = true;
-                        return Poll::Pending;
-                    }
-                    Poll::Ready(Err(e)) => {
-                        tracing::warn!(scope = this.scope, key = %this.key, error = %e, "lease renewal failed; retrying");
-                        period / 4
-                    }
-                    Poll::Pending if due => {
-                        tracing::warn!(scope = this.scope, key = %this.key, "lease renewal timed out; retrying");
-                        Duration::ZERO
-                    }
-                    Poll::Pending => return Poll::Pending,
-                };
-                this.renewal = None;
-                if let Some(t) = this.timer.as_mut() {
-                    t.as_mut().reset(Instant::now() + next);
-                }
-                continue;
+    keep: Duration,
+) {
+    let (scope, key) = (&*held.scope, &held.key);
+    let give_up = Instant::now() + ttl;
+    let mut pause = Duration::from_millis(50);
+    loop {
+        match complete(store, scope, key, &held.lease, output, keep).await {
+            Ok(()) => {
+                tracing::info!(scope, key = %key, "done mark written in the background");
+                return;
             }
-            if !due {
-                return Poll::Pending;
+            Err(StoreError::Unavailable(e)) if Instant::now() + pause < give_up => {
+                tracing::debug!(scope, key = %key, error = %e, "background done mark failed; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
             }
-            this.renewal = Some(
-                this.store
-                    .extend(this.scope, this.key, this.lease, this.ttl),
-            );
-            if let Some(t) = this.timer.as_mut() {
-                t.as_mut().reset(Instant::now() + period);
+            Err(e) => {
+                tracing::error!(scope, key = %key, error = %e, "the handler ran but its done mark could not be written: a redelivery after the lease expires runs it again");
+                return;
             }
         }
     }
@@ -480,14 +546,14 @@ impl<H: Future> Future for Renewing<'_, H> {
 pin_project_lite::pin_project! {
     /// Turns a panic inside the handler into a value, so the lease is released before the panic
     /// resumes.
-    struct CatchUnwind<F> {
+    pub(crate) struct CatchUnwind<F> {
         #[pin]
-        inner: F,
+        pub(crate) inner: F,
     }
 }
 
 impl<F: Future> Future for CatchUnwind<F> {
-    type Output = Result<F::Output, Box<dyn Any + Send>>;
+    type Output = Result<F::Output, Box<dyn std::any::Any + Send>>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let inner = self.project().inner;

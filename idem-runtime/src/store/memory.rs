@@ -133,10 +133,7 @@ impl MemoryStore {
             return Ok(match &e.state {
                 State::InFlight { token, fence } if *token == req.token => {
                     e.expires = now + req.ttl;
-                    Begin::Acquired(Lease {
-                        token: *token,
-                        fence: *fence,
-                    })
+                    Begin::Acquired(req.lease(*fence))
                 }
                 State::InFlight { .. } => Begin::InFlight {
                     retry_after: e.expires - now,
@@ -161,10 +158,7 @@ impl MemoryStore {
                 fingerprint: req.fingerprint,
             },
         );
-        Ok(Begin::Acquired(Lease {
-            token: req.token,
-            fence,
-        }))
+        Ok(Begin::Acquired(req.lease(fence)))
     }
 
     fn complete_at(
@@ -190,17 +184,13 @@ impl MemoryStore {
                 State::Done { token, .. } if *token == lease.token => return Ok(()),
                 _ => return Err(StoreError::LeaseLost),
             },
-            // Lapsed and not taken over: nobody else owns the key, so record the effect (with the
-            // fingerprint the lease was taken with, if the entry is still ours).
+            // Lapsed and not taken over: nobody else owns the key, so record the effect, with the
+            // fingerprint the lease was taken with.
             Some(e) => {
-                let fingerprint = match &e.state {
-                    State::InFlight { token, .. } if *token == lease.token => e.fingerprint,
-                    _ => None,
-                };
                 *e = Entry {
                     state: done,
                     expires: now + keep,
-                    fingerprint,
+                    fingerprint: lease.fingerprint,
                 }
             }
             None => {
@@ -209,7 +199,7 @@ impl MemoryStore {
                     Entry {
                         state: done,
                         expires: now + keep,
-                        fingerprint: None,
+                        fingerprint: lease.fingerprint,
                     },
                 );
             }
@@ -311,9 +301,9 @@ impl Store for MemoryStore {
         })
     }
 
-    fn release_detached(&self, scope: &str, key: &Key, lease: Lease) {
-        // Nothing to wait for in memory: release right away.
-        with_id(scope, key, |id| self.remove_if_owned(id, &lease));
+    fn for_watchdog(&self) -> Arc<dyn Store> {
+        // In-process: any thread can call it; a clone shares the records.
+        Arc::new(self.clone())
     }
 
     async fn wait(&self, scope: &str, key: &Key, max: Duration) {

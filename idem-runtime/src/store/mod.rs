@@ -9,15 +9,18 @@ pub(crate) mod redis;
 #[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
 pub mod sql;
 
+use std::any::Any;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use crate::{Error, Fingerprint, Key, StoreError};
 
 /// Proves ownership of a lease. 128 bits: a random per-process nonce and a per-process counter,
-/// so two callers never share one (the counter) and two processes practically never do (the nonce).
+/// so two callers of one process never share one (the counter) and two processes practically
+/// never do (the nonce). A process that forks gets a nonce of its own at its first token (the
+/// nonce is tied to the process id), so parent and child never issue the same tokens.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Token(pub u128);
 
@@ -29,21 +32,17 @@ impl Token {
     /// assert_ne!(a, b);
     /// ```
     pub fn generate() -> Token {
-        static NONCE: OnceLock<u64> = OnceLock::new();
+        static NONCE: AtomicU64 = AtomicU64::new(0);
+        // The process the nonce was made in (0: none yet). A forked child inherits the parent's
+        // memory, nonce and counter included; its own pid tells it to make a nonce of its own.
+        static NONCE_PID: AtomicU32 = AtomicU32::new(0);
         static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let nonce = *NONCE.get_or_init(|| {
-            use std::hash::{BuildHasher, Hasher};
-            // std's RandomState is seeded from the OS's randomness once per process; hashing the
-            // pid and the time as well keeps forked processes apart.
-            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-            h.write_u32(std::process::id());
-            h.write_u128(
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_nanos()),
-            );
-            h.finish()
-        });
+        let pid = std::process::id();
+        if NONCE_PID.load(Ordering::Acquire) != pid {
+            NONCE.store(new_nonce(pid), Ordering::Release);
+            NONCE_PID.store(pid, Ordering::Release);
+        }
+        let nonce = NONCE.load(Ordering::Acquire);
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         Token(((nonce as u128) << 64) | n as u128)
     }
@@ -54,21 +53,38 @@ impl Token {
     }
 }
 
+fn new_nonce(pid: u32) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    // std's RandomState keys come from the OS's randomness; a forked child inherits them, so the
+    // pid (which differs) and the time are hashed in too.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(pid);
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish()
+}
+
 impl fmt::Debug for Token {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Token({:032x})", self.0)
     }
 }
 
-/// An in-flight claim on a key: who holds it (`token`) and its place in the order of the key's
+/// An in-flight claim on a key: who holds it (`token`), its place in the order of the key's
 /// leases (`fence`, strictly increasing per key; pass it to downstream writes so they can reject a
-/// holder that outlived its lease).
+/// holder that outlived its lease), and the fingerprint of the request that took it (kept with
+/// the done record, even when the store lost the in-flight one).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Lease {
     /// Proves ownership.
     pub token: Token,
     /// Strictly greater than the fence of any earlier lease of the same key.
     pub fence: u64,
+    /// The fingerprint of the [`BeginRequest`] that took the lease.
+    pub fingerprint: Option<Fingerprint>,
 }
 
 /// What `begin` asks for.
@@ -86,6 +102,25 @@ pub struct BeginRequest<'a> {
     /// Kept with the record; a later `begin` whose fingerprint differs from a DONE record's gets
     /// [`Begin::Mismatch`]. Compared only when both sides have one.
     pub fingerprint: Option<Fingerprint>,
+}
+
+impl BeginRequest<'_> {
+    /// The lease this request takes, with the store's `fence`.
+    ///
+    /// ```
+    /// # use idem_runtime::{BeginRequest, Key, Token};
+    /// # use std::time::Duration;
+    /// let key = Key::new("k").unwrap();
+    /// let req = BeginRequest { scope: "s", key: &key, token: Token::generate(), ttl: Duration::from_secs(1), fingerprint: None };
+    /// assert_eq!(req.lease(7).token, req.token);
+    /// ```
+    pub fn lease(&self, fence: u64) -> Lease {
+        Lease {
+            token: self.token,
+            fence,
+            fingerprint: self.fingerprint,
+        }
+    }
 }
 
 /// The answer of [`Store::begin`], one row of the state table in `protocol.md`.
@@ -137,7 +172,8 @@ pub trait Store: Send + Sync + 'static {
     /// when the key is already DONE by this same token (a retry), or when no other holder owns it
     /// (the lease lapsed but nobody took over: the effect happened, so recording it is right).
     /// Fails with [`StoreError::LeaseLost`] when another token holds or completed the key; that
-    /// holder's record is left untouched.
+    /// holder's record is left untouched. The done record keeps the lease's fingerprint, also
+    /// when the store no longer has the in-flight record (it lapsed, was purged or lost).
     async fn complete(
         &self,
         scope: &str,
@@ -160,19 +196,128 @@ pub trait Store: Send + Sync + 'static {
         ttl: Duration,
     ) -> Result<(), StoreError>;
 
-    /// Called from `Drop` when the handler's future was cancelled while holding the lease. Must not
-    /// block; a network store spawns the release in the background. The default does nothing, so
-    /// the key stays blocked until the lease's ttl elapses (never longer).
-    fn release_detached(&self, scope: &str, key: &Key, lease: Lease) {
-        let _ = (scope, key, lease);
-    }
-
     /// Wait until the key's in-flight holder may have finished, for at most `max`. The wrapper
     /// calls `begin` again afterwards, so returning early is always correct. Stores that can
     /// signal completion override this; the default sleeps for `max`.
     async fn wait(&self, scope: &str, key: &Key, max: Duration) {
         let _ = (scope, key);
         tokio::time::sleep(max).await
+    }
+
+    /// This store as idem's watchdog thread uses it: to renew leases while handlers run, and to
+    /// finish a release or a done mark in the background when the caller's future was dropped.
+    ///
+    /// That thread runs its own runtime, so that a handler that blocks its thread (or all of the
+    /// application's worker threads) never costs a lease. The store returned must therefore not
+    /// depend on the application's runtime making progress: a network store opens connections of
+    /// its own there (lazily, on first use); an in-process store returns a clone of itself.
+    /// Called for every lease, so cache what it builds.
+    ///
+    /// ```
+    /// # use idem_runtime::{MemoryStore, Store};
+    /// let store = MemoryStore::new();
+    /// let for_watchdog = store.for_watchdog(); // a clone: same records
+    /// # let _ = for_watchdog;
+    /// ```
+    fn for_watchdog(&self) -> Arc<dyn Store>;
+
+    /// How this store joins a caller's SQL transaction, for the transactional form
+    /// (`#[idempotent(tx = "...")]`, `run_in_tx`): the SQL store and a layered store over one
+    /// answer; the default, `None`, refuses with [`Error::NotTransactional`].
+    fn transactional(&self) -> Option<&dyn TxStore> {
+        None
+    }
+}
+
+/// What a store does for the transactional form: claim, mark and release **in the caller's
+/// transaction**, so the done mark commits or rolls back with the handler's writes. Implemented by
+/// the SQL store (and a layered store over one); the connection is the transaction's, type-erased
+/// (`sqlx::PgConnection`, `MySqlConnection` or `SqliteConnection`).
+#[async_trait::async_trait]
+pub trait TxStore: Send + Sync {
+    /// Claim the key for a handler that will run in the transaction on `tx`.
+    async fn begin_in(
+        &self,
+        tx: &mut (dyn Any + Send),
+        req: &BeginRequest<'_>,
+    ) -> Result<Begin, StoreError>;
+
+    /// Write the done mark in the transaction on `tx`.
+    async fn complete_in(
+        &self,
+        tx: &mut (dyn Any + Send),
+        scope: &str,
+        key: &Key,
+        lease: &Lease,
+        output: &[u8],
+        keep: Duration,
+    ) -> Result<(), StoreError>;
+
+    /// Free the key after the handler failed (in the transaction, or outside it where the claim
+    /// was made outside).
+    async fn release_in(
+        &self,
+        tx: &mut (dyn Any + Send),
+        scope: &str,
+        key: &Key,
+        lease: &Lease,
+    ) -> Result<(), StoreError>;
+
+    /// Roll back the server's side of the transaction on `tx` after its done mark failed, so that
+    /// the handler's writes can never commit without it, whatever the caller does next.
+    async fn abort_in(&self, tx: &mut (dyn Any + Send));
+
+    /// Whether [`begin_in`](Self::begin_in) claims in the transaction (the claim ends with it),
+    /// or outside it, as [`Store::begin`] does (then the transaction may begin after the claim).
+    fn claims_in_tx(&self) -> bool;
+
+    /// What renews a transactional lease while the handler runs, and releases it if the caller
+    /// is cancelled: `None` when the transaction itself holds the lease (it ends with the
+    /// transaction, a crash included).
+    fn renewer_in_tx(&self) -> Option<Arc<dyn Store>>;
+
+    /// Called after the done mark was written in a transaction that the caller will commit.
+    async fn marked_in(&self, scope: &str, key: &Key, lease: &Lease) {
+        let _ = (scope, key, lease);
+    }
+}
+
+/// An `Arc` of a store is a store (so is `Arc<dyn Store>`).
+#[async_trait::async_trait]
+impl<S: Store + ?Sized> Store for Arc<S> {
+    async fn begin(&self, req: &BeginRequest<'_>) -> Result<Begin, StoreError> {
+        (**self).begin(req).await
+    }
+    async fn complete(
+        &self,
+        scope: &str,
+        key: &Key,
+        lease: &Lease,
+        output: &[u8],
+        keep: Duration,
+    ) -> Result<(), StoreError> {
+        (**self).complete(scope, key, lease, output, keep).await
+    }
+    async fn release(&self, scope: &str, key: &Key, lease: &Lease) -> Result<(), StoreError> {
+        (**self).release(scope, key, lease).await
+    }
+    async fn extend(
+        &self,
+        scope: &str,
+        key: &Key,
+        lease: &Lease,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        (**self).extend(scope, key, lease, ttl).await
+    }
+    async fn wait(&self, scope: &str, key: &Key, max: Duration) {
+        (**self).wait(scope, key, max).await
+    }
+    fn for_watchdog(&self) -> Arc<dyn Store> {
+        (**self).for_watchdog()
+    }
+    fn transactional(&self) -> Option<&dyn TxStore> {
+        (**self).transactional()
     }
 }
 
@@ -186,16 +331,6 @@ pub trait StoreHandle {
 impl<S: Store> StoreHandle for S {
     fn store(&self) -> Result<&dyn Store, Error> {
         Ok(self)
-    }
-}
-impl<S: Store> StoreHandle for Arc<S> {
-    fn store(&self) -> Result<&dyn Store, Error> {
-        Ok(&**self)
-    }
-}
-impl StoreHandle for Arc<dyn Store> {
-    fn store(&self) -> Result<&dyn Store, Error> {
-        Ok(&**self)
     }
 }
 impl StoreHandle for dyn Store {

@@ -8,13 +8,14 @@ enum AppError {
     Idem(#[from] idem_runtime::Error),
 }
 
-#[idempotent(key = "id")]
+// Generic handlers name their scope: the instantiations share it knowingly.
+#[idempotent(key = "id", scope = "tests.generic_key")]
 async fn generic_key<K: KeyPart + Send + Sync>(id: K) -> Result<(), AppError> {
     let _ = id;
     Ok(())
 }
 
-#[idempotent(key = "id")]
+#[idempotent(key = "id", scope = "tests.generic_output")]
 async fn generic_output<T, E>(id: u64, value: T) -> Result<T, E>
 where
     T: Serialize + DeserializeOwned + Send,
@@ -24,7 +25,7 @@ where
     Ok(value)
 }
 
-#[idempotent(key = "id", fingerprint = "id")]
+#[idempotent(key = "id", fingerprint = "id", scope = "tests.const_generic")]
 async fn const_generic<const N: usize>(id: u64, payload: [u8; N]) -> Result<usize, AppError> {
     let _ = id;
     Ok(payload.len())

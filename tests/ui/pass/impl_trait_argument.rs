@@ -6,7 +6,7 @@ enum AppError {
     Idem(#[from] idem_runtime::Error),
 }
 
-#[idempotent(key = "id")]
+#[idempotent(key = "id", scope = "tests.notify")]
 async fn notify(id: impl KeyPart, text: impl AsRef<str>) -> Result<usize, AppError> {
     let _ = id;
     Ok(text.as_ref().len())

@@ -1,36 +1,15 @@
 //! Calls to the front: through the gate and its timeout, the copy of done marks, the backfill
 //! from the durable store, and the release of claims nobody runs.
 
+use std::future::Future;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use std::sync::atomic::Ordering;
-
 use super::gate::{Missed, Pass, ProbeGuard};
-use super::{Inner, LayeredStore, REBEGIN_TTL};
+use super::{Inner, REBEGIN_TTL};
+use crate::lease::spawn_background;
 use crate::store::{Begin, BeginRequest, Lease, Store, Token};
 use crate::{Fingerprint, Key, StoreError};
-
-impl<F: Store, D: Store> LayeredStore<F, D> {
-    /// Release `token`'s claim in the front in the background, quietly and bounded by the front
-    /// timeout: the front was just seen failing, so this is a courtesy, not part of the answer.
-    pub(super) fn spawn_front_release(&self, scope: &str, key: &Key, token: Token) {
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let (store, scope, key) = (self.clone(), scope.to_owned(), key.clone());
-        runtime.spawn(async move {
-            let lease = Lease { token, fence: 0 };
-            let inner = &*store.inner;
-            let release = inner.front.release(&scope, &key, &lease);
-            if let Ok(Err(e)) | Err(e) = tokio::time::timeout(inner.cfg.front_timeout, release)
-                .await
-                .map_err(|_| StoreError::unavailable("timed out"))
-            {
-                tracing::debug!(scope, key = %key, error = %e, "front claim not released; it expires with its lease");
-            }
-        });
-    }
-}
 
 impl<F: Store, D: Store> Inner<F, D> {
     /// Run one front operation through the gate and the timeout. `Err`: the front did not
@@ -43,13 +22,14 @@ impl<F: Store, D: Store> Inner<F, D> {
     where
         Fut: Future<Output = Result<T, StoreError>>,
     {
-        let pass = self.gate.pass();
+        let gate = &self.health.gate;
+        let pass = gate.pass();
         if pass == Pass::Skip {
             self.degraded(op);
             return Err(Missed::Skipped);
         }
         // A probe that is cancelled must not leave the gate waiting for it forever.
-        let _probe = (pass == Pass::Probe).then(|| ProbeGuard(&self.gate));
+        let _probe = (pass == Pass::Probe).then(|| ProbeGuard(gate));
         let (missed, failure) = match tokio::time::timeout(self.cfg.front_timeout, call()).await {
             Ok(Err(StoreError::Unavailable(e))) => (Missed::Failed, e.to_string()),
             Err(_) => (
@@ -58,19 +38,19 @@ impl<F: Store, D: Store> Inner<F, D> {
             ),
             Ok(answer) => {
                 if pass == Pass::Probe {
-                    self.gate.recovered();
+                    gate.recovered();
                 }
                 return Ok(answer);
             }
         };
-        self.front_failures.fetch_add(1, Ordering::Relaxed);
-        self.gate.failed(pass, self.cfg.front_backoff, op, &failure);
+        self.health.front_failures.fetch_add(1, Ordering::Relaxed);
+        gate.failed(pass, self.cfg.front_backoff, op, &failure);
         self.degraded(op);
         Err(missed)
     }
 
     pub(super) fn degraded(&self, op: &'static str) {
-        self.degraded.fetch_add(1, Ordering::Relaxed);
+        self.health.degraded.fetch_add(1, Ordering::Relaxed);
         #[cfg(feature = "metrics")]
         ::metrics::counter!("idem_store_degraded_total", "op" => op).increment(1);
         #[cfg(not(feature = "metrics"))]
@@ -87,10 +67,7 @@ impl<F: Store, D: Store> Inner<F, D> {
         }
     }
 
-    /// Record a durable done mark in the front, so duplicates are answered there. `tracked` is
-    /// what [`Leases::take`] knew of the lease: `None` when it does not know the lease's
-    /// fingerprint, and then nothing is written (a record without its fingerprint could replay to
-    /// a payload the durable record refuses); the front's claim is released instead.
+    /// Record a durable done mark in the front, so duplicates are answered there.
     pub(super) async fn front_mark(
         &self,
         scope: &str,
@@ -98,20 +75,18 @@ impl<F: Store, D: Store> Inner<F, D> {
         lease: &Lease,
         output: &[u8],
         keep: Duration,
-        tracked: Option<Option<Fingerprint>>,
     ) {
         let keep = keep.min(self.cfg.front_keep);
-        let written = match tracked {
-            None => return self.front_release(scope, key, lease).await,
-            Some(None) => {
+        let written = match lease.fingerprint {
+            None => {
                 self.front_op("complete", || {
                     self.front.complete(scope, key, lease, output, keep)
                 })
                 .await
             }
-            // Claim again with the fingerprint first: if the front lost our claim meanwhile, a bare
-            // complete would write a record without it.
-            Some(Some(fp)) => {
+            // Claim again with the fingerprint first: if the front lost our claim meanwhile, a
+            // record written without the claim could lose the check on some stores.
+            Some(fp) => {
                 self.front_op("complete", || async move {
                     let again = BeginRequest {
                         scope,
@@ -138,13 +113,93 @@ impl<F: Store, D: Store> Inner<F, D> {
         }
     }
 
-    /// Begin in the durable store alone (the front is down or could not answer).
-    pub(super) async fn durable_begin(&self, req: &BeginRequest<'_>) -> Result<Begin, StoreError> {
-        let answer = self.durable.begin(req).await?;
-        if let Begin::Acquired(lease) = &answer {
-            self.leases.insert(lease.token, req.fingerprint);
+    /// Renew the front's claim alongside the durable lease, best effort. When the front lost it
+    /// (flush, restart), claim it again, so in-flight duplicates are refused by the front instead
+    /// of each reaching the durable store.
+    pub(super) async fn front_extend(&self, scope: &str, key: &Key, lease: &Lease, ttl: Duration) {
+        let renewed = self
+            .front_op("extend", || self.front.extend(scope, key, lease, ttl))
+            .await;
+        if let Ok(Err(StoreError::LeaseLost)) = renewed {
+            let again = BeginRequest {
+                scope,
+                key,
+                token: lease.token,
+                ttl,
+                fingerprint: lease.fingerprint,
+            };
+            let _ = self.front_op("extend", || self.front.begin(&again)).await;
         }
-        Ok(answer)
+    }
+
+    /// The layered `begin`: the front first; when it claims, the durable store (`durable_begin`:
+    /// its `begin`, or its claim in a transaction) decides.
+    pub(super) async fn begin_via<Fut>(
+        &self,
+        req: &BeginRequest<'_>,
+        durable_begin: impl FnOnce() -> Fut,
+    ) -> Result<Begin, StoreError>
+    where
+        Fut: Future<Output = Result<Begin, StoreError>>,
+    {
+        let front = match self.front_op("begin", || self.front.begin(req)).await {
+            Ok(Ok(Begin::Acquired(lease))) => lease,
+            // Replay, in flight, mismatch: the front's answer is enough.
+            Ok(Ok(answer)) => return Ok(answer),
+            Ok(Err(e)) => {
+                // Corrupt (foreign data under the front's key): the durable record decides.
+                tracing::warn!(scope = req.scope, key = %req.key, error = %e, "front could not answer begin; asking the durable store");
+                self.degraded("begin");
+                return durable_begin().await;
+            }
+            Err(Missed::Skipped) => return durable_begin().await,
+            Err(Missed::Failed) => {
+                // A front call that failed or timed out may still have claimed the key: give it
+                // back if the front answers soon, so it does not report the key in flight for a
+                // whole ttl.
+                self.release_front_later(req.scope, req.key, req.lease(0));
+                return durable_begin().await;
+            }
+        };
+        // If this call is dropped before the durable store answers, give the front's claim back.
+        let mut claim = FrontClaim {
+            inner: self,
+            req,
+            lease: Some(front),
+        };
+        let durable = durable_begin().await;
+        claim.lease = None;
+        match durable {
+            Ok(Begin::Acquired(lease)) => Ok(Begin::Acquired(lease)),
+            Ok(Begin::Completed { output }) => {
+                self.backfill(req, front, &output).await;
+                Ok(Begin::Completed { output })
+            }
+            // In flight elsewhere (e.g. claimed while the front was down), mismatch, or an error:
+            // the durable answer stands, and the front must not keep a claim nobody runs.
+            other => {
+                self.front_release(req.scope, req.key, &front).await;
+                other
+            }
+        }
+    }
+
+    /// Release `lease`'s claim in the front from the watchdog's thread, quietly and bounded by the
+    /// front timeout: the front was just seen failing (or the caller is gone), so this is a
+    /// courtesy, not part of an answer.
+    pub(super) fn release_front_later(&self, scope: &str, key: &Key, lease: Lease) {
+        let front = self.front.for_watchdog();
+        let timeout = self.cfg.front_timeout;
+        let (scope, key) = (scope.to_owned(), key.clone());
+        spawn_background(async move {
+            let release = front.release(&scope, &key, &lease);
+            if let Ok(Err(e)) | Err(e) = tokio::time::timeout(timeout, release)
+                .await
+                .map_err(|_| StoreError::unavailable("timed out"))
+            {
+                tracing::debug!(scope, key = %key, error = %e, "front claim not released; it expires with its lease");
+            }
+        });
     }
 
     /// The front claimed a key that the durable store has done: copy the record into the front
@@ -196,17 +251,17 @@ impl<F: Store, D: Store> Inner<F, D> {
 
 /// The front's claim, released in the background if `begin` is dropped before the durable store
 /// answered.
-pub(super) struct FrontClaim<'a, F: Store> {
-    pub(super) front: &'a F,
-    pub(super) req: &'a BeginRequest<'a>,
-    pub(super) lease: Option<Lease>,
+struct FrontClaim<'a, F: Store, D: Store> {
+    inner: &'a Inner<F, D>,
+    req: &'a BeginRequest<'a>,
+    lease: Option<Lease>,
 }
 
-impl<F: Store> Drop for FrontClaim<'_, F> {
+impl<F: Store, D: Store> Drop for FrontClaim<'_, F, D> {
     fn drop(&mut self) {
         if let Some(lease) = self.lease.take() {
-            self.front
-                .release_detached(self.req.scope, self.req.key, lease);
+            self.inner
+                .release_front_later(self.req.scope, self.req.key, lease);
         }
     }
 }

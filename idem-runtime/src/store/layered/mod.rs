@@ -6,22 +6,18 @@
 
 mod front;
 mod gate;
-mod leases;
 #[cfg(test)]
 mod tests;
-#[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
 mod tx;
 
 use std::fmt;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use crate::store::{Begin, BeginRequest, Lease, Store};
+use crate::store::{Begin, BeginRequest, Lease, Store, TxStore};
 use crate::{Key, StoreError};
-use front::FrontClaim;
-use gate::{Gate, Missed};
-use leases::Leases;
+use gate::Gate;
 
 /// How long a front record written by [`Store::complete`] is kept at most (the durable record
 /// keeps the `keep` it was given).
@@ -37,10 +33,10 @@ const LOG_EVERY: Duration = Duration::from_secs(10);
 /// The lease of the front claim that `complete` re-creates to restore a lost fingerprint; the
 /// claim is completed at once, so this only bounds how long a failed completion blocks.
 const REBEGIN_TTL: Duration = Duration::from_secs(5);
-/// The most leases whose fingerprint is remembered; beyond it, a completion does not write the
-/// front (the next duplicate backfills it from the durable store instead).
-const MAX_TRACKED: usize = 1 << 20;
-const SHARDS: usize = 16;
+/// How long the front's claim is kept after a transactional handler's done mark was written in a
+/// transaction the caller has yet to commit: the front cannot be told the key is done before that
+/// commit, so it answers in flight for this long, then the database answers (and backfills it).
+const SETTLE: Duration = Duration::from_secs(1);
 
 /// A fast store in front of a durable one: duplicates and in-flight conflicts are answered by the
 /// front (Redis), and every claim that runs a handler is also a claim in the durable store (the
@@ -82,19 +78,22 @@ const SHARDS: usize = 16;
 /// - **[`run`](crate::run) / `#[idempotent]`** on a layered store: at most one holder at a time per
 ///   key, and no second run after a success is recorded, even when the front loses its data (the
 ///   durable record answers). A crash between the handler's effect and the durable done mark
-///   still re-runs the handler after the lease expires: *at least once* for the effect.
-/// - **`LayeredStore::run_in_tx`** (a SQL feature; the durable layer a `SqlStore`): the done
-///   mark is written in the handler's own transaction: *exactly once in effect* for writes to
-///   that database, with the front answering duplicates.
+///   still re-runs the handler after the lease expires: *at least once* for the effect, about as
+///   often as with a hand-written Redis lock (see the README's table of modes).
+/// - **The transactional form** (`#[idempotent(tx = "...")]`, [`LayeredStore::run_in_tx`]; the
+///   durable layer a `SqlStore`): the done mark is written in the handler's own transaction:
+///   *exactly once in effect* for writes to that database, with the front answering duplicates.
+///   While the caller has yet to commit, the front cannot know the key is done: it answers in
+///   flight for up to a second after the handler returned, then the database answers.
 ///
 /// # Fingerprints and the front
 ///
-/// A front record must not replay to a payload the durable record would refuse. So the layered
-/// store keeps the fingerprint of each lease it hands out until it is completed: when the front
-/// lost the claim while the handler ran, the done mark is written there only after claiming again
-/// with the fingerprint (one more front round trip, for calls with a fingerprint). And a backfill
-/// for a request without a fingerprint is written only after the durable store confirmed that its
-/// record has none either (one more durable read, on that rare path only).
+/// A front record must not replay to a payload the durable record would refuse. Every lease
+/// carries the fingerprint it was taken with: when the front lost the claim while the handler
+/// ran, the done mark is written there only after claiming again with it (one more front round
+/// trip, for calls with a fingerprint). And a backfill for a request without a fingerprint is
+/// written only after the durable store confirmed that its record has none either (one more
+/// durable read, on that rare path only).
 ///
 /// # Limits
 ///
@@ -154,10 +153,17 @@ struct Inner<F, D> {
     front: F,
     durable: D,
     cfg: Config,
+    /// Shared with the store the watchdog's thread uses, so both see the front's health.
+    health: Arc<Health>,
+    /// This store for the watchdog's thread (see [`Store::for_watchdog`]), built on first use.
+    twin: OnceLock<Arc<dyn Store>>,
+}
+
+/// Whether calls use the front, and the counts of what went without it.
+struct Health {
     gate: Gate,
     degraded: AtomicU64,
     front_failures: AtomicU64,
-    leases: Leases,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -256,10 +262,12 @@ impl<F: Store, D: Store> LayeredStoreBuilder<F, D> {
                 front: self.front,
                 durable: self.durable,
                 cfg: self.cfg,
-                gate: Gate::new(),
-                degraded: AtomicU64::new(0),
-                front_failures: AtomicU64::new(0),
-                leases: Leases::default(),
+                health: Arc::new(Health {
+                    gate: Gate::new(),
+                    degraded: AtomicU64::new(0),
+                    front_failures: AtomicU64::new(0),
+                }),
+                twin: OnceLock::new(),
             }),
         }
     }
@@ -310,68 +318,26 @@ impl<F, D> LayeredStore<F, D> {
     /// being skipped after a failure) since the store was built. It stops increasing once the
     /// front is back.
     pub fn degraded_calls(&self) -> u64 {
-        self.inner.degraded.load(Ordering::Relaxed)
+        self.inner.health.degraded.load(Ordering::Relaxed)
     }
 
     /// How many front calls failed or timed out since the store was built.
     pub fn front_failures(&self) -> u64 {
-        self.inner.front_failures.load(Ordering::Relaxed)
+        self.inner.health.front_failures.load(Ordering::Relaxed)
     }
 
     /// Whether calls currently use the front (false from a front failure until a probe
     /// succeeds).
     pub fn front_available(&self) -> bool {
-        self.inner.gate.down_until.load(Ordering::Acquire) == 0
+        self.inner.health.gate.down_until.load(Ordering::Acquire) == 0
     }
 }
 
 #[async_trait::async_trait]
 impl<F: Store, D: Store> Store for LayeredStore<F, D> {
     async fn begin(&self, req: &BeginRequest<'_>) -> Result<Begin, StoreError> {
-        let inner = &*self.inner;
-        let front = match inner.front_op("begin", || inner.front.begin(req)).await {
-            Ok(Ok(Begin::Acquired(lease))) => lease,
-            // Replay, in flight, mismatch: the front's answer is enough.
-            Ok(Ok(answer)) => return Ok(answer),
-            Ok(Err(e)) => {
-                // Corrupt (foreign data under the front's key): the durable record decides.
-                tracing::warn!(scope = req.scope, key = %req.key, error = %e, "front could not answer begin; asking the durable store");
-                inner.degraded("begin");
-                return inner.durable_begin(req).await;
-            }
-            Err(Missed::Skipped) => return inner.durable_begin(req).await,
-            Err(Missed::Failed) => {
-                // A front call that failed or timed out may still have claimed the key: give it
-                // back if the front answers soon, so it does not report the key in flight for a
-                // whole ttl.
-                self.spawn_front_release(req.scope, req.key, req.token);
-                return inner.durable_begin(req).await;
-            }
-        };
-        // If this call is dropped before the durable store answers, give the front's claim back.
-        let mut claim = FrontClaim {
-            front: &inner.front,
-            req,
-            lease: Some(front),
-        };
-        let durable = inner.durable.begin(req).await;
-        claim.lease = None;
-        match durable {
-            Ok(Begin::Acquired(lease)) => {
-                inner.leases.insert(lease.token, req.fingerprint);
-                Ok(Begin::Acquired(lease))
-            }
-            Ok(Begin::Completed { output }) => {
-                inner.backfill(req, front, &output).await;
-                Ok(Begin::Completed { output })
-            }
-            // In flight elsewhere (e.g. claimed while the front was down), mismatch, or an error:
-            // the durable answer stands, and the front must not keep a claim nobody runs.
-            other => {
-                inner.front_release(req.scope, req.key, &front).await;
-                other
-            }
-        }
+        let durable = &self.inner.durable;
+        self.inner.begin_via(req, || durable.begin(req)).await
     }
 
     async fn complete(
@@ -383,29 +349,17 @@ impl<F: Store, D: Store> Store for LayeredStore<F, D> {
         keep: Duration,
     ) -> Result<(), StoreError> {
         let inner = &*self.inner;
-        match inner
+        // The durable mark decides; the front gets a copy so it can answer duplicates.
+        inner
             .durable
             .complete(scope, key, lease, output, keep)
-            .await
-        {
-            Ok(()) => {}
-            Err(StoreError::LeaseLost) => {
-                inner.leases.take(lease.token);
-                return Err(StoreError::LeaseLost);
-            }
-            // Kept tracked: the wrapper retries `complete` with this lease.
-            Err(e) => return Err(e),
-        }
-        let tracked = inner.leases.take(lease.token);
-        inner
-            .front_mark(scope, key, lease, output, keep, tracked)
-            .await;
+            .await?;
+        inner.front_mark(scope, key, lease, output, keep).await;
         Ok(())
     }
 
     async fn release(&self, scope: &str, key: &Key, lease: &Lease) -> Result<(), StoreError> {
         let inner = &*self.inner;
-        inner.leases.take(lease.token);
         // Durable first: once the front says the key is free, the durable store agrees.
         let answer = inner.durable.release(scope, key, lease).await;
         inner.front_release(scope, key, lease).await;
@@ -421,43 +375,8 @@ impl<F: Store, D: Store> Store for LayeredStore<F, D> {
     ) -> Result<(), StoreError> {
         let inner = &*self.inner;
         inner.durable.extend(scope, key, lease, ttl).await?;
-        let renewed = inner
-            .front_op("extend", || inner.front.extend(scope, key, lease, ttl))
-            .await;
-        if let Ok(Err(StoreError::LeaseLost)) = renewed
-            && let Some(fingerprint) = inner.leases.get(lease.token)
-        {
-            // The front lost our claim (flush, restart): claim it again, so in-flight duplicates
-            // are refused by the front instead of each reaching the durable store.
-            let again = BeginRequest {
-                scope,
-                key,
-                token: lease.token,
-                ttl,
-                fingerprint,
-            };
-            let _ = inner.front_op("extend", || inner.front.begin(&again)).await;
-        }
+        inner.front_extend(scope, key, lease, ttl).await;
         Ok(())
-    }
-
-    fn release_detached(&self, scope: &str, key: &Key, lease: Lease) {
-        self.inner.leases.take(lease.token);
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => {
-                // One task, durable first, as in `release`.
-                let (store, scope, key) = (self.clone(), scope.to_owned(), key.clone());
-                runtime.spawn(async move {
-                    if let Err(e) = store.release(&scope, &key, &lease).await {
-                        tracing::warn!(scope, key = %key, error = %e, "background release failed; the key frees when its lease expires");
-                    }
-                });
-            }
-            Err(_) => {
-                self.inner.durable.release_detached(scope, key, lease);
-                self.inner.front.release_detached(scope, key, lease);
-            }
-        }
     }
 
     async fn wait(&self, scope: &str, key: &Key, max: Duration) {
@@ -467,5 +386,31 @@ impl<F: Store, D: Store> Store for LayeredStore<F, D> {
         } else {
             self.inner.durable.wait(scope, key, max).await
         }
+    }
+
+    /// The front's and the durable store's own stores for the watchdog's thread, behind the same
+    /// gate and counters as this store.
+    fn for_watchdog(&self) -> Arc<dyn Store> {
+        self.inner
+            .twin
+            .get_or_init(|| {
+                Arc::new(LayeredStore {
+                    inner: Arc::new(Inner {
+                        front: self.inner.front.for_watchdog(),
+                        durable: self.inner.durable.for_watchdog(),
+                        cfg: self.inner.cfg,
+                        health: self.inner.health.clone(),
+                        twin: OnceLock::new(),
+                    }),
+                })
+            })
+            .clone()
+    }
+
+    fn transactional(&self) -> Option<&dyn TxStore> {
+        self.inner
+            .durable
+            .transactional()
+            .map(|_| self as &dyn TxStore)
     }
 }

@@ -79,6 +79,9 @@ impl Store for Front {
     ) -> Result<(), StoreError> {
         self.reach().await?.extend(scope, key, lease, ttl).await
     }
+    fn for_watchdog(&self) -> Arc<dyn Store> {
+        Arc::new(self.clone())
+    }
 }
 
 /// A durable store that can fail every call.
@@ -130,6 +133,9 @@ impl Store for Durable {
         self.check()?;
         self.store.extend(scope, key, lease, ttl).await
     }
+    fn for_watchdog(&self) -> Arc<dyn Store> {
+        Arc::new(self.clone())
+    }
 }
 
 const LONG: Duration = Duration::from_secs(60);
@@ -145,7 +151,7 @@ fn req<'a>(key: &'a Key, fingerprint: Option<Fingerprint>) -> BeginRequest<'a> {
 }
 
 fn fp(text: &str) -> Fingerprint {
-    Fingerprint::builder().add(&text).finish()
+    Fingerprint::of(&text).unwrap()
 }
 
 fn layered(front: &Front, durable: &Durable) -> LayeredStore<Front, Durable> {

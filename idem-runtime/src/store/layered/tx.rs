@@ -1,7 +1,92 @@
-//! The transactional mode, with a SQL store as the durable layer.
+//! The transactional form through the layered store: the front claims first and answers
+//! duplicates; the durable store claims, marks and releases in the caller's transaction.
 
-use super::LayeredStore;
-use crate::store::{Lease, Store};
+use std::any::Any;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{LayeredStore, SETTLE};
+use crate::store::{Begin, BeginRequest, Lease, Store, TxStore};
+use crate::{Key, StoreError};
+
+impl<F: Store, D: Store> LayeredStore<F, D> {
+    fn durable_tx(&self) -> Result<&dyn TxStore, StoreError> {
+        self.inner
+            .durable
+            .transactional()
+            .ok_or_else(|| StoreError::Unsupported("the durable store keeps no SQL table".into()))
+    }
+}
+
+#[async_trait::async_trait]
+impl<F: Store, D: Store> TxStore for LayeredStore<F, D> {
+    async fn begin_in(
+        &self,
+        tx: &mut (dyn Any + Send),
+        req: &BeginRequest<'_>,
+    ) -> Result<Begin, StoreError> {
+        let durable = self.durable_tx()?;
+        self.inner
+            .begin_via(req, move || durable.begin_in(tx, req))
+            .await
+    }
+
+    async fn complete_in(
+        &self,
+        tx: &mut (dyn Any + Send),
+        scope: &str,
+        key: &Key,
+        lease: &Lease,
+        output: &[u8],
+        keep: Duration,
+    ) -> Result<(), StoreError> {
+        // The front learns of it only once the caller has committed (see `marked_in`).
+        self.durable_tx()?
+            .complete_in(tx, scope, key, lease, output, keep)
+            .await
+    }
+
+    async fn release_in(
+        &self,
+        tx: &mut (dyn Any + Send),
+        scope: &str,
+        key: &Key,
+        lease: &Lease,
+    ) -> Result<(), StoreError> {
+        let answer = self.durable_tx()?.release_in(tx, scope, key, lease).await;
+        self.inner.front_release(scope, key, lease).await;
+        answer
+    }
+
+    async fn abort_in(&self, tx: &mut (dyn Any + Send)) {
+        if let Ok(durable) = self.durable_tx() {
+            durable.abort_in(tx).await;
+        }
+    }
+
+    fn claims_in_tx(&self) -> bool {
+        self.durable_tx().is_ok_and(|d| d.claims_in_tx())
+    }
+
+    fn renewer_in_tx(&self) -> Option<Arc<dyn Store>> {
+        match self.durable_tx().ok()?.renewer_in_tx() {
+            // The durable claim is a lease of its own (MySQL/MariaDB): renew both layers.
+            Some(_) => Some(self.for_watchdog()),
+            // The transaction holds the durable claim: only the front's needs renewing.
+            None => Some(self.inner.front.for_watchdog()),
+        }
+    }
+
+    /// The caller has yet to commit: the front cannot say "done" before that, so its claim is
+    /// kept for one more second; duplicates then reach the database, which answers (and
+    /// backfills the front).
+    async fn marked_in(&self, scope: &str, key: &Key, lease: &Lease) {
+        let inner = &*self.inner;
+        let _ = inner
+            .front_op("extend", || inner.front.extend(scope, key, lease, SETTLE))
+            .await;
+    }
+}
 
 #[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
 #[cfg_attr(
@@ -13,14 +98,13 @@ impl<F: Store, DB: crate::sql::Backend> LayeredStore<F, crate::SqlStore<DB>> {
     /// effect** for the writes `handler` makes in the transaction it is given, with duplicates
     /// answered by the front.
     ///
-    /// The key is claimed like [`begin`](Store::begin) does (front, then the database with the
-    /// same token; a duplicate of a done key is replayed by the front alone). Then a transaction
-    /// begins on the SQL store's pool and `handler` runs in it; on `Ok(v)` the done mark (with `v`)
-    /// is written **in that transaction**, token-checked, and the transaction commits: the effect
-    /// and the mark commit together or not at all. After the commit the front gets the done mark
-    /// (best effort: if it fails, the next duplicate finds the database's record and backfills
-    /// it). On `Err`, a panic or cancellation the transaction rolls back and the key is released
-    /// in both layers. The outcomes mean what they mean for `SqlStore::run_in_tx`.
+    /// The key is claimed like [`begin`](Store::begin) does (the front, then the database in the
+    /// transaction, with the same token; a duplicate of a done key is replayed by the front
+    /// alone). On `Ok(v)` the done mark (with `v`) is written **in that transaction**, the
+    /// transaction commits, and then the front gets the done mark (best effort: if it fails, the
+    /// next duplicate finds the database's record and backfills it). On `Err`, a panic or
+    /// cancellation the transaction rolls back and the key is released in both layers. The
+    /// outcomes mean what they mean for `SqlStore::run_in_tx`.
     ///
     /// ```no_run
     /// # #[cfg(all(feature = "redis", feature = "postgres"))]
@@ -54,32 +138,15 @@ impl<F: Store, DB: crate::sql::Backend> LayeredStore<F, crate::SqlStore<DB>> {
         R::Err: crate::AbsorbsIdemError,
         H: for<'t> FnOnce(&'t mut sqlx::Transaction<'static, DB>) -> crate::sql::TxFuture<'t, R>,
     {
-        use crate::Error;
-        use crate::sql::fail;
-
-        let key = call.key().ok().cloned();
-        let body = move |lease: Lease| async move {
-            let scope = opts.scope_str();
-            let Some(key) = key else {
-                // `execute` refuses an invalid key before it calls the handler.
-                return fail(Error::InvalidKey {
-                    reason: "the key is empty",
-                });
-            };
-            let (value, output) = match self
-                .durable()
-                .transact(None, opts, &key, &lease, handler)
-                .await
-            {
-                Ok(done) => done,
-                Err(failed) => return failed,
-            };
-            let tracked = self.inner.leases.take(lease.token);
+        let pool = self.durable().pool();
+        let (out, marked) =
+            crate::store::sql::run_owned(self, self, None, pool, opts, call, handler).await;
+        if let Some(m) = marked {
+            // Committed: now the front may answer duplicates with it.
             self.inner
-                .front_mark(scope, &key, &lease, &output, opts.keep, tracked)
+                .front_mark(&m.scope, &m.key, &m.lease, &m.output, m.keep)
                 .await;
-            R::from_result(Ok(value))
-        };
-        crate::run::execute(self, opts, call, crate::run::Marking::ByHandler, body).await
+        }
+        out
     }
 }

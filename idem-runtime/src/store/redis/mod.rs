@@ -3,36 +3,35 @@
 //!
 //! # Layout
 //!
-//! Each record is one string key, `<prefix>{<scope>|<key>}`; a second key with the same hash tag,
-//! `<prefix>{<scope>|<key>}:fence`, keeps the last fence of a released lease. Every script
-//! touches only these two keys of one slot, so all of them are valid on Redis Cluster. `%`, `{`,
-//! `}` and `|` in the scope and the key are percent-escaped, so the tag never ends inside user
-//! text and two (scope, key) pairs never share a key. Key text only ever travels in
-//! `KEYS`/`ARGV`, never in script source.
+//! Each record is one string key, `<prefix>{<scope>|<key>}`. Every script touches only that key,
+//! so all of them are valid on Redis Cluster. `%`, `{`, `}` and `|` in the scope and the key are
+//! percent-escaped, so the tag never ends inside user text and two (scope, key) pairs never share
+//! a key. Key text only ever travels in `KEYS`/`ARGV`, never in script source (the scripts are
+//! the `.lua` files beside this one).
 //!
 //! The record's value is compact binary, written and read whole by the scripts:
 //!
-//! | state | bytes |
-//! |---|---|
-//! | in flight | `I`, token (16), fingerprint length (0 or 16), fingerprint, fence (decimal) |
-//! | done | `D`, token (16), fingerprint length (0 or 16), fingerprint, output |
+//! | state | bytes | expires (Redis `PX`) |
+//! |---|---|---|
+//! | in flight | `I`, token (16), fingerprint length (0 or 16), fingerprint, fence (16 digits), lease end (ms, Redis's clock) | lease end + fence retention |
+//! | released | `F`, fence (16 digits) | fence retention |
+//! | done | `D`, token (16), fingerprint length (0 or 16), fingerprint, output | `keep` |
 //!
-//! An in-flight record expires with the lease (`SET … PX ttl`: Redis's clock decides expiry); a
-//! done record expires after `keep`. A first call creates one key and writes it twice.
+//! Whether a lease is alive is decided by Redis's clock (`TIME` inside the scripts), never the
+//! client's. A first call writes one key twice.
 //!
 //! # Fences
 //!
-//! A new lease's fence is Redis's clock in microseconds (`TIME`), raised above the key's last
-//! fence where the store still knows it: in the record itself (a retried `begin` gets its fence
-//! back) and, after a release, in the `:fence` key, kept for
-//! [`RedisStoreBuilder::fence_retention`] (default 24 h). So a lease that follows a release at
-//! once still gets a greater fence, and so does one that follows an expired lease or an expired
-//! done record, which lie at least a lease ttl or `keep` in the past, unless Redis's clock stepped
-//! back by more than that meanwhile. Fences fit in 53 bits (until the year 2255).
-//!
-//! Why not a counter key per business key (`INCR`): it would be a second key created by every
-//! first call, which costs Redis about as much as all the rest of the call, while the clock already
-//! orders leases that are separated by a ttl.
+//! A new lease's fence is the key's last fence + 1 whenever the store still has it: in an
+//! in-flight record (also after its lease lapsed: the record outlives the lease by
+//! [`RedisStoreBuilder::fence_retention`], default 24 h) and in a released one (kept as long).
+//! That needs no clock, so fences never go backwards while Redis keeps the key's record, whatever
+//! its clock does. A key with no record (never used, done and past its `keep`, or lost by Redis:
+//! `FLUSHALL`, a restart without persistence, a failover that lost writes) starts from Redis's
+//! clock in microseconds (`TIME`), which is above the fences handed out before unless that clock
+//! stepped back: **after Redis lost data, fences rest on its clock**. A [`LayeredStore`](crate::LayeredStore)
+//! hands out the database's fence instead, which does not depend on Redis. Fences fit in 53 bits
+//! (until the year 2255).
 //!
 //! # Round trips
 //!
@@ -41,6 +40,15 @@
 //! in that one reply. When the server has lost its script cache (restart, `SCRIPT FLUSH`, failover)
 //! the call is repeated at once as `EVAL`, which also reloads the script, so no call fails for it.
 //!
+//! # Connections
+//!
+//! [`RedisStore::from_url`] and [`RedisStore::from_client`] open their connection lazily, on
+//! first use: a process that starts while Redis is down builds its store, calls fail closed with
+//! [`StoreError::Unavailable`] meanwhile (a [`LayeredStore`](crate::LayeredStore) goes on through
+//! its database), and work resumes by itself when Redis is back. Such a store also opens a
+//! connection of its own for idem's watchdog thread (lease renewal). A store built on a connection
+//! you give ([`RedisStore::new`]) renews through that connection.
+//!
 //! # Waiting for an in-flight key
 //!
 //! A duplicate that waits (`Options::wait`) is woken at once when a holder in the same process
@@ -48,87 +56,21 @@
 //! noticed by the wrapper's next `begin`, after its backoff. Redis is not asked to publish
 //! anything, so completions cost nothing extra when nobody waits.
 
+mod conn;
+mod waiters;
+
 use std::fmt;
-use std::sync::{Arc, LazyLock};
+use std::sync::{Arc, LazyLock, OnceLock};
 use std::time::Duration;
 
-use redis::aio::{
-    ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection,
-};
+use redis::aio::ConnectionManagerConfig;
 use redis::{Cmd, ErrorKind, RedisError, ServerErrorKind, Value};
 
 use crate::store::{Begin, BeginRequest, Lease, Store, Token};
 use crate::{Key, StoreError};
-
-/// `begin`: claim the key, or answer why not.
-///
-/// `KEYS`: record, fence key. `ARGV`: token (16 bytes) followed by the fingerprint field (length
-/// byte + fingerprint), ttl in ms.
-///
-/// Replies: integer fence (acquired); `{pttl}` (in flight, alive); the record itself as a bulk
-/// string (done, or not a record this script knows: the client decodes it).
-const BEGIN: &str = r#"
-local v = redis.call('GET', KEYS[1])
-if v then
-  if string.byte(v, 1) ~= 73 then return v end
-  if string.sub(v, 2, 17) == string.sub(ARGV[1], 1, 16) then
-    redis.call('PEXPIRE', KEYS[1], ARGV[2])
-    return tonumber(string.sub(v, 19 + string.byte(v, 18)))
-  end
-  return {redis.call('PTTL', KEYS[1])}
-end
-local t = redis.call('TIME')
-local f = t[1] * 1000000 + t[2]
-local last = tonumber(redis.call('GET', KEYS[2]))
-if last and last >= f then f = last + 1 end
-redis.call('SET', KEYS[1], 'I' .. ARGV[1] .. string.format('%d', f), 'PX', ARGV[2])
-return f
-"#;
-
-/// `complete`: mark done if this token holds the key, completed it already (a retry), or nobody
-/// holds it (the lease lapsed and was not taken over).
-///
-/// `KEYS`: record. `ARGV`: token (16 bytes), output, keep in ms.
-/// Replies: 1 done, 0 another token holds or completed the key, -1 not a record.
-const COMPLETE: &str = r#"
-local v = redis.call('GET', KEYS[1])
-local fp = '\0'
-if v then
-  local tag = string.byte(v, 1)
-  if (tag ~= 73 and tag ~= 68) or string.len(v) < 18 then return -1 end
-  if string.sub(v, 2, 17) ~= ARGV[1] then return 0 end
-  if tag == 68 then return 1 end
-  fp = string.sub(v, 18, 18 + string.byte(v, 18))
-end
-redis.call('SET', KEYS[1], 'D' .. ARGV[1] .. fp .. ARGV[2], 'PX', ARGV[3])
-return 1
-"#;
-
-/// `release`: compare-and-delete of an in-flight record; its fence is kept in the fence key.
-///
-/// `KEYS`: record, fence key. `ARGV`: `I` + token (17 bytes), fence retention in ms.
-/// Reply: 1 deleted, 0 not ours (nothing done).
-const RELEASE: &str = r#"
-local v = redis.call('GET', KEYS[1])
-if v and string.sub(v, 1, 17) == ARGV[1] then
-  redis.call('DEL', KEYS[1])
-  redis.call('SET', KEYS[2], string.sub(v, 19 + string.byte(v, 18)), 'PX', ARGV[2])
-  return 1
-end
-return 0
-"#;
-
-/// `extend`: renew an in-flight record this token holds.
-///
-/// `KEYS`: record. `ARGV`: `I` + token (17 bytes), ttl in ms. Reply: 1 renewed, 0 not ours.
-const EXTEND: &str = r#"
-local v = redis.call('GET', KEYS[1])
-if v and string.sub(v, 1, 17) == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
-end
-return 0
-"#;
+pub use conn::RedisConnection;
+use conn::{Conn, Lazy, Source};
+use waiters::{Waiters, Wake};
 
 struct Script {
     src: &'static str,
@@ -152,10 +94,10 @@ struct Scripts {
 }
 
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
-    begin: Script::new(BEGIN),
-    complete: Script::new(COMPLETE),
-    release: Script::new(RELEASE),
-    extend: Script::new(EXTEND),
+    begin: Script::new(include_str!("scripts/begin.lua")),
+    complete: Script::new(include_str!("scripts/complete.lua")),
+    release: Script::new(include_str!("scripts/release.lua")),
+    extend: Script::new(include_str!("scripts/extend.lua")),
 });
 
 const TAG_DONE: u8 = b'D';
@@ -164,67 +106,6 @@ const TAG_IN_FLIGHT: u8 = b'I';
 const HEADER: usize = 18;
 /// The longest expiry handed to Redis (about 100 years): longer durations are clamped.
 const MAX_EXPIRY_MS: u64 = 100 * 365 * 24 * 3600 * 1000;
-
-/// A connection the [`RedisStore`] sends its scripts on: a [`ConnectionManager`] (reconnects on
-/// its own; what [`RedisStore::from_url`] builds), a [`MultiplexedConnection`] (does not
-/// reconnect: once the server is gone every call fails, so prefer the manager), or, with the
-/// `redis-cluster` feature, a cluster connection. Build it with `.into()` from any of them.
-#[derive(Clone)]
-pub struct RedisConnection(Conn);
-
-#[derive(Clone)]
-enum Conn {
-    Manager(ConnectionManager),
-    Multiplexed(MultiplexedConnection),
-    #[cfg(feature = "redis-cluster")]
-    Cluster(redis::cluster_async::ClusterConnection),
-}
-
-impl From<ConnectionManager> for RedisConnection {
-    fn from(c: ConnectionManager) -> Self {
-        RedisConnection(Conn::Manager(c))
-    }
-}
-
-impl From<MultiplexedConnection> for RedisConnection {
-    fn from(c: MultiplexedConnection) -> Self {
-        RedisConnection(Conn::Multiplexed(c))
-    }
-}
-
-#[cfg(feature = "redis-cluster")]
-#[cfg_attr(docsrs, doc(cfg(feature = "redis-cluster")))]
-impl From<redis::cluster_async::ClusterConnection> for RedisConnection {
-    fn from(c: redis::cluster_async::ClusterConnection) -> Self {
-        RedisConnection(Conn::Cluster(c))
-    }
-}
-
-impl fmt::Debug for RedisConnection {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self.0 {
-            Conn::Manager(_) => "RedisConnection::Manager",
-            Conn::Multiplexed(_) => "RedisConnection::Multiplexed",
-            #[cfg(feature = "redis-cluster")]
-            Conn::Cluster(_) => "RedisConnection::Cluster",
-        })
-    }
-}
-
-impl RedisConnection {
-    async fn send(&self, cmd: &Cmd) -> Result<Value, RedisError> {
-        let reply = match &self.0 {
-            Conn::Manager(c) => c.clone().req_packed_command(cmd).await,
-            Conn::Multiplexed(c) => c.clone().req_packed_command(cmd).await,
-            #[cfg(feature = "redis-cluster")]
-            Conn::Cluster(c) => c.clone().req_packed_command(cmd).await,
-        };
-        match reply {
-            Ok(Value::ServerError(e)) => Err(e.into()),
-            r => r,
-        }
-    }
-}
 
 /// The Redis store: the whole contract of `protocol.md`, each phase one round trip.
 ///
@@ -271,8 +152,13 @@ struct Inner {
     conn: RedisConnection,
     prefix: String,
     fence_retention_ms: u64,
-    /// Calls of this process waiting for an in-flight key (see [`Store::wait`]).
-    waiters: Waiters,
+    /// Calls of this process waiting for an in-flight key (see [`Store::wait`]); shared with the
+    /// watchdog's store, whose background marks wake them too.
+    waiters: Arc<Waiters>,
+    /// How the connection was opened, when the store opened it: to open the watchdog's own.
+    source: Option<Source>,
+    /// This store for the watchdog's thread (see [`Store::for_watchdog`]), built on first use.
+    twin: OnceLock<Arc<dyn Store>>,
 }
 
 impl fmt::Debug for RedisStore {
@@ -305,6 +191,7 @@ impl fmt::Debug for RedisStore {
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub struct RedisStoreBuilder {
     conn: RedisConnection,
+    source: Option<Source>,
     prefix: String,
     fence_retention: Duration,
 }
@@ -318,9 +205,9 @@ impl RedisStoreBuilder {
         self
     }
 
-    /// How long the last fence of a released lease is kept (default 24 h; see the module docs on
-    /// fences). It is one small key per released business key: handlers that fail often and
-    /// have many keys may want less.
+    /// How long a key's last fence is kept after its lease lapsed or was released (default 24 h;
+    /// see the module docs on fences). It keeps a small record per such key: handlers that fail
+    /// often and have many keys may want less.
     pub fn fence_retention(mut self, retention: Duration) -> Self {
         self.fence_retention = retention;
         self
@@ -331,9 +218,11 @@ impl RedisStoreBuilder {
         RedisStore {
             inner: Arc::new(Inner {
                 conn: self.conn,
-                waiters: Waiters::default(),
+                waiters: Arc::default(),
                 prefix: self.prefix,
                 fence_retention_ms: millis(self.fence_retention),
+                source: self.source,
+                twin: OnceLock::new(),
             }),
         }
     }
@@ -342,7 +231,7 @@ impl RedisStoreBuilder {
 impl RedisStore {
     /// The default key prefix.
     pub const DEFAULT_PREFIX: &'static str = "idem:";
-    /// The default time the fence of a released lease is kept.
+    /// The default time a key's last fence is kept after its lease lapsed or was released.
     pub const DEFAULT_FENCE_RETENTION: Duration = Duration::from_secs(24 * 3600);
 
     /// A store on an existing connection, with the default prefix.
@@ -362,14 +251,19 @@ impl RedisStore {
     pub fn builder(conn: impl Into<RedisConnection>) -> RedisStoreBuilder {
         RedisStoreBuilder {
             conn: conn.into(),
+            source: None,
             prefix: Self::DEFAULT_PREFIX.to_owned(),
             fence_retention: Self::DEFAULT_FENCE_RETENTION,
         }
     }
 
-    /// Connect to `url` (`redis://host:port/db`, `rediss://` with the `redis-tls` feature) with a
-    /// reconnecting [`ConnectionManager`] tuned to fail fast while the server is down (see
-    /// [`RedisStore::manager_config`]), and the default prefix.
+    /// A store on the Redis at `url` (`redis://host:port/db`, `rediss://` with the `redis-tls`
+    /// feature) through a reconnecting [`ConnectionManager`](redis::aio::ConnectionManager) tuned to fail fast while the server
+    /// is down (see [`RedisStore::manager_config`]), with the default prefix.
+    ///
+    /// The connection is opened on first use, so this fails only for a URL that does not parse:
+    /// a process may start while Redis is down. Until Redis answers, calls fail closed with
+    /// [`StoreError::Unavailable`].
     ///
     /// ```no_run
     /// # async fn f() -> Result<(), idem_runtime::redis::RedisError> {
@@ -383,13 +277,31 @@ impl RedisStore {
 
     /// Like [`RedisStore::from_url`], from a client you configured.
     pub async fn from_client(client: redis::Client) -> Result<Self, RedisError> {
-        let manager = client
-            .get_connection_manager_with_config(Self::manager_config())
-            .await?;
-        Ok(Self::new(manager))
+        Self::builder_from_client(client).map(RedisStoreBuilder::build)
     }
 
-    /// The [`ConnectionManager`] settings [`RedisStore::from_url`] uses: responses time out after
+    /// A builder on a connection opened lazily from `client` (see [`RedisStore::from_url`]).
+    ///
+    /// ```no_run
+    /// # async fn f() -> Result<(), idem_runtime::redis::RedisError> {
+    /// let client = idem_runtime::redis::Client::open("redis://127.0.0.1:6379")?;
+    /// let store = idem_runtime::RedisStore::builder_from_client(client)?
+    ///     .prefix("billing:idem:")
+    ///     .build();
+    /// # let _ = store; Ok(())
+    /// # }
+    /// ```
+    pub fn builder_from_client(client: redis::Client) -> Result<RedisStoreBuilder, RedisError> {
+        let source = Source::Client(client, Self::manager_config());
+        Ok(RedisStoreBuilder {
+            conn: RedisConnection(Conn::Lazy(Arc::new(Lazy::new(source.clone())))),
+            source: Some(source),
+            prefix: Self::DEFAULT_PREFIX.to_owned(),
+            fence_retention: Self::DEFAULT_FENCE_RETENTION,
+        })
+    }
+
+    /// The [`ConnectionManager`](redis::aio::ConnectionManager) settings [`RedisStore::from_url`] uses: responses time out after
     /// 1 s and, while the server is down, a reconnection gives up after about 0.4 s, so calls fail
     /// closed with [`StoreError::Unavailable`] quickly instead of queueing; the next call tries
     /// again, so work resumes by itself when the server is back.
@@ -425,7 +337,9 @@ impl RedisStore {
             .response_timeout(Duration::from_secs(1))
             .connection_timeout(Duration::from_secs(1))
             .build()?;
-        Ok(Self::new(client.get_async_connection().await?))
+        let mut builder = Self::builder(client.get_async_connection().await?);
+        builder.source = Some(Source::Cluster(client));
+        Ok(builder.build())
     }
 
     /// The key prefix.
@@ -435,32 +349,37 @@ impl RedisStore {
 
     /// The Redis key of the record of `key` in `scope`, for inspection and tests: with the
     /// default prefix, scope `billing::charge` and key `order-1` it is
-    /// `idem:{billing::charge|order-1}`, and its fence key is that plus `:fence`.
+    /// `idem:{billing::charge|order-1}`.
     pub fn record_key(&self, scope: &str, key: &Key) -> String {
-        let buf = self.keys(scope, key);
-        String::from_utf8_lossy(&buf[..buf.len() - FENCE_SUFFIX.len()]).into_owned()
+        String::from_utf8_lossy(&self.key_of(scope, key)).into_owned()
     }
 
-    /// The record key followed by its fence key's suffix: `KEYS[1]` is all but the suffix,
-    /// `KEYS[2]` the whole buffer (one allocation for both).
-    fn keys(&self, scope: &str, key: &Key) -> Vec<u8> {
+    fn key_of(&self, scope: &str, key: &Key) -> Vec<u8> {
         let (scope, key) = (scope.as_bytes(), key.as_str().as_bytes());
-        let mut buf = Vec::with_capacity(
-            self.inner.prefix.len() + scope.len() + key.len() + 3 + FENCE_SUFFIX.len() + 8,
-        );
+        let mut buf = Vec::with_capacity(self.inner.prefix.len() + scope.len() + key.len() + 8);
         buf.extend_from_slice(self.inner.prefix.as_bytes());
         buf.push(b'{');
         push_escaped(&mut buf, scope);
         buf.push(b'|');
         push_escaped(&mut buf, key);
         buf.push(b'}');
-        buf.extend_from_slice(FENCE_SUFFIX);
         buf
     }
 
-    /// Run `script` by its SHA; if the server's script cache lost it, run it again at once as
-    /// `EVAL` (which also caches it), so the call still succeeds.
-    async fn eval(&self, script: &Script, fill: impl Fn(&mut Cmd)) -> Result<Value, RedisError> {
+    /// Run `script` on `record` by its SHA; if the server's script cache lost it, run it again at
+    /// once as `EVAL` (which also caches it), so the call still succeeds.
+    async fn eval(
+        &self,
+        script: &Script,
+        record: &[u8],
+        args: &[&[u8]],
+    ) -> Result<Value, StoreError> {
+        let fill = |cmd: &mut Cmd| {
+            cmd.arg(1).arg(record);
+            for a in args {
+                cmd.arg(*a);
+            }
+        };
         let mut cmd = redis::cmd("EVALSHA");
         cmd.arg(script.sha.as_bytes());
         fill(&mut cmd);
@@ -474,27 +393,13 @@ impl RedisStore {
             }
             r => r,
         }
+        .map_err(store_error)
     }
 
-    async fn release_by_keys(&self, keys: &[u8], lease: &Lease) -> Result<(), StoreError> {
-        let record = &keys[..keys.len() - FENCE_SUFFIX.len()];
-        let _wake = Wake(&self.inner.waiters, record);
-        let owner = in_flight_prefix(lease.token);
-        let retention = self.inner.fence_retention_ms;
-        self.eval(&SCRIPTS.release, |c| {
-            c.arg(2)
-                .arg(record)
-                .arg(keys)
-                .arg(&owner[..])
-                .arg(retention);
-        })
-        .await
-        .map_err(store_error)?;
-        Ok(())
+    fn retention(&self) -> String {
+        self.inner.fence_retention_ms.to_string()
     }
 }
-
-const FENCE_SUFFIX: &[u8] = b":fence";
 
 fn push_escaped(out: &mut Vec<u8>, text: &[u8]) {
     let special = |b: &u8| matches!(b, b'%' | b'{' | b'|' | b'}');
@@ -563,42 +468,38 @@ fn decode_done(
     Ok(Begin::Completed { output: record })
 }
 
+/// The fingerprint field of a record: its length (0 or 16), then the fingerprint.
+fn fingerprint_field(fp: Option<crate::Fingerprint>, out: &mut Vec<u8>) {
+    match fp {
+        Some(f) => {
+            out.push(16);
+            out.extend_from_slice(&f.0);
+        }
+        None => out.push(0),
+    }
+}
+
 #[async_trait::async_trait]
 impl Store for RedisStore {
     async fn begin(&self, req: &BeginRequest<'_>) -> Result<Begin, StoreError> {
-        let keys = self.keys(req.scope, req.key);
-        let record = &keys[..keys.len() - FENCE_SUFFIX.len()];
-        // Token, then the fingerprint field: its length (0 or 16) and the fingerprint.
-        let mut claim = [0u8; 33];
-        claim[..16].copy_from_slice(&req.token.0.to_be_bytes());
-        let claim = match req.fingerprint {
-            Some(f) => {
-                claim[16] = 16;
-                claim[17..].copy_from_slice(&f.0);
-                &claim[..]
-            }
-            None => &claim[..17],
-        };
-        let ttl = millis(req.ttl);
+        let record = self.key_of(req.scope, req.key);
+        // Token, then the fingerprint field.
+        let mut claim = Vec::with_capacity(33);
+        claim.extend_from_slice(&req.token.0.to_be_bytes());
+        fingerprint_field(req.fingerprint, &mut claim);
+        let ttl = millis(req.ttl).to_string();
         let reply = self
-            .eval(&SCRIPTS.begin, |c| {
-                c.arg(2).arg(record).arg(&keys[..]).arg(claim).arg(ttl);
-            })
-            .await
-            .map_err(store_error)?;
+            .eval(
+                &SCRIPTS.begin,
+                &record,
+                &[&claim, ttl.as_bytes(), self.retention().as_bytes()],
+            )
+            .await?;
         match reply {
-            Value::Int(fence) if fence > 0 => Ok(Begin::Acquired(Lease {
-                token: req.token,
-                fence: fence as u64,
-            })),
+            Value::Int(fence) if fence > 0 => Ok(Begin::Acquired(req.lease(fence as u64))),
             Value::Array(a) => match a.first() {
                 Some(&Value::Int(ms)) => Ok(Begin::InFlight {
-                    // -1: no expiry (someone persisted the key); report a full ttl.
-                    retry_after: if ms < 0 {
-                        req.ttl
-                    } else {
-                        Duration::from_millis(ms.max(1) as u64)
-                    },
+                    retry_after: Duration::from_millis(ms.max(1) as u64),
                 }),
                 _ => Err(corrupt("answer is malformed")),
             },
@@ -617,17 +518,19 @@ impl Store for RedisStore {
         output: &[u8],
         keep: Duration,
     ) -> Result<(), StoreError> {
-        let keys = self.keys(scope, key);
-        let record = &keys[..keys.len() - FENCE_SUFFIX.len()];
-        let _wake = Wake(&self.inner.waiters, record);
+        let record = self.key_of(scope, key);
+        let _wake = Wake(&self.inner.waiters, &record);
         let token = lease.token.0.to_be_bytes();
-        let keep = millis(keep);
+        let keep = millis(keep).to_string();
+        let mut fingerprint = Vec::with_capacity(17);
+        fingerprint_field(lease.fingerprint, &mut fingerprint);
         let reply = self
-            .eval(&SCRIPTS.complete, |c| {
-                c.arg(1).arg(record).arg(&token[..]).arg(output).arg(keep);
-            })
-            .await
-            .map_err(store_error)?;
+            .eval(
+                &SCRIPTS.complete,
+                &record,
+                &[&token, output, keep.as_bytes(), &fingerprint],
+            )
+            .await?;
         match reply {
             Value::Int(1) => Ok(()),
             Value::Int(0) => Err(StoreError::LeaseLost),
@@ -639,7 +542,16 @@ impl Store for RedisStore {
     }
 
     async fn release(&self, scope: &str, key: &Key, lease: &Lease) -> Result<(), StoreError> {
-        self.release_by_keys(&self.keys(scope, key), lease).await
+        let record = self.key_of(scope, key);
+        let _wake = Wake(&self.inner.waiters, &record);
+        let owner = in_flight_prefix(lease.token);
+        self.eval(
+            &SCRIPTS.release,
+            &record,
+            &[&owner, self.retention().as_bytes()],
+        )
+        .await?;
+        Ok(())
     }
 
     async fn extend(
@@ -649,16 +561,16 @@ impl Store for RedisStore {
         lease: &Lease,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        let keys = self.keys(scope, key);
-        let record = &keys[..keys.len() - FENCE_SUFFIX.len()];
+        let record = self.key_of(scope, key);
         let owner = in_flight_prefix(lease.token);
-        let ttl = millis(ttl);
+        let ttl = millis(ttl).to_string();
         let reply = self
-            .eval(&SCRIPTS.extend, |c| {
-                c.arg(1).arg(record).arg(&owner[..]).arg(ttl);
-            })
-            .await
-            .map_err(store_error)?;
+            .eval(
+                &SCRIPTS.extend,
+                &record,
+                &[&owner, ttl.as_bytes(), self.retention().as_bytes()],
+            )
+            .await?;
         match reply {
             Value::Int(1) => Ok(()),
             Value::Int(0) => Err(StoreError::LeaseLost),
@@ -668,100 +580,39 @@ impl Store for RedisStore {
         }
     }
 
-    fn release_detached(&self, scope: &str, key: &Key, lease: Lease) {
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            tracing::warn!(
-                scope,
-                key = %key,
-                "cancelled outside a tokio runtime: the key frees when its lease expires"
-            );
-            return;
-        };
-        let (store, keys) = (self.clone(), self.keys(scope, key));
-        runtime.spawn(async move {
-            if let Err(e) = store.release_by_keys(&keys, &lease).await {
-                tracing::warn!(error = %e, "background release failed; the key frees when its lease expires");
-            }
-        });
-    }
-
     /// Returns as soon as a holder in this process completes or releases the key (through this
     /// store or a clone), or after `max`. A holder in another process is seen by the wrapper's
     /// next `begin`, after `max` (its backoff).
     async fn wait(&self, scope: &str, key: &Key, max: Duration) {
-        let keys = self.keys(scope, key);
-        let record = &keys[..keys.len() - FENCE_SUFFIX.len()];
-        let waiter = self.inner.waiters.register(record);
+        let record = self.key_of(scope, key);
+        let waiter = self.inner.waiters.register(&record);
         let notified = waiter.notify.notified();
         let mut notified = std::pin::pin!(notified);
         notified.as_mut().enable();
         let _ = tokio::time::timeout(max, notified).await;
     }
-}
 
-/// The calls of this process waiting for in-flight keys, by record key. Completing or releasing
-/// a key wakes its waiters at once; when nobody waits this costs one atomic load.
-#[derive(Default)]
-struct Waiters {
-    count: std::sync::atomic::AtomicUsize,
-    by_key: std::sync::Mutex<std::collections::HashMap<Vec<u8>, Arc<tokio::sync::Notify>>>,
-}
-
-impl Waiters {
-    fn map(
-        &self,
-    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<Vec<u8>, Arc<tokio::sync::Notify>>>
-    {
-        // Each update is one map operation: a panic cannot leave it half-done.
-        self.by_key.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn register(&self, record: &[u8]) -> Waiter<'_> {
-        let notify = self.map().entry(record.to_vec()).or_default().clone();
-        self.count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        Waiter {
-            waiters: self,
-            record: record.to_vec(),
-            notify,
-        }
-    }
-
-    fn wake(&self, record: &[u8]) {
-        if self.count.load(std::sync::atomic::Ordering::SeqCst) == 0 {
-            return;
-        }
-        if let Some(n) = self.map().get(record) {
-            n.notify_waiters();
-        }
-    }
-}
-
-/// One waiting call; unregisters on drop.
-struct Waiter<'a> {
-    waiters: &'a Waiters,
-    record: Vec<u8>,
-    notify: Arc<tokio::sync::Notify>,
-}
-
-impl Drop for Waiter<'_> {
-    fn drop(&mut self) {
-        self.waiters
-            .count
-            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-        let mut map = self.waiters.map();
-        // The map's handle and ours: we are the last waiter of this key.
-        if Arc::strong_count(&self.notify) == 2 {
-            map.remove(&self.record);
-        }
-    }
-}
-
-/// Wakes a key's waiters when dropped: after the operation, however it ended.
-struct Wake<'a>(&'a Waiters, &'a [u8]);
-
-impl Drop for Wake<'_> {
-    fn drop(&mut self) {
-        self.0.wake(self.1);
+    /// A store on a connection of its own, opened from the watchdog's thread (when this store
+    /// opened its connection itself; one built on your connection renews through it).
+    fn for_watchdog(&self) -> Arc<dyn Store> {
+        let Some(source) = &self.inner.source else {
+            return Arc::new(self.clone());
+        };
+        self.inner
+            .twin
+            .get_or_init(|| {
+                Arc::new(RedisStore {
+                    inner: Arc::new(Inner {
+                        conn: RedisConnection(Conn::Lazy(Arc::new(Lazy::new(source.clone())))),
+                        prefix: self.inner.prefix.clone(),
+                        fence_retention_ms: self.inner.fence_retention_ms,
+                        waiters: self.inner.waiters.clone(),
+                        source: None,
+                        twin: OnceLock::new(),
+                    }),
+                })
+            })
+            .clone()
     }
 }
 

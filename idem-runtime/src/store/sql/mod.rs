@@ -14,12 +14,14 @@
 //!   effect but before the done mark leaves the key in flight until its lease expires, and the
 //!   redelivery then runs the handler again: *at least once* for the effect, *at most once at a
 //!   time*, replay after success.
-//! - **Transactional** ([`SqlStore::run_in_tx`]): for handlers whose effect is a write to the same
-//!   database. The handler gets a transaction, and the done mark is written **in that
-//!   transaction**, checked against the lease token: the effect and the mark commit together or
-//!   not at all. A crash at any point, followed by redelivery, ends with the effect applied
-//!   *exactly once*; a holder whose lease was taken over cannot commit (its mark fails, its
-//!   transaction rolls back).
+//! - **Transactional** (`#[idempotent(tx = "tx")]`, [`SqlStore::run_in_tx`]): for handlers whose
+//!   effect is a write to the same database. The handler gets a transaction, and the done mark is
+//!   written **in that transaction**: the effect and the mark commit together or not at all. A
+//!   crash at any point, followed by redelivery, ends with the effect applied *exactly once*; a
+//!   holder that lost its claim cannot commit (its mark fails and idem rolls its transaction
+//!   back). How the claim is held per database, who commits, and what a rollback does: see
+//!   [`TxConnection`](crate::TxConnection) and the transactional form's docs on
+//!   [`idempotent`](crate::idempotent).
 //!
 //! # Features and connections
 //!
@@ -76,10 +78,11 @@
 //!
 //! # SQLite
 //!
-//! SQLite has one writer at a time: a long write transaction (in [`SqlStore::run_in_tx`], the
-//! handler's) delays every other write, lease renewals included, up to the pool's
-//! `busy_timeout`. Use WAL mode, a `busy_timeout` of several seconds, and a `ttl` well above your
-//! longest write transaction.
+//! SQLite has one writer at a time: a long write transaction (in the transactional form, the
+//! handler's, which holds the claim from its start) delays every other write, claims of other
+//! keys and lease renewals included, up to the pool's `busy_timeout`. Use WAL mode and a
+//! `busy_timeout` of several seconds ([`SqliteStore::open`] does both), and keep write
+//! transactions short.
 
 //! # Purging
 //!
@@ -93,118 +96,11 @@
 //! fallback. [`SqlStore::complete_in`] writes the done mark on a connection or transaction the
 //! caller owns, which is what a layered transactional mode needs.
 
-use std::borrow::Cow;
-use std::fmt;
-use std::future::Future;
-use std::pin::Pin;
-use std::sync::Arc;
-use std::time::Duration;
-
-use sha2::{Digest, Sha256};
-use sqlx::{Pool, Transaction};
-
-use crate::codec;
-use crate::run::{Marking, execute, store_error};
-use crate::store::{Begin, BeginRequest, Lease, Store, Token};
-use crate::{AbsorbsIdemError, Call, Error, Key, Options, Outcome, Phase, Replayable, StoreError};
-use sealed::{At, Claim, Mark, Table};
-
-/// The `Ops` impl of a backend with `RETURNING` (PostgreSQL, SQLite): `complete`, `release`,
-/// `extend` and `purge_batch` are the same statements, bound the same way, on both; only the
-/// connection type differs. The backend's own items are passed in. Names in the bodies (`Sql`,
-/// `unavailable`, `done_by`, ...) resolve in the invoking backend's module.
-#[cfg(any(feature = "postgres", feature = "sqlite"))]
-macro_rules! returning_ops {
-    (impl Ops for $db:ty, $conn:ty { $($items:tt)* }) => {
-        #[async_trait::async_trait]
-        impl Ops for $db {
-        $($items)*
-        async fn complete(conn: &mut $conn, sql: &Sql, mark: &Mark<'_>) -> Result<(), StoreError> {
-            let token = token_bytes(mark.token);
-            let marked = sqlx::query(sql.mark.clone())
-                .bind(mark.at.scope)
-                .bind(mark.at.key)
-                .bind(&token[..])
-                .bind(mark.keep_us)
-                .bind(mark.output)
-                .execute(&mut *conn)
-                .await
-                .map_err(unavailable)?;
-            if marked.rows_affected() == 1 {
-                return Ok(());
-            }
-            let written = sqlx::query(sql.complete.clone())
-                .bind(mark.at.scope)
-                .bind(mark.at.key)
-                .bind(&token[..])
-                .bind(mark.keep_us)
-                .bind(mark.output)
-                .fetch_optional(&mut *conn)
-                .await
-                .map_err(unavailable)?;
-            if written.is_some() {
-                return Ok(());
-            }
-            let row: Option<(i16, Vec<u8>)> = sqlx::query_as(sql.owner.clone())
-                .bind(mark.at.scope)
-                .bind(mark.at.key)
-                .fetch_optional(&mut *conn)
-                .await
-                .map_err(unavailable)?;
-            done_by(row, mark.token)
-        }
-
-        async fn release(
-            conn: &mut $conn,
-            sql: &Sql,
-            at: &At<'_>,
-            token: Token,
-        ) -> Result<(), StoreError> {
-            sqlx::query(sql.release.clone())
-                .bind(at.scope)
-                .bind(at.key)
-                .bind(&token_bytes(token)[..])
-                .execute(&mut *conn)
-                .await
-                .map_err(unavailable)?;
-            Ok(())
-        }
-
-        async fn extend(
-            conn: &mut $conn,
-            sql: &Sql,
-            at: &At<'_>,
-            token: Token,
-            ttl_us: i64,
-        ) -> Result<(), StoreError> {
-            let done = sqlx::query(sql.extend.clone())
-                .bind(at.scope)
-                .bind(at.key)
-                .bind(&token_bytes(token)[..])
-                .bind(ttl_us)
-                .execute(&mut *conn)
-                .await
-                .map_err(unavailable)?;
-            if done.rows_affected() == 1 {
-                Ok(())
-            } else {
-                Err(StoreError::LeaseLost)
-            }
-        }
-
-        async fn purge_batch(conn: &mut $conn, sql: &Sql, limit: i64) -> Result<u64, StoreError> {
-            let done = sqlx::query(sql.purge.clone())
-                .bind(limit)
-                .execute(&mut *conn)
-                .await
-                .map_err(unavailable)?;
-            Ok(done.rows_affected())
-        }
-        }
-    };
-}
+#[macro_use]
+mod shared;
 
 mod sealed;
+mod tx;
 
 #[cfg(feature = "mysql")]
 mod mysql;
@@ -212,6 +108,19 @@ mod mysql;
 mod postgres;
 #[cfg(feature = "sqlite")]
 mod sqlite;
+
+use std::fmt;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use sqlx::Pool;
+
+use crate::store::{Begin, BeginRequest, Lease, Store, TxStore};
+use crate::{Key, StoreError};
+use sealed::{At, Claim, Mark, Table};
+pub(crate) use shared::*;
+pub use tx::TxFuture;
+pub(crate) use tx::run_owned;
 
 /// The table name [`SqlStore::new`] uses.
 pub const DEFAULT_TABLE: &str = "idem_keys";
@@ -224,10 +133,6 @@ pub const MAX_TABLE_NAME_LEN: usize = 48;
 /// [`sqlx::Sqlite`], each behind its feature. Sealed: the SQL of each database is part of this
 /// crate.
 pub trait Backend: sealed::Ops {}
-
-/// The future a transactional handler returns (see [`SqlStore::run_in_tx`]): boxed, because it
-/// borrows the transaction it was given.
-pub type TxFuture<'t, R> = Pin<Box<dyn Future<Output = R> + Send + 't>>;
 
 /// An idempotency store in a SQL table. Cheap to clone (the clones share the pool).
 ///
@@ -257,6 +162,8 @@ struct Inner<DB: Backend> {
     pool: Pool<DB>,
     table: Table,
     sql: DB::Sql,
+    /// This store for the watchdog's thread (see [`Store::for_watchdog`]), built on first use.
+    twin: OnceLock<Arc<dyn Store>>,
 }
 
 impl<DB: Backend> Clone for SqlStore<DB> {
@@ -327,7 +234,12 @@ impl<DB: Backend> SqlStore<DB> {
     fn build(pool: Pool<DB>, table: Table) -> Self {
         let sql = DB::prepare(&table);
         SqlStore {
-            inner: Arc::new(Inner { pool, table, sql }),
+            inner: Arc::new(Inner {
+                pool,
+                table,
+                sql,
+                twin: OnceLock::new(),
+            }),
         }
     }
 
@@ -400,7 +312,7 @@ impl<DB: Backend> SqlStore<DB> {
     /// Write the done mark of `lease` on a connection (or transaction: pass `&mut *tx`) that the
     /// caller owns, with the semantics of [`Store::complete`]. Used inside a transaction, the mark
     /// commits or rolls back with it; its row lock makes a concurrent duplicate wait for the
-    /// outcome. [`run_in_tx`](Self::run_in_tx) does this for you.
+    /// outcome. The transactional form does this for you.
     pub async fn complete_in(
         &self,
         conn: &mut DB::Connection,
@@ -417,206 +329,31 @@ impl<DB: Backend> SqlStore<DB> {
                 key: key.as_str(),
             },
             token: lease.token,
+            fingerprint: lease.fingerprint.map(|f| f.0),
             output,
             keep_us: micros(keep),
         };
         DB::complete(conn, &self.inner.sql, &mark).await
     }
 
-    /// Run `handler` at most once per key, **exactly once in effect** for writes it makes in the
-    /// transaction it is given: the transactional mode.
-    ///
-    /// Claims the key like [`run`](crate::run) (replay, in-flight refusal or wait, fingerprint
-    /// check: all as `opts` says), then begins a transaction on this store's pool and passes it to
-    /// `handler`. On `Ok(v)` the done mark (with `v` for replay) is written in that transaction,
-    /// token-checked, and the transaction commits: the handler's writes and the mark commit
-    /// together or not at all. On `Err`, a panic or cancellation the transaction rolls back and the
-    /// key is released.
-    ///
-    /// What each outcome means here:
-    /// - `Ok(v)`: the effect and the mark committed.
-    /// - [`Error::LeaseLost`]: this caller's lease was taken over (its ttl elapsed unrenewed); its
-    ///   transaction was rolled back, so its effect did not happen.
-    /// - [`Error::Unavailable`] in [`Phase::Complete`]: the mark or the commit failed; the
-    ///   transaction was rolled back, unless the commit's reply was lost, in which case the key is
-    ///   done and a redelivery replays.
-    /// - Crash of the process at any point: the transaction rolls back with the connection; the
-    ///   lease expires after `ttl` and the redelivery runs the handler again.
-    ///
-    /// The lease is claimed outside the transaction (on another pool connection) so that an
-    /// in-flight duplicate is answered at once instead of blocking; the pool needs at least two
-    /// connections. On SQLite the transaction starts with `BEGIN IMMEDIATE`.
-    ///
-    /// ```
-    /// # #[cfg(feature = "sqlite")]
-    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
-    /// use idem_runtime::{Call, Options, SqlStore, sqlx};
-    ///
-    /// #[derive(Debug, thiserror::Error)]
-    /// enum AppError {
-    ///     #[error(transparent)]
-    ///     Idem(#[from] idem_runtime::Error),
-    ///     #[error(transparent)]
-    ///     Db(#[from] sqlx::Error),
-    /// }
-    ///
-    /// let path = std::env::temp_dir().join(format!("idem-doc-{}.db", std::process::id()));
-    /// let url = format!("sqlite://{}?mode=rwc", path.display());
-    /// let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
-    /// sqlx::query("CREATE TABLE IF NOT EXISTS coupons (order_id TEXT, code TEXT)").execute(&pool).await.unwrap();
-    /// let store = SqlStore::new(pool);
-    /// store.migrate().await.unwrap();
-    ///
-    /// let opts = Options::new("coupons::issue");
-    /// for _delivery in 0..3 {
-    ///     let code: Result<String, AppError> = store
-    ///         .run_in_tx(&opts, Call::new("order-7"), |tx| Box::pin(async move {
-    ///             // The handler's writes go through `tx`: they commit with the done mark.
-    ///             sqlx::query("INSERT INTO coupons VALUES ('order-7', 'C-1')")
-    ///                 .execute(&mut **tx)
-    ///                 .await?;
-    ///             Ok("C-1".to_string())
-    ///         }))
-    ///         .await;
-    ///     assert_eq!(code.unwrap(), "C-1"); // the 2nd and 3rd deliveries replay
-    /// }
-    /// let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM coupons").fetch_one(store.pool()).await.unwrap();
-    /// assert_eq!(rows, 1);
-    /// # drop(store);
-    /// # let _ = std::fs::remove_file(&path);
-    /// # });
-    /// ```
-    pub async fn run_in_tx<R, F>(&self, opts: &Options, call: Call, handler: F) -> R
-    where
-        R: Outcome,
-        R::Ok: Replayable,
-        R::Err: AbsorbsIdemError,
-        F: for<'t> FnOnce(&'t mut Transaction<'static, DB>) -> TxFuture<'t, R>,
-    {
-        self.run_tx(None, opts, call, handler).await
-    }
-
-    /// [`run_in_tx`](Self::run_in_tx) with a transaction the caller began (e.g. with its own
-    /// isolation level: `pool.begin_with("BEGIN ISOLATION LEVEL SERIALIZABLE")`). It is
-    /// committed on success and rolled back otherwise; when the key is replayed, in flight or
-    /// refused, the handler does not run and the transaction is rolled back unused.
-    ///
-    /// On SQLite, the transaction must not hold the write lock yet (a plain deferred `BEGIN` with
-    /// no writes), since the key is claimed on another connection first.
-    pub async fn run_with_tx<R, F>(
+    /// Release `lease` on a connection the caller owns (see [`Store::release`]).
+    async fn release_on(
         &self,
-        tx: Transaction<'static, DB>,
-        opts: &Options,
-        call: Call,
-        handler: F,
-    ) -> R
-    where
-        R: Outcome,
-        R::Ok: Replayable,
-        R::Err: AbsorbsIdemError,
-        F: for<'t> FnOnce(&'t mut Transaction<'static, DB>) -> TxFuture<'t, R>,
-    {
-        self.run_tx(Some(tx), opts, call, handler).await
-    }
-
-    async fn run_tx<R, F>(
-        &self,
-        given: Option<Transaction<'static, DB>>,
-        opts: &Options,
-        call: Call,
-        handler: F,
-    ) -> R
-    where
-        R: Outcome,
-        R::Ok: Replayable,
-        R::Err: AbsorbsIdemError,
-        F: for<'t> FnOnce(&'t mut Transaction<'static, DB>) -> TxFuture<'t, R>,
-    {
-        let key = call.key().ok().cloned();
-        let body = move |lease: Lease| async move {
-            let Some(key) = key else {
-                // `execute` refuses an invalid key before it calls the handler.
-                return fail(Error::InvalidKey {
-                    reason: "the key is empty",
-                });
-            };
-            match self.transact(given, opts, &key, &lease, handler).await {
-                Ok((value, _output)) => R::from_result(Ok(value)),
-                Err(failed) => failed,
-            }
-        };
-        execute(self, opts, call, Marking::ByHandler, body).await
-    }
-
-    /// The transactional mode's middle, shared with the layered store: begin a transaction (or take
-    /// the caller's), run the handler in it, write the done mark for `lease` in it, commit. Returns
-    /// the value and its encoded output, or the outcome to return as it is (the handler's own
-    /// error, or idem's).
-    pub(crate) async fn transact<R, F>(
-        &self,
-        given: Option<Transaction<'static, DB>>,
-        opts: &Options,
+        conn: &mut DB::Connection,
+        scope: &str,
         key: &Key,
         lease: &Lease,
-        handler: F,
-    ) -> Result<(R::Ok, Vec<u8>), R>
-    where
-        R: Outcome,
-        R::Ok: Replayable,
-        R::Err: AbsorbsIdemError,
-        F: for<'t> FnOnce(&'t mut Transaction<'static, DB>) -> TxFuture<'t, R>,
-    {
-        let scope = opts.scope_str();
-        let mut tx = match given {
-            Some(tx) => tx,
-            // The SQL store's own way to begin (SQLite: `BEGIN IMMEDIATE`).
-            None => DB::begin_tx(&self.inner.pool).await.map_err(|e| {
-                fail(Error::Unavailable {
-                    phase: Phase::Begin,
-                    source: Box::new(e),
-                })
-            })?,
+    ) -> Result<(), StoreError> {
+        let scope = stored_scope(scope);
+        let at = At {
+            scope: &scope,
+            key: key.as_str(),
         };
-        let value = match handler(&mut tx).await.into_result() {
-            Ok(value) => value,
-            Err(e) => {
-                rollback(tx).await;
-                return Err(R::from_result(Err(e)));
-            }
-        };
-        let output = codec::encode(&value);
-        if let Err(e) = self
-            .complete_in(&mut tx, scope, key, lease, &output, opts.keep)
-            .await
-        {
-            rollback(tx).await;
-            return Err(fail(store_error(e, Phase::Complete, scope, key)));
-        }
-        tx.commit().await.map_err(|e| {
-            fail(Error::Unavailable {
-                phase: Phase::Complete,
-                source: Box::new(e),
-            })
-        })?;
-        Ok((value, output))
+        DB::release(conn, &self.inner.sql, &at, lease.token).await
     }
 
     async fn acquire(&self) -> Result<sqlx::pool::PoolConnection<DB>, StoreError> {
         self.inner.pool.acquire().await.map_err(db_error)
-    }
-}
-
-pub(crate) fn fail<R: Outcome>(e: Error) -> R
-where
-    R::Err: From<Error>,
-{
-    R::from_result(Err(e.into()))
-}
-
-async fn rollback<DB: Backend>(tx: Transaction<'static, DB>) {
-    if let Err(e) = tx.rollback().await {
-        // The connection is closed or broken: the database rolls back on its side.
-        tracing::debug!(error = %e, "rollback failed");
     }
 }
 
@@ -651,13 +388,8 @@ impl<DB: Backend> Store for SqlStore<DB> {
     }
 
     async fn release(&self, scope: &str, key: &Key, lease: &Lease) -> Result<(), StoreError> {
-        let scope = stored_scope(scope);
-        let at = At {
-            scope: &scope,
-            key: key.as_str(),
-        };
         let mut conn = self.acquire().await?;
-        DB::release(&mut conn, &self.inner.sql, &at, lease.token).await
+        self.release_on(&mut conn, scope, key, lease).await
     }
 
     async fn extend(
@@ -676,160 +408,24 @@ impl<DB: Backend> Store for SqlStore<DB> {
         DB::extend(&mut conn, &self.inner.sql, &at, lease.token, micros(ttl)).await
     }
 
-    fn release_detached(&self, scope: &str, key: &Key, lease: Lease) {
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            return; // No runtime to release on: the lease expires after its ttl.
-        };
-        let (store, scope, key) = (self.clone(), scope.to_owned(), key.clone());
-        rt.spawn(async move {
-            if let Err(e) = store.release(&scope, &key, &lease).await {
-                tracing::warn!(scope, key = %key, error = %e, "background release failed; the key frees when its lease expires");
-            }
-        });
-    }
-}
-
-// ---- Shared between the backends ----
-
-/// The row states.
-pub(crate) const FREE: i16 = 0;
-pub(crate) const IN_FLIGHT: i16 = 1;
-pub(crate) const DONE: i16 = 2;
-
-/// How many times `begin` re-runs when a concurrent claim changed the row between its statements.
-pub(crate) const MAX_RACES: usize = 32;
-
-/// Scopes longer than this are stored as their SHA-256 (the key column is sized for keys, which
-/// [`Key`] already bounds).
-const MAX_SCOPE_LEN: usize = 200;
-
-/// The token as stored (16 bytes, big-endian).
-pub(crate) fn token_bytes(t: Token) -> [u8; 16] {
-    t.0.to_be_bytes()
-}
-
-pub(crate) fn token_of(bytes: &[u8]) -> Result<Token, StoreError> {
-    let b: [u8; 16] = bytes
-        .try_into()
-        .map_err(|_| StoreError::Corrupt(format!("token of {} bytes", bytes.len())))?;
-    Ok(Token(u128::from_be_bytes(b)))
-}
-
-/// Durations as microseconds, capped far below `i64::MAX` so that `now + d` never overflows.
-pub(crate) fn micros(d: Duration) -> i64 {
-    const CAP: i64 = 1 << 60; // about 36,000 years
-    i64::try_from(d.as_micros()).map_or(CAP, |us| us.min(CAP))
-}
-
-fn stored_scope(scope: &str) -> Cow<'_, str> {
-    if scope.len() <= MAX_SCOPE_LEN {
-        return Cow::Borrowed(scope);
-    }
-    let digest = Sha256::digest(scope.as_bytes());
-    let mut s = String::with_capacity(7 + 64);
-    s.push_str("sha256:");
-    for b in digest {
-        use std::fmt::Write as _;
-        let _ = write!(s, "{b:02x}");
-    }
-    Cow::Owned(s)
-}
-
-/// The table does not exist: say what to do about it.
-#[derive(Debug, thiserror::Error)]
-#[error("the idempotency table does not exist: call SqlStore::migrate() at start-up ({0})")]
-struct MissingTable(sqlx::Error);
-
-/// Map a driver error: decoding problems are corrupt records, everything else is the database
-/// being unavailable (with a hint when the table is missing).
-pub(crate) fn db_error(e: sqlx::Error) -> StoreError {
-    match e {
-        sqlx::Error::ColumnDecode { .. }
-        | sqlx::Error::Decode(_)
-        | sqlx::Error::ColumnNotFound(_)
-        | sqlx::Error::ColumnIndexOutOfBounds { .. }
-        | sqlx::Error::TypeNotFound { .. } => StoreError::Corrupt(e.to_string()),
-        sqlx::Error::Database(ref d) if is_missing_table(&**d) => {
-            StoreError::Unavailable(Box::new(MissingTable(e)))
+    /// A store on the same table through a small pool of its own, whose connections are opened
+    /// from the watchdog's thread (SQLite: this store, whose connections run on threads of their
+    /// own already).
+    fn for_watchdog(&self) -> Arc<dyn Store> {
+        if !DB::OWN_WATCHDOG_POOL {
+            // Not cached: a clone kept inside the store would keep the store alive forever.
+            return Arc::new(self.clone());
         }
-        other => StoreError::Unavailable(Box::new(other)),
-    }
-}
-
-/// A value read back that does not decode.
-pub(crate) fn corrupt(e: sqlx::Error) -> StoreError {
-    StoreError::Corrupt(e.to_string())
-}
-
-fn is_missing_table(d: &dyn sqlx::error::DatabaseError) -> bool {
-    // PostgreSQL 42P01 undefined_table; MySQL/MariaDB 42S02 (1146); SQLite has no code for it.
-    matches!(d.code().as_deref(), Some("42P01" | "42S02"))
-        || d.message().starts_with("no such table")
-}
-
-/// After a mark that wrote nothing: fine if this token already completed the key (a retry),
-/// otherwise another holder owns it.
-pub(crate) fn done_by(row: Option<(i16, Vec<u8>)>, token: Token) -> Result<(), StoreError> {
-    match row {
-        Some((DONE, t)) if token_of(&t)? == token => Ok(()),
-        Some((FREE | IN_FLIGHT | DONE, _)) | None => Err(StoreError::LeaseLost),
-        Some((other, _)) => Err(StoreError::Corrupt(format!("unknown row state {other}"))),
-    }
-}
-
-/// Split a migration file into its statements.
-pub(crate) fn statements(sql: &str) -> impl Iterator<Item = &str> {
-    sql.split(";\n").map(str::trim).filter(|s| {
-        s.lines()
-            .any(|l| !l.trim().is_empty() && !l.trim_start().starts_with("--"))
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn table_names_are_plain_identifiers() {
-        for ok in ["idem_keys", "_x", "app.idem_keys", "A1_b2"] {
-            assert!(Table::parse(ok).is_ok(), "{ok}");
-        }
-        for bad in [
-            "",
-            "1abc",
-            "a-b",
-            "a.b.c",
-            "a b",
-            "x;drop",
-            "\"q\"",
-            ".x",
-            "x.",
-            &"x".repeat(49),
-        ] {
-            assert!(Table::parse(bad).is_err(), "{bad}");
-        }
+        self.inner
+            .twin
+            .get_or_init(|| {
+                let pool = DB::watchdog_pool(&self.inner.pool);
+                Arc::new(SqlStore::build(pool, self.inner.table.clone()))
+            })
+            .clone()
     }
 
-    #[test]
-    fn long_scopes_are_hashed_not_truncated() {
-        let a = "s".repeat(300) + "a";
-        let b = "s".repeat(300) + "b";
-        assert_ne!(stored_scope(&a), stored_scope(&b));
-        assert!(stored_scope(&a).len() <= MAX_SCOPE_LEN);
-        assert_eq!(stored_scope("short"), "short");
-    }
-
-    #[test]
-    fn migration_files_split_into_statements() {
-        let sql = "-- comment\nCREATE TABLE a (x INT);\n\n-- another\nCREATE INDEX i ON a (x);\n";
-        let v: Vec<_> = statements(sql).collect();
-        assert_eq!(v.len(), 2);
-        assert!(v[1].ends_with("ON a (x);") || v[1].ends_with("ON a (x)"));
-    }
-
-    #[test]
-    fn micros_never_overflow() {
-        assert_eq!(micros(Duration::from_millis(3)), 3000);
-        assert!(micros(Duration::MAX) < i64::MAX / 2);
+    fn transactional(&self) -> Option<&dyn TxStore> {
+        Some(self)
     }
 }

@@ -12,10 +12,10 @@ use sqlx::{MySql, MySqlConnection, Pool, Row, SqlStr, Transaction};
 use super::sealed::{At, Claim, Current, Mark, Migrations, Ops, Seen, Table};
 use super::{
     Backend, IN_FLIGHT, MAX_RACES, corrupt, db_error as unavailable, done_by, statements,
-    token_bytes, token_of,
+    token_bytes, token_of, watchdog_pool,
 };
 use crate::StoreError;
-use crate::store::{Begin, Lease, Token};
+use crate::store::{Begin, Token};
 
 /// The database's clock, in microseconds since 1970, fixed for the statement. `UTC_TIMESTAMP`
 /// and a `DATETIME` difference: no session time zone is involved.
@@ -39,11 +39,9 @@ SET state = 1, token = ?, fence = ?, expires_at = {now} + ?, fingerprint = ?, ou
 WHERE scope = ? AND idem_key = ? AND fence = ?
   AND (state = 0 OR expires_at <= {now} OR (state = 1 AND token = ?))";
 
-/// Mark done if the token holds the key or nobody else does. MySQL applies `SET` from left to
-/// right, so the fingerprint is decided before the token changes.
+/// Mark done if the token holds the key or nobody else does, with the lease's fingerprint.
 const COMPLETE: &str = "UPDATE {table}
-SET fingerprint = IF(token = ?, fingerprint, NULL), state = 2, token = ?,
-    expires_at = {now} + ?, output = ?
+SET fingerprint = ?, state = 2, token = ?, expires_at = {now} + ?, output = ?
 WHERE scope = ? AND idem_key = ?
   AND ((state = 1 AND token = ?) OR state = 0 OR expires_at <= {now})";
 
@@ -54,7 +52,7 @@ const OWNER: &str = "SELECT state, token FROM {table} WHERE scope = ? AND idem_k
 /// Mark done a key whose row was purged.
 const INSERT_DONE: &str = "INSERT INTO {table}
     (scope, idem_key, state, token, fence, expires_at, fingerprint, output)
-VALUES (?, ?, 2, ?, {now}, {now} + ?, NULL, ?)";
+VALUES (?, ?, 2, ?, {now}, {now} + ?, ?, ?)";
 
 /// The row is kept (marked free) so that the next lease's fence continues from this one.
 const RELEASE: &str = "UPDATE {table}
@@ -95,6 +93,15 @@ impl Backend for MySql {}
 impl Ops for MySql {
     type Sql = Sql;
     const MIGRATIONS: Migrations = MIGRATIONS;
+    // InnoDB has no transaction-scoped lock that can be tried without waiting for a key that has
+    // no row yet: the claim is a lease on another connection, renewed by the watchdog, and the
+    // mark (an `UPDATE`, which reads the latest row at every isolation level) checks its token.
+    const CLAIMS_IN_TX: bool = false;
+    const OWN_WATCHDOG_POOL: bool = true;
+
+    fn watchdog_pool(pool: &Pool<MySql>) -> Pool<MySql> {
+        watchdog_pool(pool)
+    }
 
     fn prepare(t: &Table) -> Sql {
         Sql {
@@ -191,12 +198,7 @@ impl Ops for MySql {
                     .execute(&mut *conn)
                     .await;
                 match inserted {
-                    Ok(_) => {
-                        return Ok(Begin::Acquired(Lease {
-                            token: claim.token,
-                            fence: now as u64,
-                        }));
-                    }
+                    Ok(_) => return Ok(Begin::Acquired(claim.lease(now as u64))),
                     Err(sqlx::Error::Database(e)) if e.is_unique_violation() => continue,
                     Err(e) => return Err(unavailable(e)),
                 }
@@ -234,15 +236,31 @@ impl Ops for MySql {
                 .map_err(unavailable)?;
             // The connection reports matched rows (CLIENT_FOUND_ROWS), not only changed ones.
             if taken.rows_affected() == 1 {
-                return Ok(Begin::Acquired(Lease {
-                    token: claim.token,
-                    fence: fence as u64,
-                }));
+                return Ok(Begin::Acquired(claim.lease(fence as u64)));
             }
         }
         Err(StoreError::unavailable(
             "begin kept racing with concurrent claims of the same key",
         ))
+    }
+
+    /// Not used: MySQL claims outside the transaction (see `CLAIMS_IN_TX`).
+    async fn begin_in(
+        conn: &mut MySqlConnection,
+        sql: &Sql,
+        _table: &Table,
+        claim: &Claim<'_>,
+    ) -> Result<Begin, StoreError> {
+        Self::begin(conn, sql, claim).await
+    }
+
+    async fn abort(conn: &mut MySqlConnection) -> Result<(), sqlx::Error> {
+        sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await?;
+        // Read-only: a write the caller still makes in it fails loudly instead of committing.
+        sqlx::raw_sql("START TRANSACTION READ ONLY")
+            .execute(&mut *conn)
+            .await?;
+        Ok(())
     }
 
     async fn complete(
@@ -252,8 +270,9 @@ impl Ops for MySql {
     ) -> Result<(), StoreError> {
         let token = token_bytes(mark.token);
         for _ in 0..MAX_RACES {
+            let fingerprint = mark.fingerprint.as_ref().map(|f| &f[..]);
             let written = sqlx::query(sql.complete.clone())
-                .bind(&token[..])
+                .bind(fingerprint)
                 .bind(&token[..])
                 .bind(mark.keep_us)
                 .bind(mark.output)
@@ -281,6 +300,7 @@ impl Ops for MySql {
                 .bind(mark.at.key)
                 .bind(&token[..])
                 .bind(mark.keep_us)
+                .bind(fingerprint)
                 .bind(mark.output)
                 .execute(&mut *conn)
                 .await;

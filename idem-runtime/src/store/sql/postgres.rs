@@ -5,10 +5,11 @@ use sqlx::{PgConnection, Pool, Postgres, Row, SqlStr, Transaction};
 
 use super::sealed::{At, Claim, Current, Mark, Migrations, Ops, Seen, Table};
 use super::{
-    Backend, MAX_RACES, corrupt, db_error as unavailable, done_by, statements, token_bytes,
+    Backend, MAX_RACES, advisory_key, corrupt, db_error as unavailable, done_by, statements,
+    token_bytes, watchdog_pool,
 };
 use crate::StoreError;
-use crate::store::{Begin, Lease, Token};
+use crate::store::{Begin, Token};
 
 /// The database's clock, in microseconds since 1970, fixed for the statement.
 const NOW: &str = "(extract(epoch from statement_timestamp()) * 1000000)::bigint";
@@ -50,18 +51,24 @@ RETURNING fence";
 const MARK: &str = "UPDATE {table} SET state = 2, expires_at = {now} + $4, output = $5
 WHERE scope = $1 AND idem_key = $2 AND state = 1 AND token = $3";
 
-/// Otherwise: mark done if nobody else holds the key (free, lapsed, or purged).
+/// Otherwise: mark done if nobody else holds the key (free, lapsed, or purged), with the lease's
+/// fingerprint.
 const COMPLETE: &str = "INSERT INTO {table} AS r
     (scope, idem_key, state, token, fence, expires_at, fingerprint, output)
-VALUES ($1, $2, 2, $3, {now}, {now} + $4, NULL, $5)
+VALUES ($1, $2, 2, $3, {now}, {now} + $4, $6, $5)
 ON CONFLICT (scope, idem_key) DO UPDATE SET
     state = 2,
     token = EXCLUDED.token,
     expires_at = EXCLUDED.expires_at,
     output = EXCLUDED.output,
-    fingerprint = CASE WHEN r.token = EXCLUDED.token THEN r.fingerprint END
+    fingerprint = EXCLUDED.fingerprint
 WHERE (r.state = 1 AND r.token = EXCLUDED.token) OR r.state = 0 OR r.expires_at <= {now}
 RETURNING 1";
+
+/// The transactional form's claim: a transaction-scoped advisory lock for the key, taken without
+/// waiting. It is held until the caller's transaction ends, so a second transaction claiming the
+/// key is told "in flight" at once instead of blocking on the first one's row.
+const TRY_LOCK: &str = "SELECT pg_try_advisory_xact_lock($1)";
 
 const OWNER: &str = "SELECT state, token FROM {table} WHERE scope = $1 AND idem_key = $2";
 
@@ -106,6 +113,12 @@ returning_ops! {
 impl Ops for Postgres, PgConnection {
     type Sql = Sql;
     const MIGRATIONS: Migrations = MIGRATIONS;
+    const CLAIMS_IN_TX: bool = true;
+    const OWN_WATCHDOG_POOL: bool = true;
+
+    fn watchdog_pool(pool: &Pool<Postgres>) -> Pool<Postgres> {
+        watchdog_pool(pool)
+    }
 
     fn prepare(t: &Table) -> Sql {
         Sql {
@@ -182,10 +195,7 @@ impl Ops for Postgres, PgConnection {
             };
             if row.try_get::<bool, _>(0).map_err(corrupt)? {
                 let fence = row.try_get::<i64, _>(3).map_err(corrupt)?;
-                return Ok(Begin::Acquired(Lease {
-                    token: claim.token,
-                    fence: fence as u64,
-                }));
+                return Ok(Begin::Acquired(claim.lease(fence as u64)));
             }
             let current = Current {
                 state: row.try_get(1).map_err(corrupt)?,
@@ -207,10 +217,7 @@ impl Ops for Postgres, PgConnection {
                 .await
                 .map_err(unavailable)?;
             if let Some(fence) = fence {
-                return Ok(Begin::Acquired(Lease {
-                    token: claim.token,
-                    fence: fence as u64,
-                }));
+                return Ok(Begin::Acquired(claim.lease(fence as u64)));
             }
             // Another claim took the row between the two statements: look again.
         }
@@ -219,5 +226,33 @@ impl Ops for Postgres, PgConnection {
         ))
     }
 
+    async fn begin_in(
+        conn: &mut PgConnection,
+        sql: &Sql,
+        table: &Table,
+        claim: &Claim<'_>,
+    ) -> Result<Begin, StoreError> {
+        let lock = advisory_key(&table.qualified, claim.at.scope, claim.at.key);
+        let got: bool = sqlx::query_scalar(TRY_LOCK)
+            .bind(lock)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(unavailable)?;
+        if !got {
+            // Another transaction holds the key; it gives it back when it ends.
+            return Ok(Begin::InFlight {
+                retry_after: claim.retry_hint(),
+            });
+        }
+        // Under the lock, the row is ours to read and write in this transaction.
+        Self::begin(conn, sql, claim).await
+    }
+
+    async fn abort(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+        sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await?;
+        // Read-only: a write the caller still makes in it fails loudly instead of committing.
+        sqlx::raw_sql("BEGIN READ ONLY").execute(&mut *conn).await?;
+        Ok(())
+    }
 }
 }

@@ -76,10 +76,29 @@ pub struct Claim<'a> {
     pub fingerprint: Option<[u8; 16]>,
 }
 
+impl Claim<'_> {
+    /// The lease this claim takes, with the row's fence.
+    pub fn lease(&self, fence: u64) -> crate::store::Lease {
+        crate::store::Lease {
+            token: self.token,
+            fence,
+            fingerprint: self.fingerprint.map(crate::Fingerprint),
+        }
+    }
+
+    /// How long a duplicate should wait before trying again, when a transaction holds the key (its
+    /// end is unknown): the lease's ttl, at most a second.
+    pub fn retry_hint(&self) -> Duration {
+        Duration::from_micros(self.ttl_us.unsigned_abs()).min(Duration::from_secs(1))
+    }
+}
+
 /// What `complete` writes.
 pub struct Mark<'a> {
     pub at: At<'a>,
     pub token: Token,
+    /// The lease's fingerprint, kept when the mark has to create the row again.
+    pub fingerprint: Option<[u8; 16]>,
     pub output: &'a [u8],
     pub keep_us: i64,
 }
@@ -139,7 +158,15 @@ pub trait Ops: sqlx::Database + Sized {
     /// The migrations this crate ships.
     const MIGRATIONS: Migrations;
 
+    /// Whether the transactional form claims in the caller's transaction (see `run/tx.rs`).
+    const CLAIMS_IN_TX: bool;
+    /// Whether the watchdog's thread needs a pool of its own (its connections are bound to the
+    /// runtime that opened them); SQLite's run on threads of their own.
+    const OWN_WATCHDOG_POOL: bool;
+
     fn prepare(table: &Table) -> Self::Sql;
+    /// A small pool with the same settings as `pool`, connecting lazily.
+    fn watchdog_pool(pool: &Pool<Self>) -> Pool<Self>;
     async fn migrate(pool: &Pool<Self>, table: &Table) -> Result<(), sqlx::Error>;
     async fn begin_tx(pool: &Pool<Self>) -> Result<Transaction<'static, Self>, sqlx::Error>;
     async fn begin(
@@ -147,6 +174,17 @@ pub trait Ops: sqlx::Database + Sized {
         sql: &Self::Sql,
         claim: &Claim<'_>,
     ) -> Result<Begin, StoreError>;
+    /// Claim in the caller's transaction on `conn` (when [`Self::CLAIMS_IN_TX`]).
+    async fn begin_in(
+        conn: &mut Self::Connection,
+        sql: &Self::Sql,
+        table: &Table,
+        claim: &Claim<'_>,
+    ) -> Result<Begin, StoreError>;
+    /// Roll the server's side of the transaction on `conn` back, and open an empty one in its
+    /// place, so the caller's later commit or rollback still finds a transaction (and commits
+    /// nothing).
+    async fn abort(conn: &mut Self::Connection) -> Result<(), sqlx::Error>;
     async fn complete(
         conn: &mut Self::Connection,
         sql: &Self::Sql,

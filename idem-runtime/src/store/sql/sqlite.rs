@@ -8,7 +8,7 @@ use super::{
     Backend, MAX_RACES, corrupt, db_error as unavailable, done_by, statements, token_bytes,
 };
 use crate::StoreError;
-use crate::store::{Begin, Lease, Token};
+use crate::store::{Begin, Token};
 
 /// The database's clock, in microseconds since 1970 (SQLite's clock has millisecond precision,
 /// and `'now'` is fixed for the statement). `julianday` works on every SQLite version.
@@ -42,16 +42,17 @@ WHERE scope = ?1 AND idem_key = ?2 AND state = 1 AND token = ?3";
 const READ: &str = "SELECT state, token, fence, expires_at - {now}, fingerprint, output
 FROM {table} WHERE scope = ?1 AND idem_key = ?2";
 
-/// Otherwise: mark done if nobody else holds the key (free, lapsed, or purged).
+/// Otherwise: mark done if nobody else holds the key (free, lapsed, or purged), with the lease's
+/// fingerprint.
 const COMPLETE: &str = "INSERT INTO {table}
     (scope, idem_key, state, token, fence, expires_at, fingerprint, output)
-VALUES (?1, ?2, 2, ?3, {now}, {now} + ?4, NULL, ?5)
+VALUES (?1, ?2, 2, ?3, {now}, {now} + ?4, ?6, ?5)
 ON CONFLICT (scope, idem_key) DO UPDATE SET
     state = 2,
     token = excluded.token,
     expires_at = excluded.expires_at,
     output = excluded.output,
-    fingerprint = CASE WHEN token = excluded.token THEN fingerprint END
+    fingerprint = excluded.fingerprint
 WHERE (state = 1 AND token = excluded.token) OR state = 0 OR expires_at <= {now}
 RETURNING 1";
 
@@ -98,6 +99,12 @@ returning_ops! {
 impl Ops for Sqlite, SqliteConnection {
     type Sql = Sql;
     const MIGRATIONS: Migrations = MIGRATIONS;
+    const CLAIMS_IN_TX: bool = true;
+    const OWN_WATCHDOG_POOL: bool = false;
+
+    fn watchdog_pool(pool: &Pool<Sqlite>) -> Pool<Sqlite> {
+        pool.clone()
+    }
 
     fn prepare(t: &Table) -> Sql {
         Sql {
@@ -192,10 +199,7 @@ impl Ops for Sqlite, SqliteConnection {
                 .await
                 .map_err(unavailable)?;
             if let Some(fence) = fence {
-                return Ok(Begin::Acquired(Lease {
-                    token: claim.token,
-                    fence: fence as u64,
-                }));
+                return Ok(Begin::Acquired(claim.lease(fence as u64)));
             }
             // Another claim changed the row between the two statements: look again.
         }
@@ -204,6 +208,66 @@ impl Ops for Sqlite, SqliteConnection {
         ))
     }
 
+    /// In the caller's transaction, a write first: it takes the database's write lock (waiting
+    /// up to `busy_timeout`), which the transaction then holds until it ends, so nothing can
+    /// change the row between the look and the claim, and no claim of ours commits while the
+    /// caller's transaction reads (which would make its later writes fail with `SQLITE_BUSY`).
+    async fn begin_in(
+        conn: &mut SqliteConnection,
+        sql: &Sql,
+        _table: &Table,
+        claim: &Claim<'_>,
+    ) -> Result<Begin, StoreError> {
+        let token = token_bytes(claim.token);
+        let fingerprint = claim.fingerprint.as_ref().map(|f| &f[..]);
+        let bind = |statement: SqlStr| {
+            sqlx::query_scalar::<_, i64>(statement)
+                .bind(claim.at.scope)
+                .bind(claim.at.key)
+                .bind(&token[..])
+                .bind(claim.ttl_us)
+                .bind(fingerprint)
+        };
+        if let Some(fence) = bind(sql.claim.clone())
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(unavailable)?
+        {
+            return Ok(Begin::Acquired(claim.lease(fence as u64)));
+        }
+        let row: SqliteRow = sqlx::query(sql.read.clone())
+            .bind(claim.at.scope)
+            .bind(claim.at.key)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(unavailable)?;
+        let current = Current {
+            state: row.try_get(0).map_err(corrupt)?,
+            token: row.try_get(1).map_err(corrupt)?,
+            remaining_us: row.try_get(3).map_err(corrupt)?,
+            fingerprint: row.try_get(4).map_err(corrupt)?,
+            output: row.try_get(5).map_err(corrupt)?,
+        };
+        if let Seen::Answer(answer) = current.judge(claim)? {
+            return Ok(answer);
+        }
+        match bind(sql.take_over.clone())
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(unavailable)?
+        {
+            Some(fence) => Ok(Begin::Acquired(claim.lease(fence as u64))),
+            None => Err(StoreError::Corrupt(
+                "a row changed under the write lock".into(),
+            )),
+        }
+    }
+
+    async fn abort(conn: &mut SqliteConnection) -> Result<(), sqlx::Error> {
+        sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await?;
+        sqlx::raw_sql("BEGIN").execute(&mut *conn).await?;
+        Ok(())
+    }
 }
 }
 

@@ -1,0 +1,393 @@
+//! The lease a running handler holds ([`current_lease`]), and the watchdog that renews it.
+//!
+//! # The watchdog runs on a thread of its own
+//!
+//! Leases are renewed by one thread per process, `idem-watchdog`, which runs a small tokio
+//! runtime of its own and talks to the stores through connections it opened itself
+//! ([`Store::for_watchdog`]). So renewal does not depend on the handler yielding, nor on the
+//! application's runtime making progress at all: a handler that blocks its thread (synchronous
+//! I/O, CPU work between awaits, `std::thread::sleep`) keeps its lease, and so do the handlers
+//! that share a worker thread with it, on a multi-thread runtime and on a `current_thread` one
+//! (`#[tokio::test]`'s default) alike. The same thread finishes, in the background, the release
+//! or the done mark of a call whose future was dropped.
+//!
+//! Registering a lease costs a map insert and removal; the watchdog wakes when the earliest
+//! renewal is due, so handlers that finish within `ttl / 3` are never renewed at all.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+
+use crate::store::{Lease, Store};
+use crate::{Key, StoreError};
+
+/// The lease of the idempotent handler that is running: its scope, key and fence, and whether it
+/// is still held. Get it with [`current_lease`] inside the handler.
+///
+/// Pass the fence to downstream writes that can reject a stale holder (`UPDATE ... SET fence = $f
+/// WHERE fence < $f`): a handler whose lease lapsed and was taken over has a smaller fence than
+/// the holder that took over.
+///
+/// ```
+/// use idem_runtime::{current_lease, idempotent, Error, MemoryStore};
+///
+/// #[idempotent(key = "order_id", store = "store")]
+/// async fn ship(store: &MemoryStore, order_id: u64) -> Result<u64, Error> {
+///     let lease = current_lease().expect("inside an idempotent handler");
+///     assert_eq!(lease.key().as_str(), "7");
+///     assert!(!lease.is_lost());
+///     Ok(lease.fence()) // e.g. written next to the shipment, to refuse older holders
+/// }
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// let store = MemoryStore::new();
+/// assert!(ship(&store, 7).await.unwrap() > 0);
+/// assert!(current_lease().is_none()); // outside a handler
+/// # });
+/// ```
+#[derive(Clone)]
+pub struct CurrentLease {
+    held: Arc<Held>,
+}
+
+impl std::fmt::Debug for CurrentLease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CurrentLease")
+            .field("scope", &self.scope())
+            .field("key", self.key())
+            .field("fence", &self.fence())
+            .field("lost", &self.is_lost())
+            .finish()
+    }
+}
+
+impl CurrentLease {
+    /// The scope of the key.
+    pub fn scope(&self) -> &str {
+        &self.held.scope
+    }
+
+    /// The key.
+    pub fn key(&self) -> &Key {
+        &self.held.key
+    }
+
+    /// The fence of this lease: greater than the fence of every earlier lease of the key.
+    pub fn fence(&self) -> u64 {
+        self.held.lease.fence
+    }
+
+    /// Whether the lease is gone: the store said another holder has it, or it was not renewed
+    /// past the handler's `max_lease`. A handler that keeps going after this may run beside a
+    /// duplicate; its completion will be refused ([`Error::LeaseLost`](crate::Error::LeaseLost))
+    /// and, in the transactional form, its writes roll back. Stop, or fence your writes.
+    pub fn is_lost(&self) -> bool {
+        self.held.lost.load(Ordering::Acquire)
+    }
+
+    /// Resolves when the lease is lost (see [`is_lost`](Self::is_lost)); never, if it is not.
+    /// Select on it to stop work that is no longer protected:
+    ///
+    /// ```no_run
+    /// # async fn work() {}
+    /// # async fn handler() -> Result<(), idem_runtime::Error> {
+    /// let lease = idem_runtime::current_lease().expect("inside a handler");
+    /// tokio::select! {
+    ///     _ = work() => Ok(()),
+    ///     _ = lease.lost() => Err(idem_runtime::Error::LeaseLost {
+    ///         scope: lease.scope().to_owned(),
+    ///         key: lease.key().clone(),
+    ///     }),
+    /// }
+    /// # }
+    /// ```
+    pub async fn lost(&self) {
+        loop {
+            let mut signal = pin!(self.held.signal.notified());
+            signal.as_mut().enable();
+            if self.is_lost() {
+                return;
+            }
+            signal.await;
+        }
+    }
+}
+
+tokio::task_local! {
+    static CURRENT: Arc<Held>;
+}
+
+/// The lease of the idempotent handler running in this task, if any (inside the body of an
+/// `#[idempotent]` fn, or the closure given to [`run`](crate::run) or `run_in_tx`). A task the
+/// handler spawns does not inherit it: pass the [`CurrentLease`] along.
+pub fn current_lease() -> Option<CurrentLease> {
+    CURRENT
+        .try_with(|held| CurrentLease { held: held.clone() })
+        .ok()
+}
+
+/// What the wrapper and the watchdog share about one lease.
+pub(crate) struct Held {
+    pub(crate) scope: Cow<'static, str>,
+    pub(crate) key: Key,
+    pub(crate) lease: Lease,
+    lost: AtomicBool,
+    signal: Notify,
+}
+
+impl Held {
+    pub(crate) fn new(scope: Cow<'static, str>, key: Key, lease: Lease) -> Arc<Held> {
+        Arc::new(Held {
+            scope,
+            key,
+            lease,
+            lost: AtomicBool::new(false),
+            signal: Notify::new(),
+        })
+    }
+
+    fn lose(&self) {
+        if !self.lost.swap(true, Ordering::AcqRel) {
+            self.signal.notify_waiters();
+        }
+    }
+
+    /// Run `f` with this lease as the task's [`current_lease`].
+    pub(crate) fn scope<F: Future>(self: &Arc<Self>, f: F) -> impl Future<Output = F::Output> {
+        CURRENT.scope(self.clone(), f)
+    }
+}
+
+/// Keeps a lease renewed until dropped.
+pub(crate) struct Watch {
+    dog: &'static Watchdog,
+    shard: usize,
+    id: u64,
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        lock(&self.dog.shards[self.shard]).remove(&self.id);
+    }
+}
+
+/// Renew `held` every `ttl / 3` through `renewer`, on the watchdog thread, until the returned
+/// guard is dropped or `max_lease` has passed.
+pub(crate) fn watch(
+    held: &Arc<Held>,
+    renewer: Arc<dyn Store>,
+    ttl: Duration,
+    max_lease: Option<Duration>,
+) -> Watch {
+    let dog = watchdog();
+    let now = dog.now();
+    let due = now.saturating_add(nanos(ttl / 3));
+    let id = dog.next_id.fetch_add(1, Ordering::Relaxed);
+    let shard = (id as usize) % SHARDS;
+    lock(&dog.shards[shard]).insert(
+        id,
+        Entry {
+            held: held.clone(),
+            renewer,
+            ttl,
+            deadline: max_lease.map(|m| now.saturating_add(nanos(m))),
+            due,
+            renewing: false,
+        },
+    );
+    dog.wake_if_before(due);
+    Watch { dog, shard, id }
+}
+
+/// Run `f` on the watchdog's runtime: work that must finish although the caller's future was
+/// dropped (a release, a done mark), and that must not wait for the application's runtime.
+pub(crate) fn spawn_background<F>(f: F)
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    watchdog().handle.spawn(f);
+}
+
+const SHARDS: usize = 16;
+
+struct Entry {
+    held: Arc<Held>,
+    renewer: Arc<dyn Store>,
+    ttl: Duration,
+    /// When renewals stop (`max_lease`), in ns since the watchdog's epoch.
+    deadline: Option<u64>,
+    /// When the next renewal is due, in ns since the watchdog's epoch.
+    due: u64,
+    /// A renewal is in flight.
+    renewing: bool,
+}
+
+struct Watchdog {
+    /// The process this watchdog's thread lives in (a forked child needs its own).
+    pid: u32,
+    epoch: Instant,
+    shards: Box<[Mutex<HashMap<u64, Entry>>]>,
+    next_id: AtomicU64,
+    /// When the scanner wakes next (ns since epoch; `u64::MAX` while it scans or has nothing to
+    /// do): a new lease due earlier must wake it.
+    next_wake: AtomicU64,
+    wake: Notify,
+    handle: tokio::runtime::Handle,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every update is one map operation: a panic cannot leave a map half-done.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// The watchdog of this process, started on first use.
+fn watchdog() -> &'static Watchdog {
+    static FIRST: OnceLock<&'static Watchdog> = OnceLock::new();
+    static FORKED: Mutex<Vec<&'static Watchdog>> = Mutex::new(Vec::new());
+    let pid = std::process::id();
+    let first = *FIRST.get_or_init(|| Watchdog::start(pid));
+    if first.pid == pid {
+        return first;
+    }
+    // A forked child: threads do not survive `fork`, so the parent's watchdog is not running here.
+    let mut forked = lock(&FORKED);
+    if let Some(dog) = forked.iter().find(|d| d.pid == pid) {
+        return dog;
+    }
+    let dog = Watchdog::start(pid);
+    forked.push(dog);
+    dog
+}
+
+impl Watchdog {
+    fn start(pid: u32) -> &'static Watchdog {
+        let (handle_tx, handle_rx) = std::sync::mpsc::channel();
+        let (dog_tx, dog_rx) = std::sync::mpsc::channel::<&'static Watchdog>();
+        std::thread::Builder::new()
+            .name("idem-watchdog".into())
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("build the idem watchdog's runtime");
+                let _ = handle_tx.send(runtime.handle().clone());
+                if let Ok(dog) = dog_rx.recv() {
+                    runtime.block_on(dog.scan_forever());
+                }
+            })
+            .expect("start the idem-watchdog thread");
+        let handle = handle_rx
+            .recv()
+            .expect("the idem watchdog's runtime started");
+        let dog: &'static Watchdog = Box::leak(Box::new(Watchdog {
+            pid,
+            epoch: Instant::now(),
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            next_id: AtomicU64::new(0),
+            next_wake: AtomicU64::new(u64::MAX),
+            wake: Notify::new(),
+            handle,
+        }));
+        let _ = dog_tx.send(dog);
+        dog
+    }
+
+    fn now(&self) -> u64 {
+        nanos(self.epoch.elapsed())
+    }
+
+    fn wake_if_before(&self, due: u64) {
+        if due < self.next_wake.load(Ordering::SeqCst) {
+            // Stores a permit if the scanner is busy, so it scans again before it sleeps.
+            self.wake.notify_one();
+        }
+    }
+
+    async fn scan_forever(&'static self) {
+        loop {
+            // While scanning, every new lease wakes the scanner (a permit), so none is missed.
+            self.next_wake.store(u64::MAX, Ordering::SeqCst);
+            let now = self.now();
+            let mut next = u64::MAX;
+            for (shard, entries) in self.shards.iter().enumerate() {
+                for (&id, e) in lock(entries).iter_mut() {
+                    if e.renewing || e.held.lost.load(Ordering::Acquire) {
+                        continue;
+                    }
+                    if e.deadline.is_some_and(|d| d <= now) {
+                        tracing::warn!(
+                            scope = %e.held.scope,
+                            key = %e.held.key,
+                            "the handler outlived its max_lease: no longer renewing its lease"
+                        );
+                        e.held.lose();
+                        continue;
+                    }
+                    if e.due <= now {
+                        e.renewing = true;
+                        let (held, renewer, ttl) = (e.held.clone(), e.renewer.clone(), e.ttl);
+                        tokio::spawn(self.renew(shard, id, held, renewer, ttl));
+                    } else {
+                        next = next.min(e.due);
+                    }
+                    if let Some(d) = e.deadline {
+                        next = next.min(d);
+                    }
+                }
+            }
+            self.next_wake.store(next, Ordering::SeqCst);
+            // Idle: sleep until woken (an hour at most, to stay simple about clocks).
+            let wait = next
+                .saturating_sub(self.now())
+                .min(nanos(Duration::from_secs(3600)));
+            let _ = tokio::time::timeout(Duration::from_nanos(wait), self.wake.notified()).await;
+        }
+    }
+
+    async fn renew(
+        &'static self,
+        shard: usize,
+        id: u64,
+        held: Arc<Held>,
+        renewer: Arc<dyn Store>,
+        ttl: Duration,
+    ) {
+        let period = ttl / 3;
+        let renewal = renewer.extend(&held.scope, &held.key, &held.lease, ttl);
+        let again_in = match tokio::time::timeout(period, renewal).await {
+            Ok(Ok(())) => period,
+            Ok(Err(StoreError::LeaseLost)) => {
+                tracing::warn!(scope = %held.scope, key = %held.key, "lease lost while the handler runs");
+                held.lose();
+                return;
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(scope = %held.scope, key = %held.key, error = %e, "lease renewal failed; retrying");
+                period / 4
+            }
+            // A renewal that hangs (a pool waiting for a connection, a lock) must not stop the
+            // ones after it, or the lease lapses under a live handler.
+            Err(_) => {
+                tracing::warn!(scope = %held.scope, key = %held.key, "lease renewal timed out; retrying");
+                Duration::ZERO
+            }
+        };
+        let due = self.now().saturating_add(nanos(again_in));
+        if let Some(e) = lock(&self.shards[shard]).get_mut(&id) {
+            e.due = due;
+            e.renewing = false;
+        } else {
+            return; // the handler finished meanwhile
+        }
+        self.wake_if_before(due);
+    }
+}

@@ -1,0 +1,307 @@
+//! The transactional form on the SQL store: the claim, the done mark and the release in the
+//! caller's transaction (see `run/tx.rs` for the steps), and `run_in_tx` / `run_with_tx`, which
+//! begin and commit the transaction themselves.
+
+use std::any::Any;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::Transaction;
+
+use super::sealed::{At, Claim};
+use super::{Backend, SqlStore, micros, stored_scope};
+use crate::run::{Marked, TxConnection, claim_outside, execute_tx};
+use crate::store::{Begin, BeginRequest, Lease, Store, TxStore};
+use crate::{AbsorbsIdemError, Call, Error, Key, Options, Outcome, Phase, Replayable, StoreError};
+
+/// The future a handler given to [`SqlStore::run_in_tx`] returns: boxed, because it borrows the
+/// transaction it was given.
+pub type TxFuture<'t, R> = Pin<Box<dyn Future<Output = R> + Send + 't>>;
+
+/// The transaction's connection, or why the store cannot use it.
+fn conn_of<DB: Backend>(tx: &mut (dyn Any + Send)) -> Result<&mut DB::Connection, StoreError> {
+    tx.downcast_mut::<DB::Connection>().ok_or_else(|| {
+        StoreError::Unsupported(format!(
+            "the transaction is not on {}, the store's database",
+            DB::NAME
+        ))
+    })
+}
+
+#[async_trait::async_trait]
+impl<DB: Backend> TxStore for SqlStore<DB> {
+    async fn begin_in(
+        &self,
+        tx: &mut (dyn Any + Send),
+        req: &BeginRequest<'_>,
+    ) -> Result<Begin, StoreError> {
+        let conn = conn_of::<DB>(tx)?;
+        if !DB::CLAIMS_IN_TX {
+            return self.begin(req).await;
+        }
+        let scope = stored_scope(req.scope);
+        let claim = Claim {
+            at: At {
+                scope: &scope,
+                key: req.key.as_str(),
+            },
+            token: req.token,
+            ttl_us: micros(req.ttl),
+            fingerprint: req.fingerprint.map(|f| f.0),
+        };
+        DB::begin_in(conn, &self.inner.sql, &self.inner.table, &claim).await
+    }
+
+    async fn complete_in(
+        &self,
+        tx: &mut (dyn Any + Send),
+        scope: &str,
+        key: &Key,
+        lease: &Lease,
+        output: &[u8],
+        keep: Duration,
+    ) -> Result<(), StoreError> {
+        let conn = conn_of::<DB>(tx)?;
+        SqlStore::complete_in(self, conn, scope, key, lease, output, keep).await
+    }
+
+    async fn release_in(
+        &self,
+        tx: &mut (dyn Any + Send),
+        scope: &str,
+        key: &Key,
+        lease: &Lease,
+    ) -> Result<(), StoreError> {
+        if DB::CLAIMS_IN_TX {
+            // In the transaction: a caller that commits anyway commits a free key.
+            self.release_on(conn_of::<DB>(tx)?, scope, key, lease).await
+        } else {
+            self.release(scope, key, lease).await
+        }
+    }
+
+    async fn abort_in(&self, tx: &mut (dyn Any + Send)) {
+        if let Ok(conn) = conn_of::<DB>(tx)
+            && let Err(e) = DB::abort(conn).await
+        {
+            // A broken connection: the database rolls the transaction back on its side.
+            tracing::warn!(error = %e, "could not roll back the handler's transaction");
+        }
+    }
+
+    fn claims_in_tx(&self) -> bool {
+        DB::CLAIMS_IN_TX
+    }
+
+    fn renewer_in_tx(&self) -> Option<Arc<dyn Store>> {
+        (!DB::CLAIMS_IN_TX).then(|| self.for_watchdog())
+    }
+}
+
+/// Begin, run and commit a transaction of the wrapper's own: what `run_in_tx` does for the SQL
+/// store and for a layered store over one. Returns what the done mark held when it was written
+/// and committed.
+pub(crate) async fn run_owned<DB, R, F>(
+    store: &dyn Store,
+    txs: &dyn TxStore,
+    tx: Option<Transaction<'static, DB>>,
+    pool: &sqlx::Pool<DB>,
+    opts: &Options,
+    call: Call,
+    handler: F,
+) -> (R, Option<Marked>)
+where
+    DB: Backend,
+    R: Outcome,
+    R::Ok: Replayable,
+    R::Err: AbsorbsIdemError,
+    F: for<'t> FnOnce(&'t mut Transaction<'static, DB>) -> TxFuture<'t, R>,
+{
+    let fail = |e: Error| R::from_result(Err(e.into()));
+    // A claim made outside the transaction comes first, so that a duplicate that is refused or
+    // waits holds no connection for a transaction it will not use.
+    let claimed = if txs.claims_in_tx() {
+        None
+    } else {
+        match claim_outside::<R>(store, opts, &call).await {
+            Ok(claimed) => Some(claimed),
+            Err(answer) => return (answer, None),
+        }
+    };
+    let tx = match tx {
+        Some(tx) => Ok(tx),
+        // The SQL store's own way to begin (SQLite: `BEGIN IMMEDIATE`).
+        None => DB::begin_tx(pool).await,
+    };
+    let mut tx = match tx {
+        Ok(tx) => tx,
+        Err(e) => {
+            if let Some((key, lease)) = &claimed {
+                let _ = store.release(opts.scope_str(), key, lease).await;
+            }
+            let e = Error::Unavailable {
+                phase: Phase::Begin,
+                source: Box::new(e),
+            };
+            return (fail(e), None);
+        }
+    };
+    let mut marked = None;
+    let out = execute_tx(
+        store,
+        txs,
+        opts,
+        call,
+        claimed.map(|(_, lease)| lease),
+        &mut tx,
+        <Transaction<'static, DB> as TxConnection>::as_tx,
+        move |tx| async move { (handler(&mut *tx).await, tx) },
+        &mut marked,
+    )
+    .await;
+    let Some(done) = marked else {
+        // Replayed, refused, failed: nothing of ours to keep.
+        if let Err(e) = tx.rollback().await {
+            tracing::debug!(error = %e, "rollback failed; the database rolls back on its side");
+        }
+        return (out, None);
+    };
+    match tx.commit().await {
+        Ok(()) => (out, Some(done)),
+        Err(e) => {
+            // Rolled back, unless the reply was lost after a commit: then the key is done, and
+            // releasing it changes nothing. Either way a redelivery finds the truth.
+            let _ = store.release(&done.scope, &done.key, &done.lease).await;
+            let e = Error::Unavailable {
+                phase: Phase::Complete,
+                source: Box::new(e),
+            };
+            (fail(e), None)
+        }
+    }
+}
+
+impl<DB: Backend> SqlStore<DB> {
+    /// Run `handler` at most once per key, **exactly once in effect** for writes it makes in the
+    /// transaction it is given: the transactional form, without the attribute.
+    ///
+    /// Begins a transaction on this store's pool (SQLite: `BEGIN IMMEDIATE`), claims the key for
+    /// it, replays a done key, refuses or waits for one in flight (as `opts` says), otherwise runs
+    /// `handler` with the transaction. On `Ok(v)` the done mark (with `v` for replay) is written in
+    /// the transaction and the transaction commits: the handler's writes and the mark commit
+    /// together or not at all. On `Err`, a panic or cancellation the transaction rolls back and the
+    /// key is free again.
+    ///
+    /// What each outcome means here:
+    /// - `Ok(v)`: the effect and the mark committed (or `v` was replayed: nothing ran).
+    /// - [`Error::LeaseLost`]: this caller lost its claim (MySQL/MariaDB, where the claim is a
+    ///   lease outside the transaction: it lapsed and was taken over); its transaction was rolled
+    ///   back, so its effect did not happen.
+    /// - [`Error::Unavailable`] in [`Phase::Complete`]: the mark or the commit failed; the
+    ///   transaction was rolled back, unless the commit's reply was lost, in which case the key is
+    ///   done and a redelivery replays.
+    /// - A crash at any point: the transaction rolls back with the connection; the redelivery runs
+    ///   the handler again (MySQL/MariaDB: once the lease expires).
+    ///
+    /// ```
+    /// # #[cfg(feature = "sqlite")]
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// use idem_runtime::{Call, Options, SqlStore, sqlx};
+    ///
+    /// #[derive(Debug, thiserror::Error)]
+    /// enum AppError {
+    ///     #[error(transparent)]
+    ///     Idem(#[from] idem_runtime::Error),
+    ///     #[error(transparent)]
+    ///     Db(#[from] sqlx::Error),
+    /// }
+    ///
+    /// let path = std::env::temp_dir().join(format!("idem-doc-{}.db", std::process::id()));
+    /// let url = format!("sqlite://{}?mode=rwc", path.display());
+    /// let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+    /// sqlx::query("CREATE TABLE IF NOT EXISTS coupons (order_id TEXT, code TEXT)").execute(&pool).await.unwrap();
+    /// let store = SqlStore::new(pool);
+    /// store.migrate().await.unwrap();
+    ///
+    /// let opts = Options::new("coupons::issue");
+    /// for _delivery in 0..3 {
+    ///     let code: Result<String, AppError> = store
+    ///         .run_in_tx(&opts, Call::new("order-7"), |tx| Box::pin(async move {
+    ///             // The handler's writes go through `tx`: they commit with the done mark.
+    ///             sqlx::query("INSERT INTO coupons VALUES ('order-7', 'C-1')")
+    ///                 .execute(&mut **tx)
+    ///                 .await?;
+    ///             Ok("C-1".to_string())
+    ///         }))
+    ///         .await;
+    ///     assert_eq!(code.unwrap(), "C-1"); // the 2nd and 3rd deliveries replay
+    /// }
+    /// let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM coupons").fetch_one(store.pool()).await.unwrap();
+    /// assert_eq!(rows, 1);
+    /// # drop(store);
+    /// # let _ = std::fs::remove_file(&path);
+    /// # });
+    /// ```
+    pub async fn run_in_tx<R, F>(&self, opts: &Options, call: Call, handler: F) -> R
+    where
+        R: Outcome,
+        R::Ok: Replayable,
+        R::Err: AbsorbsIdemError,
+        F: for<'t> FnOnce(&'t mut Transaction<'static, DB>) -> TxFuture<'t, R>,
+    {
+        let pool = &self.inner.pool;
+        run_owned(self, self, None, pool, opts, call, handler)
+            .await
+            .0
+    }
+
+    /// [`run_in_tx`](Self::run_in_tx) with a transaction the caller began (e.g. with its own
+    /// isolation level: `pool.begin_with("BEGIN ISOLATION LEVEL SERIALIZABLE")`). It is
+    /// committed when the handler ran and its mark was written, and rolled back otherwise (when
+    /// the key is replayed, in flight or refused, the handler does not run).
+    pub async fn run_with_tx<R, F>(
+        &self,
+        tx: Transaction<'static, DB>,
+        opts: &Options,
+        call: Call,
+        handler: F,
+    ) -> R
+    where
+        R: Outcome,
+        R::Ok: Replayable,
+        R::Err: AbsorbsIdemError,
+        F: for<'t> FnOnce(&'t mut Transaction<'static, DB>) -> TxFuture<'t, R>,
+    {
+        let pool = &self.inner.pool;
+        run_owned(self, self, Some(tx), pool, opts, call, handler)
+            .await
+            .0
+    }
+}
+
+/// A sqlx transaction (what `pool.begin()` gives), of any database the SQL store runs on.
+impl<DB: Backend> TxConnection for Transaction<'_, DB> {
+    fn as_tx(&mut self) -> (&mut (dyn Any + Send), bool) {
+        (&mut **self, true)
+    }
+}
+
+/// A bare connection: inside a transaction (`BEGIN` sent by hand), or refused.
+macro_rules! connection_is_tx {
+    ($($feature:literal => $conn:ty),*) => {$(
+        #[cfg(feature = $feature)]
+        impl TxConnection for $conn {
+            fn as_tx(&mut self) -> (&mut (dyn Any + Send), bool) {
+                let in_tx = sqlx::Connection::is_in_transaction(self);
+                (self, in_tx)
+            }
+        }
+    )*};
+}
+connection_is_tx!(
+    "postgres" => sqlx::PgConnection,
+    "mysql" => sqlx::MySqlConnection,
+    "sqlite" => sqlx::SqliteConnection
+);
