@@ -3,8 +3,8 @@
 //! first calls.
 //!
 //! ```text
-//! cargo bench --all-features --bench layered_load
-//! REDIS_URL=... POSTGRES_URL=... IDEM_BENCH_SECS=3 cargo bench --all-features --bench layered_load
+//! cargo bench -p idem-benches --all-features --bench layered_load
+//! REDIS_URL=... POSTGRES_URL=... IDEM_BENCH_SECS=3 cargo bench -p idem-benches --all-features --bench layered_load
 //! ```
 //!
 //! For each scenario (first call of a key; duplicate of a completed key) and concurrency (1 and 16

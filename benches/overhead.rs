@@ -2,7 +2,7 @@
 //! function without the attribute (what a user pays for the wrapper itself, no network).
 //!
 //! ```text
-//! cargo bench --bench overhead
+//! cargo bench -p idem-benches --bench overhead
 //! ```
 
 // `criterion_group!` generates an undocumented function.

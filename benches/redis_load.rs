@@ -2,8 +2,8 @@
 //! connection, in the same run.
 //!
 //! ```text
-//! cargo bench --all-features --bench redis_load
-//! REDIS_URL=redis://127.0.0.1:6379 IDEM_BENCH_SECS=3 cargo bench --all-features --bench redis_load
+//! cargo bench -p idem-benches --all-features --bench redis_load
+//! REDIS_URL=redis://127.0.0.1:6379 IDEM_BENCH_SECS=3 cargo bench -p idem-benches --all-features --bench redis_load
 //! ```
 //!
 //! For each scenario (first call of a key; duplicate of a completed key; duplicate while the key is

@@ -2,8 +2,8 @@
 //! pool, in the same run, on PostgreSQL, MySQL/MariaDB and SQLite (a file).
 //!
 //! ```text
-//! cargo bench --all-features --bench sql_load
-//! POSTGRES_URL=... MYSQL_URL=... IDEM_BENCH_SECS=3 cargo bench --all-features --bench sql_load
+//! cargo bench -p idem-benches --all-features --bench sql_load
+//! POSTGRES_URL=... MYSQL_URL=... IDEM_BENCH_SECS=3 cargo bench -p idem-benches --all-features --bench sql_load
 //! ```
 //!
 //! For each database, scenario (first call of a key; duplicate of a completed key) and

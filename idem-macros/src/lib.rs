@@ -2,6 +2,7 @@
 //!
 //! This crate only forwards to `attr` (argument parsing) and `expand` (code generation), which
 //! work on `proc_macro2` so they can be unit-tested without a compiler run.
+#![forbid(unsafe_code)]
 
 use proc_macro::TokenStream;
 

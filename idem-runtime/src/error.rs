@@ -132,6 +132,7 @@ pub enum Error {
 
 impl Error {
     /// A copy of an error a [`Call`](crate::Call) holds until it runs (a bad key or fingerprint).
+    #[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
     pub(crate) fn again(&self) -> Error {
         match self {
             Error::InvalidKey { reason } => Error::InvalidKey { reason },

@@ -30,6 +30,7 @@
 //!
 //! The pieces: the [`Store`] trait (the contract every backend honours), the [`MemoryStore`],
 //! the [`Error`] a caller matches on, and [`run`], the same wrapper without the macro.
+#![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod codec;

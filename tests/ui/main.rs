@@ -6,7 +6,7 @@
 //! a change to the macro's messages (or a new compiler version), regenerate them with
 //!
 //! ```text
-//! TRYBUILD=overwrite cargo test --test ui
+//! TRYBUILD=overwrite cargo test -p idem-ui
 //! ```
 //!
 //! and read every changed `.stderr` before committing it: a person must check that the message
@@ -15,7 +15,13 @@
 
 #[test]
 fn ui() {
+    // Said outside libtest's capture: the first run builds the cases' dependencies before
+    // trybuild prints anything.
+    let _ = std::io::Write::write_all(
+        &mut std::io::stderr(),
+        b"ui: compiling the compile-fail and pass cases with trybuild (the first run also builds their dependencies in target/tests/trybuild)\n",
+    );
     let t = trybuild::TestCases::new();
-    t.compile_fail("tests/ui/fail/*.rs");
-    t.pass("tests/ui/pass/*.rs");
+    t.compile_fail("fail/*.rs");
+    t.pass("pass/*.rs");
 }

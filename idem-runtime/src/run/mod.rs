@@ -24,6 +24,7 @@ use crate::lease::{self, Held};
 use crate::store::{Begin, BeginRequest, Lease, Store, StoreHandle, Token, TxStore};
 use crate::{Error, Fingerprint, Key, KeyPart, Options, Phase, StoreError, metrics};
 
+#[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
 pub(crate) use tx::{Marked, claim_outside, execute_tx};
 pub use tx::{TxConnection, run_tx_future, tx_access};
 
@@ -126,6 +127,7 @@ impl Call {
     }
 
     /// [`into_parts`](Self::into_parts), keeping the call (the error is rebuilt for the caller).
+    #[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
     fn parts(&self) -> Result<(Key, Option<Fingerprint>), Error> {
         let key = self.key.as_ref().map_err(Error::again)?.clone();
         let fingerprint = match &self.fingerprint {

@@ -104,6 +104,7 @@ pub fn tx_access<C: TxConnection + ?Sized>(_tx: &C) -> AsTx<C> {
     C::as_tx
 }
 
+#[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
 /// Claim outside any transaction (for a store whose transactional claim is made outside it), so
 /// the caller can begin its transaction only once the key is theirs.
 pub(crate) async fn claim_outside<R>(
@@ -133,6 +134,10 @@ where
 
 /// A done mark written in a transaction: what a caller that commits it may copy elsewhere (the
 /// layered store's front).
+#[cfg_attr(
+    not(any(feature = "postgres", feature = "mysql", feature = "sqlite")),
+    allow(dead_code)
+)]
 pub(crate) struct Marked {
     pub(crate) scope: String,
     pub(crate) key: Key,

@@ -199,6 +199,7 @@ pub(crate) fn statements(sql: &str) -> impl Iterator<Item = &str> {
     })
 }
 
+#[cfg(any(feature = "postgres", feature = "mysql"))]
 /// A small pool with `pool`'s connection settings for the watchdog's thread: it connects lazily,
 /// so its connections are opened (and bound to the runtime) there; no maintenance task.
 pub(crate) fn watchdog_pool<DB: sqlx::Database>(pool: &sqlx::Pool<DB>) -> sqlx::Pool<DB> {
@@ -211,6 +212,7 @@ pub(crate) fn watchdog_pool<DB: sqlx::Database>(pool: &sqlx::Pool<DB>) -> sqlx::
         .connect_lazy_with((*pool.connect_options()).clone())
 }
 
+#[cfg(feature = "postgres")]
 /// The key of the transaction-scoped advisory lock that stands for `(table, scope, key)`:
 /// 64 bits of their SHA-256.
 pub(crate) fn advisory_key(table: &str, scope: &str, key: &str) -> i64 {
