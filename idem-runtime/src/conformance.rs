@@ -254,6 +254,40 @@ pub async fn fingerprints_are_checked(store: Arc<dyn Store>) {
     assert_eq!(store.begin(&with(None)).await.unwrap(), replay);
 }
 
+/// A completion after the lease lapsed (nobody took over) keeps the lease's fingerprint: a later
+/// call with another payload is refused, not replayed.
+pub async fn lapsed_completion_keeps_the_fingerprint(store: Arc<dyn Store>) {
+    let store = &*store;
+    let (s, k) = (scope("lapsed-fingerprint"), key("order-1"));
+    let a = Fingerprint::of(&"payload-a").unwrap();
+    let lease = acquire(
+        store,
+        &BeginRequest {
+            fingerprint: Some(a),
+            ..req(&s, &k, SHORT)
+        },
+    )
+    .await;
+    // The lease lapses (the store's clock decides when; give it twice the ttl), unrenewed.
+    tokio::time::sleep(SHORT * 2).await;
+    store.complete(&s, &k, &lease, b"late", LONG).await.unwrap();
+    let with = |fp| BeginRequest {
+        fingerprint: fp,
+        ..req(&s, &k, LONG)
+    };
+    let other = Fingerprint::of(&"payload-b").unwrap();
+    assert_eq!(
+        store.begin(&with(Some(other))).await.unwrap(),
+        Begin::Mismatch
+    );
+    assert_eq!(
+        store.begin(&with(Some(a))).await.unwrap(),
+        Begin::Completed {
+            output: b"late".to_vec()
+        }
+    );
+}
+
 /// Fences strictly increase across releases and takeovers of one key.
 pub async fn fences_strictly_increase(store: Arc<dyn Store>) {
     let store = &*store;
@@ -643,6 +677,7 @@ macro_rules! store_conformance {
             release_after_complete_keeps_the_record,
             extend_keeps_the_lease,
             fingerprints_are_checked,
+            lapsed_completion_keeps_the_fingerprint,
             fences_strictly_increase,
             done_record_expires_after_keep,
             done_record_outlives_the_lease_ttl,

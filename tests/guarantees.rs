@@ -1,0 +1,335 @@
+//! The wrapper's guarantees on the paths where a handler used to run twice or a message could
+//! never complete, each test named after what broke. The store is the real memory store; where a
+//! test needs a store operation to stall (a mark in flight when the caller gives up), a thin
+//! wrapper around it holds that one operation until the test lets it go.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use idem_runtime::{
+    Begin, BeginRequest, Call, Error, Fingerprint, Key, Lease, MemoryStore, Options, Store,
+    StoreError, current_lease, idempotent, run,
+};
+use tokio::sync::{Notify, oneshot};
+
+#[derive(Debug, thiserror::Error)]
+enum AppError {
+    #[error(transparent)]
+    Idem(#[from] Error),
+}
+
+fn counted(runs: &AtomicU32) -> u32 {
+    runs.fetch_add(1, Ordering::SeqCst) + 1
+}
+
+/// The memory store, whose `complete` waits at a gate the test opens, and says when it was
+/// entered and when it finished.
+#[derive(Clone, Default)]
+struct GatedComplete(Arc<Gates>);
+
+struct Gates {
+    store: MemoryStore,
+    entered: Notify,
+    /// Closed until the test adds permits.
+    gate: tokio::sync::Semaphore,
+    finished: Notify,
+}
+
+impl Default for Gates {
+    fn default() -> Self {
+        Gates {
+            store: MemoryStore::new(),
+            entered: Notify::new(),
+            gate: tokio::sync::Semaphore::new(0),
+            finished: Notify::new(),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for GatedComplete {
+    async fn begin(&self, req: &BeginRequest<'_>) -> Result<Begin, StoreError> {
+        self.0.store.begin(req).await
+    }
+    async fn complete(
+        &self,
+        scope: &str,
+        key: &Key,
+        lease: &Lease,
+        output: &[u8],
+        keep: Duration,
+    ) -> Result<(), StoreError> {
+        self.0.entered.notify_one();
+        let _pass = self.0.gate.acquire().await.expect("open");
+        let done = self.0.store.complete(scope, key, lease, output, keep).await;
+        self.0.finished.notify_one();
+        done
+    }
+    async fn release(&self, scope: &str, key: &Key, lease: &Lease) -> Result<(), StoreError> {
+        self.0.store.release(scope, key, lease).await
+    }
+    async fn extend(
+        &self,
+        scope: &str,
+        key: &Key,
+        lease: &Lease,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.0.store.extend(scope, key, lease, ttl).await
+    }
+    fn for_watchdog(&self) -> Arc<dyn Store> {
+        Arc::new(self.clone())
+    }
+}
+
+/// A call dropped after the handler returned `Ok` (a timeout, a client hanging up) while its
+/// done mark is being written: the mark is still written, in the background, so the redelivery
+/// replays instead of running the handler again once the lease expires.
+#[tokio::test]
+async fn cancelled_during_the_mark_the_mark_is_still_written() {
+    let store = GatedComplete::default();
+    let opts = Options::new("guarantees::cancel_mark").ttl(Duration::from_secs(60));
+    let runs = AtomicU32::new(0);
+    {
+        let call = run(&store, &opts, Call::new("order-1"), || async {
+            Ok::<_, Error>(counted(&runs))
+        });
+        let mut call = std::pin::pin!(call);
+        tokio::select! {
+            out = &mut call => panic!("the mark was held at the gate, yet the call ended: {out:?}"),
+            () = store.0.entered.notified() => {}
+        }
+        // Dropped here, with `complete` in flight.
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    store.0.gate.add_permits(100);
+    tokio::time::timeout(Duration::from_secs(10), store.0.finished.notified())
+        .await
+        .expect("the done mark was never written in the background");
+    let again: Result<u32, Error> = run(&store, &opts, Call::new("order-1"), || async {
+        Ok(counted(&runs))
+    })
+    .await;
+    assert_eq!(again.unwrap(), 1, "replayed the first run's output");
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "the handler ran twice");
+}
+
+/// A handler outlives `max_lease` (it is wedged): the watchdog stops renewing, the handler is
+/// told (`current_lease().lost()`), a duplicate takes the key over with a greater fence, and the
+/// late handler's completion is refused; the new holder's record stands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wedged_handler_loses_its_lease_after_max_lease() {
+    let store = MemoryStore::new();
+    let opts = Options::new("guarantees::wedged")
+        .ttl(Duration::from_millis(200))
+        .max_lease(Duration::from_millis(400));
+    let (started_tx, started_rx) = oneshot::channel();
+    let (lost_tx, lost_rx) = oneshot::channel();
+    let (unwedge_tx, unwedge_rx) = oneshot::channel::<()>();
+    let wedged = {
+        let (store, opts) = (store.clone(), opts.clone());
+        tokio::spawn(async move {
+            run(&store, &opts, Call::new("order-2"), || async move {
+                let lease = current_lease().expect("inside a handler");
+                let _ = started_tx.send(lease.fence());
+                lease.lost().await;
+                assert!(lease.is_lost());
+                let _ = lost_tx.send(());
+                let _ = unwedge_rx.await;
+                Ok::<_, Error>("wedged".to_owned())
+            })
+            .await
+        })
+    };
+    let wedged_fence = started_rx.await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), lost_rx)
+        .await
+        .expect("the handler was never told its lease was lost")
+        .unwrap();
+    // The lease lapses a ttl after the last renewal: a duplicate takes it over.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let (fence, out) = loop {
+        let out: Result<(u64, String), Error> =
+            run(&store, &opts, Call::new("order-2"), || async {
+                Ok((current_lease().unwrap().fence(), "taken over".to_owned()))
+            })
+            .await;
+        match out {
+            Ok(v) => break v,
+            Err(Error::InFlight { retry_after, .. }) => {
+                assert!(tokio::time::Instant::now() < deadline, "never taken over");
+                tokio::time::sleep(retry_after.min(Duration::from_millis(50))).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(out, "taken over");
+    assert!(fence > wedged_fence, "{fence} !> {wedged_fence}");
+    unwedge_tx.send(()).unwrap();
+    let late = wedged.await.unwrap();
+    assert!(matches!(late, Err(Error::LeaseLost { .. })), "{late:?}");
+    let replay: Result<(u64, String), Error> = run(&store, &opts, Call::new("order-2"), || async {
+        Ok((0, "ran".to_owned()))
+    })
+    .await;
+    assert_eq!(replay.unwrap(), (fence, "taken over".to_owned()));
+}
+
+/// `run` with a zero ttl gave no exclusion at all; `Options` raises it to the 100 ms minimum, so
+/// a duplicate of a running call is still refused.
+#[tokio::test]
+async fn a_zero_ttl_still_excludes_duplicates() {
+    let store = MemoryStore::new();
+    let opts = Options::new("guarantees::zero_ttl").ttl(Duration::ZERO);
+    assert_eq!(opts.ttl_duration(), Options::MIN_TTL);
+    let (started_tx, started_rx) = oneshot::channel();
+    let (finish_tx, finish_rx) = oneshot::channel::<()>();
+    let first = run(&store, &opts, Call::new("k"), || async {
+        let _ = started_tx.send(());
+        let _ = finish_rx.await;
+        Ok::<_, Error>(1)
+    });
+    let second = async {
+        started_rx.await.unwrap();
+        // Past the clamped ttl: still held, because the watchdog renews it.
+        tokio::time::sleep(Options::MIN_TTL * 3).await;
+        let dup: Result<u32, Error> = run(&store, &opts, Call::new("k"), || async { Ok(2) }).await;
+        finish_tx.send(()).unwrap();
+        dup
+    };
+    let (first, second) = tokio::join!(first, second);
+    assert_eq!(first.unwrap(), 1);
+    assert!(matches!(second, Err(Error::InFlight { .. })), "{second:?}");
+}
+
+/// An output larger than `max_output` still marks the key done: the handler is never run again,
+/// and duplicates are told there is nothing to replay.
+#[tokio::test]
+async fn an_output_over_max_output_is_done_but_not_replayed() {
+    let store = MemoryStore::new();
+    let opts = Options::new("guarantees::big").max_output(1024);
+    let runs = AtomicU32::new(0);
+    for delivery in 0..3 {
+        let out: Result<Vec<u8>, Error> = run(&store, &opts, Call::new("report-1"), || async {
+            counted(&runs);
+            Ok(vec![7u8; 4096])
+        })
+        .await;
+        match (delivery, out) {
+            (0, Ok(v)) => assert_eq!(v.len(), 4096),
+            (_, Err(Error::Unreplayable { reason, .. })) => {
+                assert!(reason.contains("max_output"), "{reason}")
+            }
+            (n, other) => panic!("delivery {n}: {other:?}"),
+        }
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+/// A payload that cannot be serialized was hashed by its error text, so every such payload
+/// matched every other: now the call is refused before the handler runs.
+#[tokio::test]
+async fn an_unserializable_fingerprint_is_refused() {
+    struct Opaque;
+    impl serde::Serialize for Opaque {
+        fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+            Err(serde::ser::Error::custom("cannot be serialized"))
+        }
+    }
+    let store = MemoryStore::new();
+    let runs = AtomicU32::new(0);
+    let out: Result<u32, Error> = run(
+        &store,
+        &Options::new("guarantees::fp"),
+        Call::new("k").fingerprint(Fingerprint::of(&Opaque)),
+        || async { Ok(counted(&runs)) },
+    )
+    .await;
+    assert!(
+        matches!(&out, Err(Error::InvalidFingerprint { reason }) if reason.contains("cannot be serialized")),
+        "{out:?}"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 0);
+}
+
+/// Reordering a struct's fields does not change its fingerprint (a deploy that does so must not
+/// turn retries into mismatches); changing a value does.
+#[test]
+fn fingerprints_ignore_field_order() {
+    #[derive(serde::Serialize)]
+    struct V1 {
+        amount: u32,
+        currency: &'static str,
+    }
+    #[derive(serde::Serialize)]
+    struct V2 {
+        currency: &'static str,
+        amount: u32,
+    }
+    let a = Fingerprint::of(&V1 {
+        amount: 5,
+        currency: "EUR",
+    })
+    .unwrap();
+    let b = Fingerprint::of(&V2 {
+        currency: "EUR",
+        amount: 5,
+    })
+    .unwrap();
+    let c = Fingerprint::of(&V2 {
+        currency: "EUR",
+        amount: 6,
+    })
+    .unwrap();
+    assert_eq!(a, b);
+    assert_ne!(b, c);
+}
+
+// ---- The attribute ----
+
+static STORE: std::sync::LazyLock<MemoryStore> = std::sync::LazyLock::new(MemoryStore::new);
+static RUNS: AtomicU32 = AtomicU32::new(0);
+
+#[idempotent(key = "{a}{b}", store = "&*STORE", scope = "guarantees.adjacent")]
+async fn adjacent(a: &str, b: &str) -> Result<String, AppError> {
+    RUNS.fetch_add(1, Ordering::SeqCst);
+    Ok(format!("{a}+{b}"))
+}
+
+/// `"{a}{b}"` made ("ab", "c") and ("a", "bc") the same key, so one order replayed the other's
+/// result: adjacent parts are now kept apart.
+#[tokio::test]
+async fn adjacent_placeholders_never_collide() {
+    assert_eq!(adjacent("ab", "c").await.unwrap(), "ab+c");
+    assert_eq!(adjacent("a", "bc").await.unwrap(), "a+bc");
+    assert_eq!(adjacent("ab", "c").await.unwrap(), "ab+c");
+}
+
+static RENAMED: std::sync::LazyLock<MemoryStore> = std::sync::LazyLock::new(MemoryStore::new);
+static ISSUED: AtomicU32 = AtomicU32::new(0);
+
+/// Before the rename: the scope is pinned to a stable name.
+#[idempotent(key = "order_id", store = "&*RENAMED", scope = "coupons.issue")]
+async fn issue_coupon(order_id: u64) -> Result<u32, AppError> {
+    let _ = order_id;
+    Ok(ISSUED.fetch_add(1, Ordering::SeqCst) + 1)
+}
+
+/// After the rename (and a move): the same pinned scope, so records written before it still
+/// answer.
+#[idempotent(key = "order_id", store = "&*RENAMED", scope = "coupons.issue")]
+async fn grant_coupon(order_id: u64) -> Result<u32, AppError> {
+    let _ = order_id;
+    Ok(ISSUED.fetch_add(1, Ordering::SeqCst) + 1)
+}
+
+/// Renaming a handler changed its default scope and orphaned every record: with the scope pinned,
+/// a duplicate after the rename replays.
+#[tokio::test]
+async fn a_pinned_scope_survives_a_rename() {
+    let before = issue_coupon(42).await.unwrap();
+    let after = grant_coupon(42).await.unwrap();
+    assert_eq!(before, after);
+    assert_eq!(ISSUED.load(Ordering::SeqCst), 1);
+}
