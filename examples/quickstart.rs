@@ -335,7 +335,7 @@ async fn report(db: &SqlitePool, nth: i64) -> Result<(), Box<dyn std::error::Err
         coupons_total += coupons;
         replayed_total += replayed;
         restart_total += restart;
-        println!("{order:<6} {story:<46} {deliveries:>10} {replayed:>8} {restart:>8} {coupons:>8}");
+        println!("{order:<6} {story:<46} {deliveries:>10} {replayed:>8} {restart:>9} {coupons:>8}");
         if coupons != 1 {
             return Err(format!("order {order} got {coupons} coupons").into());
         }
@@ -347,7 +347,9 @@ async fn report(db: &SqlitePool, nth: i64) -> Result<(), Box<dyn std::error::Err
     );
     println!("replayed: answered from the order's done mark, without running the handler again.");
     if nth > 1 {
-        println!("restart: {restart_total} of them after a restart, from the records on disk.");
+        println!(
+            "later run: {restart_total} of them in a later run of this stream (after a restart, or in a second process), from the records on disk."
+        );
     }
     Ok(())
 }
