@@ -28,8 +28,14 @@
 //! # });
 //! ```
 //!
+//! For a handler whose effect is a write to a database, the transactional form
+//! (`#[idempotent(key = "order_id", tx = "tx")]` on a fn that takes `&mut Transaction`) writes the
+//! done mark in the handler's own transaction, so the effect and the mark commit together: see
+//! [`idempotent`].
+//!
 //! The pieces: the [`Store`] trait (the contract every backend honours), the [`MemoryStore`],
-//! the [`Error`] a caller matches on, and [`run`], the same wrapper without the macro.
+//! the [`Error`] a caller matches on, [`current_lease`] (the lease inside a handler), and [`run`],
+//! the same wrapper without the macro.
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
@@ -97,13 +103,73 @@ pub use store::{
 /// | option | meaning | default |
 /// |---|---|---|
 /// | `key = "..."` | a parameter (`"order_id"`), a field path (`"msg.order_id"`), or a template (`"{tenant}:{order.id}"`) | required |
-/// | `ttl = "10m"` | the in-flight lease, renewed while the handler runs | `"60s"` |
+/// | `ttl = "10m"` | the in-flight lease, renewed while the handler runs (by idem's own thread) | `"60s"` |
 /// | `keep = "24h"` | how long the done record and its output are kept | `"24h"` |
 /// | `wait = "5s"` | an in-flight duplicate waits up to this long and replays the holder's output | refuse at once with [`Error::InFlight`] |
-/// | `scope = "..."` | the key namespace | module path and fn name |
-/// | `store = "self.idem"` | an expression giving the store | the [`DefaultStore`] |
-/// | `fingerprint = "amount, currency"` | parameters whose hash must match on replay ([`Error::Mismatch`]) | none |
+/// | `tx = "tx"` | the parameter that is the transaction: the transactional form (below) | none |
+/// | `scope = "..."` | the key namespace. Renaming or moving the fn changes the default and orphans the records stored under it: pin it before a rename. Required on generic fns | module path and fn name |
+/// | `store = "self.idem"` | an expression giving the store: any [`Store`], a reference or an `Arc` to one, `&dyn Store` | the [`DefaultStore`] |
+/// | `fingerprint = "amount, currency"` | parameters (or field paths) whose hash must match on replay ([`Error::Mismatch`]) | none |
+/// | `max_lease = "1h"` | the longest the lease is renewed for one run (`"forever"`: while it runs); see [`Options::max_lease`] | `"1h"` |
+/// | `max_output = "1MiB"` | the largest output stored for replay; larger ones mark the key done without it ([`Error::Unreplayable`]) | `"1MiB"` |
 /// | `crate = "idem"` | the path of this crate when renamed | `::idem_runtime` |
+///
+/// Inside the body, [`current_lease`] gives the lease (its fence, and whether it was lost).
+///
+/// # The transactional form
+///
+/// With `tx = "name"`, the parameter `name` is the handler's transaction (`&mut
+/// sqlx::Transaction<'_, DB>`, or `&mut` a connection inside one), and the store a `SqlStore` (or
+/// a `LayeredStore` over one) on the same database. The key is claimed for that transaction, the
+/// body runs, and the done mark is written **in the transaction**; the caller commits. So the
+/// handler's writes and the mark commit together or not at all: exactly once in effect, across
+/// crashes. If the caller rolls back, the key is free again (at once on PostgreSQL and SQLite, after
+/// the lease on MySQL/MariaDB); if the mark cannot be written, idem rolls the transaction back on
+/// the server before returning the error, so the handler's writes can never commit without it. See
+/// the README's section on the transactional form for how each database holds the claim.
+///
+/// ```
+/// # #[cfg(feature = "sqlite")] {
+/// use idem_runtime::idempotent;
+/// use idem_runtime::sqlx::{self, Sqlite, Transaction};
+///
+/// #[derive(Debug, thiserror::Error)]
+/// enum AppError {
+///     #[error(transparent)]
+///     Idem(#[from] idem_runtime::Error),
+///     #[error(transparent)]
+///     Db(#[from] sqlx::Error),
+/// }
+///
+/// #[idempotent(key = "order_id", tx = "tx", scope = "doc.issue_coupon")]
+/// async fn issue_coupon(tx: &mut Transaction<'_, Sqlite>, order_id: i64) -> Result<i64, AppError> {
+///     sqlx::query("INSERT INTO coupons (order_id) VALUES (?)")
+///         .bind(order_id)
+///         .execute(&mut **tx)
+///         .await?;
+///     Ok(order_id)
+/// }
+///
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// let path = std::env::temp_dir().join(format!("idem-doc-tx-{}.db", std::process::id()));
+/// let store = idem_runtime::SqliteStore::open(&path).await.unwrap();
+/// let pool = store.pool().clone();
+/// sqlx::query("CREATE TABLE coupons (order_id INTEGER)").execute(&pool).await.unwrap();
+/// idem_runtime::install_default_store(store).unwrap();
+/// for _delivery in 0..3 {
+///     let mut tx = pool.begin().await.unwrap();
+///     assert_eq!(issue_coupon(&mut tx, 7).await.unwrap(), 7); // replayed after the first
+///     tx.commit().await.unwrap(); // the caller commits: the coupon and the mark, together
+/// }
+/// let coupons: i64 = sqlx::query_scalar("SELECT count(*) FROM coupons").fetch_one(&pool).await.unwrap();
+/// assert_eq!(coupons, 1);
+/// # drop(pool);
+/// # let _ = std::fs::remove_file(&path);
+/// # });
+/// # }
+/// ```
+///
+/// # The plain form
 ///
 /// ```
 /// use idem_runtime::{idempotent, Error, MemoryStore};
@@ -129,6 +195,11 @@ pub use store::{
 /// ```
 #[doc(inline)]
 pub use idem_macros::idempotent;
+
+// Every Rust block of the README compiles (`cargo test --workspace --all-features`).
+#[cfg(all(doctest, feature = "sqlite", feature = "postgres"))]
+#[doc = include_str!("../../README.md")]
+mod readme {}
 
 /// Support for the code `#[idempotent]` generates. Not public API: may change in any release.
 #[doc(hidden)]
