@@ -321,11 +321,16 @@ fn expand(mut args: Args, func: &ItemFn) -> syn::Result<TokenStream> {
         return Err(combine(errors));
     };
 
-    let krate = args
-        .krate
-        .as_ref()
-        .map(|(_, p)| quote!(#p))
-        .unwrap_or_else(|| quote!(::idem_runtime));
+    let krate =
+        args.krate.as_ref().map(|(_, p)| quote!(#p)).unwrap_or_else(
+            || match crate::krate::renamed() {
+                Some(name) => {
+                    let name = Ident::new(name, Span::call_site());
+                    quote!(::#name)
+                }
+                None => quote!(::idem_runtime),
+            },
+        );
 
     // The key: one value, or a template whose parts are escaped against its literal text.
     let key_expr = match template::parse(&key_lit.value()) {
@@ -526,7 +531,12 @@ fn expand(mut args: Args, func: &ItemFn) -> syn::Result<TokenStream> {
     // future land on the same span as those of the call, and rustc reports them once.
     let ret_span = ret.span();
     let krate_ret = respan(krate.clone(), ret_span);
-    let typed = quote_spanned!(ret_span=> #krate_ret::__private::typed::<#ret, _>);
+    // The body's value is bound to the return type, as a fn body is: a body that ends without
+    // its `Result` (an empty body, a stray `;`) is one "mismatched types" error on the body.
+    let body = quote!({
+        let __idem_out: #ret = #block;
+        __idem_out
+    });
     // `async` on the user's own keyword: a borrow conflict in the body points at their fn.
     let async_token = match &sig.asyncness {
         Some(a) => quote_spanned!(a.span=> async),
@@ -544,17 +554,17 @@ fn expand(mut args: Args, func: &ItemFn) -> syn::Result<TokenStream> {
         // is not `move`, so it only borrows `tx` (and moves what the body moves).
         Some(tx) => (
             quote!(#store, &__IDEM_OPTIONS, __idem_call, #tx, __idem_tx_access, #capture |#tx| #async_token #capture {
-                let __idem_out = #typed(#async_token #block).await;
+                let __idem_out = #async_token #body.await;
                 (__idem_out, #tx)
             }),
             quote_spanned!(ret_span=> #krate_ret::__private::run_tx_future),
         ),
         None => (
-            quote!(#store, &__IDEM_OPTIONS, __idem_call, #typed(#async_token #capture #block)),
+            quote!(#store, &__IDEM_OPTIONS, __idem_call, #async_token #capture #body),
             quote_spanned!(ret_span=> #krate_ret::__private::run_future),
         ),
     };
-    // `R` is inferred from the body (pinned by `typed`, or the closure's return type): a
+    // `R` is inferred from the body (pinned by its binding to the return type): a
     // turbofish would add a second span (the whole type) to errors that are also reported on its
     // first token.
     let mut run = entry;
@@ -562,15 +572,22 @@ fn expand(mut args: Args, func: &ItemFn) -> syn::Result<TokenStream> {
     parens.set_span(ret_span);
     run.extend([TokenTree::Group(parens)]);
     run.extend(quote_spanned!(ret_span=> .await));
-    Ok(quote! {
-        #(#attrs)*
-        #vis #sig {
+    // The new body keeps the user's braces' span, so the item is still the user's code to rustc:
+    // "function is never used" and other lints on the fn keep working.
+    let mut body = Group::new(
+        proc_macro2::Delimiter::Brace,
+        quote! {
             #store_items
             let __idem_call = #krate::Call::from_key(#key_expr) #fingerprint;
             #tx_access
             const __IDEM_OPTIONS: #krate::Options = #options;
             #run
-        }
+        },
+    );
+    body.set_span(func.block.brace_token.span.join());
+    Ok(quote! {
+        #(#attrs)*
+        #vis #sig #body
     })
 }
 

@@ -61,7 +61,7 @@ impl<T, E> Outcome for Result<T, E> {
 #[diagnostic::on_unimplemented(
     message = "`{Self}` cannot be replayed: idempotent outputs must implement `Serialize` and `Deserialize`",
     label = "the `Ok` type of an idempotent handler is stored so duplicates get it back",
-    note = "derive `serde::Serialize` and `serde::Deserialize` for `{Self}`, or return a type that has them (`()` is fine)"
+    note = "derive `serde::Serialize` and `serde::Deserialize` for `{Self}`, or return a type that has them (`()` is fine); a response wrapper such as `Json<T>`: return `T`, and wrap it outside the handler"
 )]
 pub trait Replayable: Serialize + DeserializeOwned + Send {}
 // Report the missing trait by this trait's message, once, rather than each missing bound.
@@ -72,7 +72,7 @@ impl<T: Serialize + DeserializeOwned + Send> Replayable for T {}
 #[diagnostic::on_unimplemented(
     message = "`{Self}` cannot carry idem's errors",
     label = "an idempotent handler's error type needs `From<idem_runtime::Error>`",
-    note = "add `#[error(transparent)] Idem(#[from] idem_runtime::Error)` to your thiserror enum, or `impl From<idem_runtime::Error> for {Self}`; `anyhow::Error` and `Box<dyn Error + Send + Sync>` already work"
+    note = "add `#[error(transparent)] Idem(#[from] idem_runtime::Error)` to your own error enum (thiserror), or implement `From<idem_runtime::Error>` for your own error type; `anyhow::Error` and `Box<dyn std::error::Error + Send + Sync>` already work (a type you do not own, such as `String`, cannot get the impl: use one of those)"
 )]
 pub trait AbsorbsIdemError: From<Error> {}
 // Report the missing trait by this trait's message, once, rather than each missing bound.
