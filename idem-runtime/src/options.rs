@@ -107,6 +107,12 @@ impl Options {
     /// Make an in-flight duplicate wait up to `timeout` for the holder to finish, then replay its
     /// output (or run, if the holder failed). Without it, the duplicate gets
     /// [`Error::InFlight`](crate::Error::InFlight) at once.
+    ///
+    /// In the transactional form the duplicate waits inside its own transaction. On PostgreSQL at
+    /// REPEATABLE READ or SERIALIZABLE that transaction's snapshot predates the holder's commit,
+    /// so after the wait it gets a serialization failure
+    /// ([`Error::Unavailable`](crate::Error::Unavailable), SQLSTATE 40001) instead of the
+    /// replay: retry it in a new transaction, which replays.
     pub const fn wait(mut self, timeout: Duration) -> Self {
         self.wait = Some(timeout);
         self

@@ -20,9 +20,16 @@ pub fn redis_url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
 }
 
-/// A store on the shared Redis, or `None` after reporting it missing (a failure under CI).
+/// A store on the shared Redis, or `None` after reporting it missing (a failure under CI). The
+/// store connects lazily, so the server is pinged first: a missing Redis must not pass unnoticed
+/// (a layered store would quietly go on through its database).
 pub async fn shared_store() -> Option<RedisStore> {
     let url = redis_url();
+    let mut conn = shared_conn().await?;
+    if let Err(e) = redis::cmd("PING").query_async::<String>(&mut conn).await {
+        server_missing("Redis", &url, e);
+        return None;
+    }
     match RedisStore::from_url(&url).await {
         Ok(store) => Some(store),
         Err(e) => {

@@ -248,8 +248,10 @@ where
         Err(e) => {
             tracing::error!(scope, key = %key, error = %e, "the done mark could not be written in the handler's transaction: rolling it back");
             txs.abort_in(as_tx(tx).0).await;
-            if !matches!(e, crate::StoreError::LeaseLost) {
-                // The effect is rolled back: let a redelivery run at once.
+            // The effect is rolled back. A claim made in the transaction went with it; one made
+            // outside is released (unless another holder has the key), so a redelivery runs at
+            // once.
+            if !txs.claims_in_tx() && !matches!(e, crate::StoreError::LeaseLost) {
                 release_in(txs, as_tx(tx).0, scope, key, &lease).await;
             }
             lift(opts, store_error(e, Phase::Complete, scope, key))
