@@ -10,6 +10,7 @@ mod attr;
 mod duration;
 mod expand;
 mod krate;
+mod params;
 mod size;
 mod template;
 
