@@ -224,6 +224,21 @@ pub(crate) fn store_error(e: StoreError, phase: Phase, scope: &str, key: &Key) -
     }
 }
 
+/// The claim of one call: a new token, the handler's scope and ttl.
+pub(crate) fn request<'a>(
+    opts: &'a Options,
+    key: &'a Key,
+    fingerprint: Option<Fingerprint>,
+) -> BeginRequest<'a> {
+    BeginRequest {
+        scope: &opts.scope,
+        key,
+        token: Token::generate(),
+        ttl: opts.ttl,
+        fingerprint,
+    }
+}
+
 /// Where `begin` goes: the store, or the store inside the caller's transaction.
 pub(crate) enum Claimant<'a> {
     Store(&'a dyn Store),
@@ -333,14 +348,7 @@ where
         Ok(parts) => parts,
         Err(e) => return lift(opts, e),
     };
-    let scope: &str = &opts.scope;
-    let req = BeginRequest {
-        scope,
-        key: &key,
-        token: Token::generate(),
-        ttl: opts.ttl,
-        fingerprint,
-    };
+    let req = request(opts, &key, fingerprint);
     let lease = match claim::<R>(store, Claimant::Store(store), opts, &req).await {
         Ok(lease) => lease,
         Err(answer) => return answer,

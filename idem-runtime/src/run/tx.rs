@@ -29,10 +29,10 @@ use std::any::Any;
 use std::future::Future;
 use std::sync::Arc;
 
-use super::{CatchUnwind, Claimant, Finish, claim, lift, store_error};
+use super::{CatchUnwind, Claimant, Finish, claim, lift, request, store_error};
 use crate::codec;
 use crate::lease::{self, Held};
-use crate::store::{BeginRequest, Lease, StoreHandle, Token, TxStore};
+use crate::store::{Lease, StoreHandle, TxStore};
 use crate::{AbsorbsIdemError, Call, Error, Key, Options, Outcome, Phase, Replayable, metrics};
 
 /// A connection the transactional form can write the done mark on: a `sqlx::Transaction` (what
@@ -121,13 +121,7 @@ where
         Ok(parts) => parts,
         Err(e) => return Err(lift(opts, e)),
     };
-    let req = BeginRequest {
-        scope: &opts.scope,
-        key: &key,
-        token: Token::generate(),
-        ttl: opts.ttl,
-        fingerprint,
-    };
+    let req = request(opts, &key, fingerprint);
     let lease = claim::<R>(store, Claimant::Store(store), opts, &req).await?;
     Ok((key, lease))
 }
@@ -173,14 +167,7 @@ where
         Ok(parts) => parts,
         Err(e) => return lift(opts, e),
     };
-    let scope: &str = &opts.scope;
-    let req = BeginRequest {
-        scope,
-        key: &key,
-        token: Token::generate(),
-        ttl: opts.ttl,
-        fingerprint,
-    };
+    let req = request(opts, &key, fingerprint);
     let lease = match claimed {
         Some(lease) => lease,
         None => match claim::<R>(store, Claimant::Tx(txs, as_tx(tx).0), opts, &req).await {
