@@ -36,7 +36,7 @@ impl Service {
         }
     }
 
-    #[idempotent(key = "order_id", store = "self.idem", ttl = "10s")]
+    #[idempotent(key = "order_id", store = "self.idem", ttl = "10s", scope = "tests.issue")]
     async fn issue(&self, order_id: u64, fail: bool) -> Result<Coupon, AppError> {
         self.runs.fetch_add(1, Ordering::SeqCst);
         if fail {
@@ -48,19 +48,19 @@ impl Service {
         })
     }
 
-    #[idempotent(key = "{tenant}:{order_id}", store = "self.idem")]
+    #[idempotent(key = "{tenant}:{order_id}", store = "self.idem", scope = "tests.by_tenant")]
     async fn by_tenant(&self, tenant: &str, order_id: &str) -> Result<String, AppError> {
         self.runs.fetch_add(1, Ordering::SeqCst);
         Ok(format!("{tenant}/{order_id}"))
     }
 
-    #[idempotent(key = "key", store = "self.idem", fingerprint = "amount")]
+    #[idempotent(key = "key", store = "self.idem", fingerprint = "amount", scope = "tests.charge")]
     async fn charge(&self, key: String, amount: u32) -> Result<u32, AppError> {
         self.runs.fetch_add(1, Ordering::SeqCst);
         Ok(amount)
     }
 
-    #[idempotent(key = "id", store = "self.idem", wait = "10s")]
+    #[idempotent(key = "id", store = "self.idem", wait = "10s", scope = "tests.slow")]
     async fn slow(
         &self,
         id: u64,
@@ -73,7 +73,7 @@ impl Service {
         Ok(id * 10)
     }
 
-    #[idempotent(key = "id", store = "self.idem")]
+    #[idempotent(key = "id", store = "self.idem", scope = "tests.held")]
     async fn held(
         &self,
         id: u64,
@@ -86,7 +86,7 @@ impl Service {
         Ok(id * 10)
     }
 
-    #[idempotent(key = "id", store = "self.idem")]
+    #[idempotent(key = "id", store = "self.idem", scope = "tests.panics")]
     async fn panics(&self, id: u64, panic: bool) -> Result<u64, AppError> {
         self.runs.fetch_add(1, Ordering::SeqCst);
         assert!(!panic, "handler panicked");

@@ -3,7 +3,7 @@
 use proc_macro2::{Group, Span, TokenStream, TokenTree};
 use quote::{quote, quote_spanned};
 use syn::spanned::Spanned;
-use syn::{Ident, ItemFn, ReturnType};
+use syn::{FnArg, Ident, ItemFn, ReturnType};
 
 use crate::attr::Args;
 use crate::params::{Params, generic_part, impl_trait_in, mentions, path_expr, tx_param};
@@ -132,6 +132,20 @@ fn expand(mut args: Args, func: &ItemFn) -> syn::Result<TokenStream> {
             span,
             format!(
                 "`{}` is generic over {what}, so all its instantiations would share one default scope, and one instantiation could replay another's output or be suppressed by another's record; name the scope they share, e.g. scope = \"{}\", and put what tells them apart in `key`",
+                sig.ident, sig.ident
+            ),
+        ));
+    }
+
+    // Methods: the default scope names the module and the fn, not the type, so `handle` on two
+    // types of one module would share a key space and replay each other's outputs.
+    if args.scope.is_none()
+        && let Some(FnArg::Receiver(r)) = sig.inputs.first()
+    {
+        errors.push(syn::Error::new(
+            r.self_token.span,
+            format!(
+                "`{}` is a method, and the default scope (module path and fn name) does not name its type: methods of that name on two types of one module would share one key space and replay each other's outputs; name the scope, e.g. scope = \"orders.{}\"",
                 sig.ident, sig.ident
             ),
         ));

@@ -107,7 +107,7 @@ pub use store::{
 /// | `keep = "24h"` | how long the done record and its output are kept | `"24h"` |
 /// | `wait = "5s"` | an in-flight duplicate waits up to this long and replays the holder's output | refuse at once with [`Error::InFlight`] |
 /// | `tx = "tx"` | the parameter that is the transaction: the transactional form (below) | none |
-/// | `scope = "..."` | the key namespace. Renaming or moving the fn changes the default and orphans the records stored under it: pin it before a rename. Required on generic fns | module path and fn name |
+/// | `scope = "..."` | the key namespace. Renaming or moving the fn changes the default and orphans the records stored under it: pin it before a rename. Required on methods and generic fns (the default names neither the type nor the instantiation) | module path and fn name |
 /// | `store = "self.idem"` | an expression giving the store: any [`Store`], a reference or an `Arc` to one, `&dyn Store` | the [`DefaultStore`] |
 /// | `fingerprint = "amount, currency"` | parameters (or field paths) whose hash must match on replay ([`Error::Mismatch`]) | none |
 /// | `max_lease = "1h"` | the longest the lease is renewed for one run (`"forever"`: while it runs); see [`Options::max_lease`] | `"1h"` |
@@ -180,7 +180,7 @@ pub use store::{
 /// struct Billing { idem: MemoryStore }
 ///
 /// impl Billing {
-///     #[idempotent(key = "{tenant}:{order}", store = "self.idem", ttl = "30s", fingerprint = "cents")]
+///     #[idempotent(key = "{tenant}:{order}", store = "self.idem", ttl = "30s", fingerprint = "cents", scope = "billing.charge")]
 ///     async fn charge(&self, tenant: &str, order: u64, cents: u32) -> Result<Receipt, Error> {
 ///         Ok(Receipt { order, cents })
 ///     }

@@ -16,7 +16,7 @@ impl Service {
         self.count += 1;
     }
 
-    #[idempotent(key = "order_id", store = "self.idem")]
+    #[idempotent(key = "order_id", store = "self.idem", scope = "tests.handle")]
     async fn handle(&mut self, order_id: u64) -> Result<u64, AppError> {
         // The whole of `self` is borrowed mutably while the store in `self` is in use.
         self.bump();

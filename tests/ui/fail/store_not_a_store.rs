@@ -11,7 +11,7 @@ struct Service {
 }
 
 impl Service {
-    #[idempotent(key = "order_id", store = "self.name")]
+    #[idempotent(key = "order_id", store = "self.name", scope = "tests.handle")]
     async fn handle(&self, order_id: u64) -> Result<u64, AppError> {
         Ok(order_id)
     }

@@ -11,7 +11,7 @@ struct Service {
 }
 
 impl Service {
-    #[idempotent(key = "order_id", store = "self.idem")]
+    #[idempotent(key = "order_id", store = "self.idem", scope = "tests.handle")]
     async fn handle(self, order_id: u64) -> Result<u64, AppError> {
         Ok(order_id)
     }

@@ -7,7 +7,7 @@ enum AppError {
 }
 
 trait Handler {
-    #[idempotent(key = "order_id")]
+    #[idempotent(key = "order_id", scope = "tests.handle")]
     async fn handle(&self, order_id: u64) -> Result<u64, AppError>;
 }
 fn main() {}

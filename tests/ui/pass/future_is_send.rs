@@ -19,7 +19,7 @@ struct Service {
 }
 
 impl Service {
-    #[idempotent(key = "{tenant}:{order_id}", store = "self.idem", fingerprint = "user")]
+    #[idempotent(key = "{tenant}:{order_id}", store = "self.idem", fingerprint = "user", scope = "tests.issue")]
     async fn issue(&self, tenant: &str, order_id: u64, user: String) -> Result<String, AppError> {
         tokio::task::yield_now().await;
         Ok(format!("{tenant}-{order_id}-{user}"))

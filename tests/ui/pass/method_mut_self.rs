@@ -11,14 +11,14 @@ struct Counter {
 }
 
 impl Counter {
-    #[idempotent(key = "order_id")]
+    #[idempotent(key = "order_id", scope = "tests.bump")]
     async fn bump(&mut self, order_id: u64) -> Result<u64, AppError> {
         self.count += order_id;
         Ok(self.count)
     }
 
     /// By value is fine as long as the store does not live in `self`.
-    #[idempotent(key = "order_id")]
+    #[idempotent(key = "order_id", scope = "tests.consume")]
     async fn consume(self, order_id: u64) -> Result<u64, AppError> {
         Ok(self.count + order_id)
     }

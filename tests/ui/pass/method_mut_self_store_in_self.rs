@@ -14,7 +14,7 @@ struct Service {
 
 impl Service {
     /// `&mut self` with the store in `self`: the body may read `self` and change the other fields.
-    #[idempotent(key = "order_id", store = "self.idem")]
+    #[idempotent(key = "order_id", store = "self.idem", scope = "tests.handle")]
     async fn handle(&mut self, order_id: u64, note: String) -> Result<String, AppError> {
         self.count += 1;
         Ok(format!("{}{order_id}{note}", self.prefix))

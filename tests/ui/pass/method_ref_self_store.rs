@@ -16,14 +16,14 @@ struct Service {
 }
 
 impl Service {
-    #[idempotent(key = "order_id", store = "self.idem")]
+    #[idempotent(key = "order_id", store = "self.idem", scope = "tests.issue")]
     async fn issue(&self, order_id: u64) -> Result<u32, AppError> {
         let _ = order_id;
         Ok(self.issued.fetch_add(1, Ordering::SeqCst))
     }
 
     /// The receiver can be part of the key too, and the store can be an `Arc`.
-    #[idempotent(key = "{self.name}:{order_id}", store = "self.shared")]
+    #[idempotent(key = "{self.name}:{order_id}", store = "self.shared", scope = "tests.named")]
     async fn named(&self, order_id: u64) -> Result<(), AppError> {
         let _ = order_id;
         Ok(())

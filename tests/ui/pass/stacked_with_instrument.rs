@@ -26,7 +26,7 @@ struct Service;
 
 impl Service {
     #[tracing::instrument(skip(self))]
-    #[idempotent(key = "order_id")]
+    #[idempotent(key = "order_id", scope = "tests.method")]
     async fn method(&self, order_id: u64) -> Result<(), AppError> {
         let _ = order_id;
         Ok(())

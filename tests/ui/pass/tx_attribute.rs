@@ -46,7 +46,7 @@ struct Billing {
 }
 
 impl Billing {
-    #[idempotent(key = "invoice", tx = "tx", store = "self.idem", fingerprint = "cents")]
+    #[idempotent(key = "invoice", tx = "tx", store = "self.idem", fingerprint = "cents", scope = "tests.charge")]
     async fn charge(
         &self,
         tx: &mut Transaction<'_, Sqlite>,
