@@ -124,8 +124,9 @@ pub use store::{
 /// body runs, and the done mark is written **in the transaction**; the caller commits. So the
 /// handler's writes and the mark commit together or not at all: exactly once in effect, across
 /// crashes. If the caller rolls back, the key is free again (at once on PostgreSQL and SQLite, after
-/// the lease on MySQL/MariaDB); if the mark cannot be written, idem rolls the transaction back on
-/// the server before returning the error, so the handler's writes can never commit without it. See
+/// the lease on MySQL/MariaDB). idem takes a savepoint before the handler runs; if the handler
+/// returns `Err` or the mark cannot be written, it rolls back to it before returning the error, so
+/// the handler's writes can never commit without the mark, and the caller's own writes stay. See
 /// the README's section on the transactional form for how each database holds the claim.
 ///
 /// ```

@@ -83,6 +83,89 @@ macro_rules! sql_tx_attr_tests {
             Ok(worker)
         }
 
+        /// A handler whose done mark will fail: after its effect it hands the key's row to another
+        /// token, in its own transaction, as a holder that took over would have.
+        #[::idem_runtime::idempotent(
+            key = "key",
+            tx = "tx",
+            store = "store",
+            scope = "tests.tx_attr_stolen",
+            ttl = "30s"
+        )]
+        async fn tx_apply_and_lose(
+            store: &SqlStore<$db>,
+            tx: &mut sqlx::Transaction<'_, $db>,
+            key: String,
+            effects: &str,
+        ) -> Result<i64, AppError> {
+            sqlx::query(AssertSqlSafe(insert_effect(effects)))
+                .bind(&key)
+                .bind(9_i64)
+                .execute(&mut **tx)
+                .await?;
+            sqlx::query(AssertSqlSafe(format!(
+                "UPDATE {} SET token = {} WHERE idem_key = {}",
+                store.table(),
+                DIALECT.p(1),
+                DIALECT.p(2)
+            )))
+            .bind(vec![0u8; 16])
+            .bind(&key)
+            .execute(&mut **tx)
+            .await?;
+            Ok(9)
+        }
+
+        /// A failed mark undoes the handler's writes only: the caller's own writes in the same
+        /// transaction, before the call and after it, are kept, also when the handler ran in a
+        /// nested transaction (a savepoint of the caller's) that the caller then rolls back.
+        /// (idem used to roll the whole transaction back on the server.)
+        #[tokio::test]
+        async fn tx_attr_failed_mark_keeps_the_callers_other_writes() {
+            let table = unique("idem_txkeep");
+            let Some(store) = fresh_store(&table).await else {
+                return;
+            };
+            let pool = store.pool().clone();
+            let effects = business_table(&pool).await;
+            let insert = insert_effect(&effects);
+            let mut outer = pool.begin().await.unwrap();
+            sqlx::query(AssertSqlSafe(insert.clone()))
+                .bind("caller-before")
+                .bind(0_i64)
+                .execute(&mut *outer)
+                .await
+                .unwrap();
+            let mut nested = sqlx::Connection::begin(&mut *outer).await.unwrap();
+            let out = tx_apply_and_lose(&store, &mut nested, "m-5".into(), &effects).await;
+            assert!(
+                matches!(out, Err(AppError::Idem(Error::LeaseLost { .. }))),
+                "the mark should have found the key taken: {out:?}"
+            );
+            nested
+                .rollback()
+                .await
+                .expect("the caller's savepoint survives");
+            sqlx::query(AssertSqlSafe(insert))
+                .bind("caller-after")
+                .bind(0_i64)
+                .execute(&mut *outer)
+                .await
+                .unwrap();
+            outer.commit().await.unwrap();
+            let mut rows = effect_rows(&pool, &effects).await;
+            rows.sort();
+            assert_eq!(
+                rows,
+                [
+                    ("caller-after".to_owned(), 0),
+                    ("caller-before".to_owned(), 0)
+                ],
+                "the handler's effect was kept, or the caller's own writes lost"
+            );
+            drop_tables(&pool, &table, &effects).await;
+        }
+
         /// Holds a handler inside its body (after its write) until the test lets it go.
         struct Hold {
             started: tokio::sync::oneshot::Sender<::idem_runtime::CurrentLease>,
@@ -273,6 +356,13 @@ macro_rules! sql_tx_attr_tests {
                 };
                 tokio::spawn(async move {
                     let mut tx = pool.begin().await.unwrap();
+                    // The caller's own write, before the handler: idem must never undo it.
+                    sqlx::query(AssertSqlSafe(insert_effect(&effects)))
+                        .bind("caller-own")
+                        .bind(0_i64)
+                        .execute(&mut *tx)
+                        .await
+                        .unwrap();
                     let out =
                         tx_apply_held(&store, &mut tx, "m-3".into(), &effects, 1, Some(hold)).await;
                     (out, tx)
@@ -324,7 +414,10 @@ macro_rules! sql_tx_attr_tests {
                 let again = tx_apply_held(&store, &mut tx, "m-3".into(), &effects, 3, None).await;
                 tx.commit().await.unwrap();
                 assert_eq!(again.unwrap(), 1);
-                assert_eq!(effect_rows(&pool, &effects).await, [("m-3".to_owned(), 1)]);
+                assert_eq!(
+                    effect_rows(&pool, &effects).await,
+                    [("caller-own".to_owned(), 0), ("m-3".to_owned(), 1)]
+                );
             } else {
                 // The watchdog stops renewing at max_lease and says so; the lease lapses a ttl
                 // later, and the duplicate takes the key over as soon as it has.
@@ -347,25 +440,20 @@ macro_rules! sql_tx_attr_tests {
                 assert_eq!(took_over.unwrap(), 2, "the duplicate must run, not replay");
                 tx.commit().await.unwrap();
                 release.send(()).unwrap();
-                let (out, mut tx) = holder.await.unwrap();
+                let (out, tx) = holder.await.unwrap();
                 assert!(
                     matches!(out, Err(AppError::Idem(Error::LeaseLost { .. }))),
                     "the stale holder's mark was not refused: {out:?}"
                 );
-                // idem rolled the holder's transaction back and left a read-only one: a write
-                // the caller still makes fails, and its commit commits nothing.
-                let late = sqlx::query(AssertSqlSafe(insert_effect(&effects)))
-                    .bind("m-3")
-                    .bind(1_i64)
-                    .execute(&mut *tx)
-                    .await;
-                assert!(late.is_err(), "a write after LeaseLost was accepted");
-                let committed = tx.commit().await;
-                eprintln!("the stale holder's commit after LeaseLost: {committed:?}");
+                // idem rolled the handler's writes back to its savepoint: the caller commits
+                // anyway, and only its own earlier write is kept, not the stale effect.
+                tx.commit().await.unwrap();
+                let mut rows = effect_rows(&pool, &effects).await;
+                rows.sort();
                 assert_eq!(
-                    effect_rows(&pool, &effects).await,
-                    [("m-3".to_owned(), 2)],
-                    "the stale holder's effect was committed"
+                    rows,
+                    [("caller-own".to_owned(), 0), ("m-3".to_owned(), 2)],
+                    "the stale holder's effect was committed, or the caller's own write lost"
                 );
                 // And the key is B's: a duplicate replays B's output.
                 let mut tx = pool.begin().await.unwrap();

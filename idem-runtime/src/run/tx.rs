@@ -12,14 +12,14 @@
 //!    another connection, renewed by idem's watchdog, and fenced by the mark's token check.
 //!    A duplicate of a done key is replayed; one in flight is refused (or waits, with `wait`).
 //! 2. **Run** the handler with the transaction.
-//! 3. **Mark.** On `Ok(v)` the done mark with `v` is written in the transaction, checked
-//!    against the lease's token. **The caller commits** (as with any function that takes
+//! 3. **Mark.** Before the handler runs, idem takes a savepoint in the transaction. On `Ok(v)`
+//!    the done mark with `v` is written in the transaction, checked against the lease's token,
+//!    and the savepoint released. **The caller commits** (as with any function that takes
 //!    `&mut tx`). If the mark cannot be written (the lease was taken over, or the database
-//!    failed), idem rolls the transaction back on the server before returning the error, so the
-//!    handler's writes can never commit without it, whatever the caller does next; a later
-//!    `commit` then commits nothing.
-//! 4. On `Err` the claim is released in the transaction (so a commit frees the key) and the
-//!    error is returned; roll back as usual.
+//!    failed), idem rolls back to the savepoint before returning the error: the handler's writes
+//!    are undone, whatever the caller does next, and the caller's own earlier writes are kept.
+//! 4. On `Err` the handler's writes are rolled back to the savepoint too, the claim is released
+//!    (in the transaction: a commit frees the key), and the error is returned.
 //!
 //! If the caller rolls back (or its commit fails) after `Ok`, the claim rolls back with the mark:
 //! the key is free at once (MySQL/MariaDB: when the lease lapses, at the latest after `ttl`).
@@ -177,50 +177,60 @@ where
     };
 
     let held = Held::new(opts.scope.clone(), key, lease);
+    let (scope, key) = (&*held.scope, &held.key);
+    // The handler's writes can be undone apart from the caller's: a savepoint after the claim.
+    if let Err(e) = txs.savepoint_in(as_tx(tx).0).await {
+        release_in(txs, as_tx(tx).0, scope, key, &lease).await;
+        return lift(opts, store_error(e, Phase::Begin, scope, key));
+    }
     let renewer = txs.renewer_in_tx();
     let watch = renewer
         .clone()
         .map(|r| lease::watch(&held, r, opts.ttl, opts.max_lease));
-    // Dropped before the end: release a claim made outside the transaction; one made inside ends
-    // with the transaction.
-    let mut guard = Finish::holding(&held, renewer.clone(), opts);
+    // Dropped before the end (cancelled, or a panic): a claim made outside the transaction is
+    // released from the watchdog's thread; one made inside ends with the transaction.
+    let mut guard = Finish::holding(&held, renewer, opts);
     let outcome = held.scope(CatchUnwind { inner: body(tx) }).await;
-    drop(watch);
 
-    let (scope, key) = (&*held.scope, &held.key);
     let (result, tx) = match outcome {
         Ok((result, tx)) => (result.into_result(), tx),
         Err(panic) => {
-            // The transaction was not handed back: the caller's unwinding rolls it back. A claim
-            // made outside it is released here.
+            // The transaction was not handed back: the caller's unwinding rolls it back; the
+            // guard releases a claim made outside it.
             metrics::record(opts, metrics::Outcome::Panicked);
-            if let Some(outside) = renewer
-                && let Err(e) = outside.release(scope, key, &lease).await
-            {
-                tracing::warn!(scope, key = %key, error = %e, "release failed; the key frees when its lease expires");
-            }
-            guard.done();
+            drop(watch);
+            drop(guard);
             std::panic::resume_unwind(panic)
         }
     };
     let value = match result {
         Ok(value) => value,
         Err(e) => {
+            // The handler's writes go, and the key is free: a caller that commits anyway commits
+            // nothing of the handler's.
+            drop(watch);
             metrics::record(opts, metrics::Outcome::HandlerError);
+            undo(txs, as_tx(tx).0, scope, key).await;
             release_in(txs, as_tx(tx).0, scope, key, &lease).await;
             guard.done();
             return R::from_result(Err(e));
         }
     };
     // The handler's writes are in the transaction; from here on the mark must join them, or
-    // neither may commit. A drop now leaves the claim to the transaction (or to its ttl).
+    // neither may commit. A drop now leaves the claim to the transaction (or to its ttl). The
+    // lease stays renewed until the mark is written.
     guard.done();
     let output: Arc<[u8]> = codec::encode(&value, opts.max_output).into();
     let mark = txs
         .complete_in(as_tx(tx).0, scope, key, &lease, &output, opts.keep)
         .await;
+    drop(watch);
     match mark {
         Ok(()) => {
+            if let Err(e) = txs.release_savepoint_in(as_tx(tx).0).await {
+                // Harmless: the transaction's end releases it.
+                tracing::debug!(scope, key = %key, error = %e, "savepoint not released");
+            }
             txs.marked_in(scope, key, &lease).await;
             metrics::record(opts, metrics::Outcome::Executed);
             *marked = Some(Marked {
@@ -233,16 +243,23 @@ where
             R::from_result(Ok(value))
         }
         Err(e) => {
-            tracing::error!(scope, key = %key, error = %e, "the done mark could not be written in the handler's transaction: rolling it back");
-            txs.abort_in(as_tx(tx).0).await;
-            // The effect is rolled back. A claim made in the transaction went with it; one made
-            // outside is released (unless another holder has the key), so a redelivery runs at
-            // once.
-            if !txs.claims_in_tx() && !matches!(e, crate::StoreError::LeaseLost) {
+            tracing::error!(scope, key = %key, error = %e, "the done mark could not be written in the handler's transaction: its writes are rolled back");
+            undo(txs, as_tx(tx).0, scope, key).await;
+            // Free the key for a redelivery, unless another holder has it.
+            if !matches!(e, crate::StoreError::LeaseLost) {
                 release_in(txs, as_tx(tx).0, scope, key, &lease).await;
             }
             lift(opts, store_error(e, Phase::Complete, scope, key))
         }
+    }
+}
+
+/// Roll the handler's writes back to the savepoint taken before it ran.
+async fn undo(txs: &dyn TxStore, tx: &mut (dyn Any + Send), scope: &str, key: &Key) {
+    if let Err(e) = txs.rollback_to_savepoint_in(tx).await {
+        // The transaction is broken or gone (a lost connection, a deadlock victim): the database
+        // rolled it back whole, the handler's writes with it.
+        tracing::warn!(scope, key = %key, error = %e, "could not roll back to the savepoint; the transaction is gone");
     }
 }
 

@@ -263,9 +263,16 @@ pub trait TxStore: Send + Sync {
         lease: &Lease,
     ) -> Result<(), StoreError>;
 
-    /// Roll back the server's side of the transaction on `tx` after its done mark failed, so that
-    /// the handler's writes can never commit without it, whatever the caller does next.
-    async fn abort_in(&self, tx: &mut (dyn Any + Send));
+    /// Take a savepoint in the transaction on `tx` before the handler runs (after the claim), so
+    /// that its writes can be undone without undoing the caller's.
+    async fn savepoint_in(&self, tx: &mut (dyn Any + Send)) -> Result<(), StoreError>;
+
+    /// Undo the handler's writes (back to the savepoint) after it failed or its done mark could
+    /// not be written, so they can never commit without the mark, whatever the caller does next.
+    async fn rollback_to_savepoint_in(&self, tx: &mut (dyn Any + Send)) -> Result<(), StoreError>;
+
+    /// The done mark is written: the savepoint is no longer needed.
+    async fn release_savepoint_in(&self, tx: &mut (dyn Any + Send)) -> Result<(), StoreError>;
 
     /// Whether [`begin_in`](Self::begin_in) claims in the transaction (the claim ends with it),
     /// or outside it, as [`Store::begin`] does (then the transaction may begin after the claim).

@@ -58,10 +58,16 @@ impl<F: Store, D: Store> TxStore for LayeredStore<F, D> {
         answer
     }
 
-    async fn abort_in(&self, tx: &mut (dyn Any + Send)) {
-        if let Ok(durable) = self.durable_tx() {
-            durable.abort_in(tx).await;
-        }
+    async fn savepoint_in(&self, tx: &mut (dyn Any + Send)) -> Result<(), StoreError> {
+        self.durable_tx()?.savepoint_in(tx).await
+    }
+
+    async fn rollback_to_savepoint_in(&self, tx: &mut (dyn Any + Send)) -> Result<(), StoreError> {
+        self.durable_tx()?.rollback_to_savepoint_in(tx).await
+    }
+
+    async fn release_savepoint_in(&self, tx: &mut (dyn Any + Send)) -> Result<(), StoreError> {
+        self.durable_tx()?.release_savepoint_in(tx).await
     }
 
     fn claims_in_tx(&self) -> bool {

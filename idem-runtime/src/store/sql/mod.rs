@@ -18,8 +18,8 @@
 //!   effect is a write to the same database. The handler gets a transaction, and the done mark is
 //!   written **in that transaction**: the effect and the mark commit together or not at all. A
 //!   crash at any point, followed by redelivery, ends with the effect applied *exactly once*; a
-//!   holder that lost its claim cannot commit (its mark fails and idem rolls its transaction
-//!   back). How the claim is held per database, who commits, and what a rollback does: see
+//!   holder that lost its claim cannot commit (its mark fails and idem rolls the handler's
+//!   writes back to a savepoint taken before it ran). How the claim is held per database, who commits, and what a rollback does: see
 //!   [`TxConnection`](crate::TxConnection) and the transactional form's docs on
 //!   [`idempotent`](crate::idempotent).
 //!

@@ -254,13 +254,8 @@ impl Ops for MySql {
         Self::begin(conn, sql, claim).await
     }
 
-    async fn abort(conn: &mut MySqlConnection) -> Result<(), sqlx::Error> {
-        sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await?;
-        // Read-only: a write the caller still makes in it fails loudly instead of committing.
-        sqlx::raw_sql("START TRANSACTION READ ONLY")
-            .execute(&mut *conn)
-            .await?;
-        Ok(())
+    async fn raw(conn: &mut MySqlConnection, sql: &'static str) -> Result<(), sqlx::Error> {
+        sqlx::raw_sql(sql).execute(&mut *conn).await.map(|_| ())
     }
 
     async fn complete(

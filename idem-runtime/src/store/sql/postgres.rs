@@ -248,11 +248,8 @@ impl Ops for Postgres, PgConnection {
         Self::begin(conn, sql, claim).await
     }
 
-    async fn abort(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
-        sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await?;
-        // Read-only: a write the caller still makes in it fails loudly instead of committing.
-        sqlx::raw_sql("BEGIN READ ONLY").execute(&mut *conn).await?;
-        Ok(())
+    async fn raw(conn: &mut PgConnection, sql: &'static str) -> Result<(), sqlx::Error> {
+        sqlx::raw_sql(sql).execute(&mut *conn).await.map(|_| ())
     }
 }
 }

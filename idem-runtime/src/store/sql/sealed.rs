@@ -181,10 +181,8 @@ pub trait Ops: sqlx::Database + Sized {
         table: &Table,
         claim: &Claim<'_>,
     ) -> Result<Begin, StoreError>;
-    /// Roll the server's side of the transaction on `conn` back, and open an empty one in its
-    /// place, so the caller's later commit or rollback still finds a transaction (and commits
-    /// nothing).
-    async fn abort(conn: &mut Self::Connection) -> Result<(), sqlx::Error>;
+    /// Run one statement of ours that takes no parameters (the savepoints).
+    async fn raw(conn: &mut Self::Connection, sql: &'static str) -> Result<(), sqlx::Error>;
     async fn complete(
         conn: &mut Self::Connection,
         sql: &Self::Sql,

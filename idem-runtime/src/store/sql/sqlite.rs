@@ -263,10 +263,8 @@ impl Ops for Sqlite, SqliteConnection {
         }
     }
 
-    async fn abort(conn: &mut SqliteConnection) -> Result<(), sqlx::Error> {
-        sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await?;
-        sqlx::raw_sql("BEGIN").execute(&mut *conn).await?;
-        Ok(())
+    async fn raw(conn: &mut SqliteConnection, sql: &'static str) -> Result<(), sqlx::Error> {
+        sqlx::raw_sql(sql).execute(&mut *conn).await.map(|_| ())
     }
 }
 }

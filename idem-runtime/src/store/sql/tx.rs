@@ -11,7 +11,7 @@ use std::time::Duration;
 use sqlx::Transaction;
 
 use super::sealed::{At, Claim};
-use super::{Backend, SqlStore, micros, stored_scope};
+use super::{Backend, SqlStore, db_error, micros, stored_scope};
 use crate::run::{Marked, TxConnection, claim_outside, execute_tx};
 use crate::store::{Begin, BeginRequest, Lease, Store, TxStore};
 use crate::{AbsorbsIdemError, Call, Error, Key, Options, Outcome, Phase, Replayable, StoreError};
@@ -82,13 +82,26 @@ impl<DB: Backend> TxStore for SqlStore<DB> {
         }
     }
 
-    async fn abort_in(&self, tx: &mut (dyn Any + Send)) {
-        if let Ok(conn) = conn_of::<DB>(tx)
-            && let Err(e) = DB::abort(conn).await
-        {
-            // A broken connection: the database rolls the transaction back on its side.
-            tracing::warn!(error = %e, "could not roll back the handler's transaction");
-        }
+    async fn savepoint_in(&self, tx: &mut (dyn Any + Send)) -> Result<(), StoreError> {
+        DB::raw(conn_of::<DB>(tx)?, "SAVEPOINT idem_handler")
+            .await
+            .map_err(db_error)
+    }
+
+    async fn rollback_to_savepoint_in(&self, tx: &mut (dyn Any + Send)) -> Result<(), StoreError> {
+        let conn = conn_of::<DB>(tx)?;
+        DB::raw(conn, "ROLLBACK TO SAVEPOINT idem_handler")
+            .await
+            .map_err(db_error)?;
+        DB::raw(conn, "RELEASE SAVEPOINT idem_handler")
+            .await
+            .map_err(db_error)
+    }
+
+    async fn release_savepoint_in(&self, tx: &mut (dyn Any + Send)) -> Result<(), StoreError> {
+        DB::raw(conn_of::<DB>(tx)?, "RELEASE SAVEPOINT idem_handler")
+            .await
+            .map_err(db_error)
     }
 
     fn claims_in_tx(&self) -> bool {
