@@ -36,7 +36,12 @@ impl Service {
         }
     }
 
-    #[idempotent(key = "order_id", store = "self.idem", ttl = "10s", scope = "tests.issue")]
+    #[idempotent(
+        key = "order_id",
+        store = "self.idem",
+        ttl = "10s",
+        scope = "tests.issue"
+    )]
     async fn issue(&self, order_id: u64, fail: bool) -> Result<Coupon, AppError> {
         self.runs.fetch_add(1, Ordering::SeqCst);
         if fail {
@@ -48,13 +53,22 @@ impl Service {
         })
     }
 
-    #[idempotent(key = "{tenant}:{order_id}", store = "self.idem", scope = "tests.by_tenant")]
+    #[idempotent(
+        key = "{tenant}:{order_id}",
+        store = "self.idem",
+        scope = "tests.by_tenant"
+    )]
     async fn by_tenant(&self, tenant: &str, order_id: &str) -> Result<String, AppError> {
         self.runs.fetch_add(1, Ordering::SeqCst);
         Ok(format!("{tenant}/{order_id}"))
     }
 
-    #[idempotent(key = "key", store = "self.idem", fingerprint = "amount", scope = "tests.charge")]
+    #[idempotent(
+        key = "key",
+        store = "self.idem",
+        fingerprint = "amount",
+        scope = "tests.charge"
+    )]
     async fn charge(&self, key: String, amount: u32) -> Result<u32, AppError> {
         self.runs.fetch_add(1, Ordering::SeqCst);
         Ok(amount)
