@@ -333,3 +333,83 @@ async fn a_pinned_scope_survives_a_rename() {
     assert_eq!(before, after);
     assert_eq!(ISSUED.load(Ordering::SeqCst), 1);
 }
+
+/// The memory store, whose first `fail` completions fail as a store that is down would.
+#[derive(Clone)]
+struct Flaky {
+    store: MemoryStore,
+    fail: Arc<AtomicU32>,
+}
+
+#[async_trait::async_trait]
+impl Store for Flaky {
+    async fn begin(&self, req: &BeginRequest<'_>) -> Result<Begin, StoreError> {
+        self.store.begin(req).await
+    }
+    async fn complete(
+        &self,
+        scope: &str,
+        key: &Key,
+        lease: &Lease,
+        output: &[u8],
+        keep: Duration,
+    ) -> Result<(), StoreError> {
+        let left = self.fail.load(Ordering::SeqCst);
+        if left > 0 {
+            self.fail.store(left - 1, Ordering::SeqCst);
+            return Err(StoreError::unavailable(std::io::Error::other(
+                "connection reset",
+            )));
+        }
+        self.store.complete(scope, key, lease, output, keep).await
+    }
+    async fn release(&self, scope: &str, key: &Key, lease: &Lease) -> Result<(), StoreError> {
+        self.store.release(scope, key, lease).await
+    }
+    async fn extend(
+        &self,
+        scope: &str,
+        key: &Key,
+        lease: &Lease,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.store.extend(scope, key, lease, ttl).await
+    }
+    fn for_watchdog(&self) -> Arc<dyn Store> {
+        Arc::new(self.clone())
+    }
+}
+
+/// A store that fails a few completions (a connection reset) must not cost the output: the mark
+/// is written with it once the store answers, and duplicates replay it. (Three failures used to
+/// mark the key done without its output.)
+#[tokio::test]
+async fn a_mark_that_fails_for_a_while_keeps_its_output() {
+    let store = Flaky {
+        store: MemoryStore::new(),
+        fail: Arc::new(AtomicU32::new(4)),
+    };
+    let opts = Options::new("guarantees::flaky").ttl(Duration::from_secs(30));
+    let runs = AtomicU32::new(0);
+    let first: Result<u32, Error> =
+        run(&store, &opts, Call::new("k"), || async { Ok(counted(&runs) + 41) }).await;
+    // The foreground gave up; the background finishes the mark.
+    assert!(
+        matches!(first, Err(Error::Unavailable { .. })),
+        "{first:?}"
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let replay = loop {
+        let out: Result<u32, Error> =
+            run(&store, &opts, Call::new("k"), || async { Ok(counted(&runs) + 41) }).await;
+        match out {
+            Err(Error::InFlight { .. }) => {
+                assert!(tokio::time::Instant::now() < deadline, "never marked");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => break other,
+        }
+    };
+    assert_eq!(replay.unwrap(), 42, "the output was given up");
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}

@@ -121,7 +121,8 @@ impl Options {
     /// The largest output that is stored for replay, in bytes once encoded (default 1 MiB). A
     /// larger output still marks the key done, so the handler never runs twice, but duplicates
     /// get [`Error::Unreplayable`](crate::Error::Unreplayable) instead of the output. The same
-    /// happens when the store refuses an output (e.g. above MariaDB's `max_allowed_packet`).
+    /// happens when the store keeps refusing an output of 64 KiB or more (e.g. above MariaDB's
+    /// `max_allowed_packet`); a smaller one is never given up (its refusal is a store that is down).
     pub const fn max_output(mut self, bytes: usize) -> Self {
         self.max_output = bytes;
         self

@@ -410,8 +410,12 @@ where
 /// Attempts at the done mark in the foreground before the call reports `Unavailable`.
 const COMPLETE_ATTEMPTS: u32 = 3;
 
+/// Outputs at least this large that a store keeps refusing are taken to be refused for their size.
+/// Below it, a refusal is a store that is down: the output is never given up for it.
+const REFUSED_FOR_SIZE: usize = 64 * 1024;
+
 /// Write the done mark. `complete` is idempotent, so a failure is retried; when the store keeps
-/// refusing the output (one larger than it accepts fails the same way every time), the key is
+/// refusing a large output (one larger than it accepts fails the same way every time), the key is
 /// marked done without it, so the handler is not run again on every delivery.
 async fn complete(
     store: &dyn Store,
@@ -429,7 +433,9 @@ async fn complete(
                 tracing::warn!(scope, key = %key, error = %e, attempt, "complete failed; retrying");
                 tokio::time::sleep(Duration::from_millis(20 * u64::from(attempt))).await;
             }
-            Err(StoreError::Unavailable(e)) if !codec::is_unreplayable(output) => {
+            Err(StoreError::Unavailable(e))
+                if output.len() >= REFUSED_FOR_SIZE && !codec::is_unreplayable(output) =>
+            {
                 let without = codec::unreplayable(&format!(
                     "the store refused the output of {} bytes: {e}",
                     output.len()
