@@ -128,7 +128,16 @@ impl<F: Store, D: Store> Inner<F, D> {
                 ttl,
                 fingerprint: lease.fingerprint,
             };
-            let _ = self.front_op("extend", || self.front.begin(&again)).await;
+            let claimed = self.front_op("extend", || self.front.begin(&again)).await;
+            // The holder may have released the key (durable store first, then the front) after
+            // this renewal began: then the claim just made belongs to no one. Check the durable
+            // lease, and give the claim back if it is gone.
+            if let Ok(Ok(Begin::Acquired(_))) = claimed
+                && let Err(StoreError::LeaseLost) =
+                    self.durable.extend(scope, key, lease, ttl).await
+            {
+                self.front_release(scope, key, lease).await;
+            }
         }
     }
 
