@@ -391,17 +391,18 @@ async fn a_mark_that_fails_for_a_while_keeps_its_output() {
     };
     let opts = Options::new("guarantees::flaky").ttl(Duration::from_secs(30));
     let runs = AtomicU32::new(0);
-    let first: Result<u32, Error> =
-        run(&store, &opts, Call::new("k"), || async { Ok(counted(&runs) + 41) }).await;
+    let first: Result<u32, Error> = run(&store, &opts, Call::new("k"), || async {
+        Ok(counted(&runs) + 41)
+    })
+    .await;
     // The foreground gave up; the background finishes the mark.
-    assert!(
-        matches!(first, Err(Error::Unavailable { .. })),
-        "{first:?}"
-    );
+    assert!(matches!(first, Err(Error::Unavailable { .. })), "{first:?}");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let replay = loop {
-        let out: Result<u32, Error> =
-            run(&store, &opts, Call::new("k"), || async { Ok(counted(&runs) + 41) }).await;
+        let out: Result<u32, Error> = run(&store, &opts, Call::new("k"), || async {
+            Ok(counted(&runs) + 41)
+        })
+        .await;
         match out {
             Err(Error::InFlight { .. }) => {
                 assert!(tokio::time::Instant::now() < deadline, "never marked");
@@ -412,4 +413,53 @@ async fn a_mark_that_fails_for_a_while_keeps_its_output() {
     };
     assert_eq!(replay.unwrap(), 42, "the output was given up");
     assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+/// The memory store, whose `extend` panics (a bug in a store, a poisoned client).
+#[derive(Clone, Default)]
+struct PanicsRenewing(MemoryStore);
+
+#[async_trait::async_trait]
+impl Store for PanicsRenewing {
+    async fn begin(&self, req: &BeginRequest<'_>) -> Result<Begin, StoreError> {
+        self.0.begin(req).await
+    }
+    async fn complete(
+        &self,
+        scope: &str,
+        key: &Key,
+        lease: &Lease,
+        output: &[u8],
+        keep: Duration,
+    ) -> Result<(), StoreError> {
+        self.0.complete(scope, key, lease, output, keep).await
+    }
+    async fn release(&self, scope: &str, key: &Key, lease: &Lease) -> Result<(), StoreError> {
+        self.0.release(scope, key, lease).await
+    }
+    async fn extend(&self, _: &str, _: &Key, _: &Lease, _: Duration) -> Result<(), StoreError> {
+        panic!("the store's client is broken")
+    }
+    fn for_watchdog(&self) -> Arc<dyn Store> {
+        Arc::new(self.clone())
+    }
+}
+
+/// A renewal that panicked left its lease marked as being renewed forever: it lapsed under the
+/// running handler and no one told it. The panic now counts as a lost lease.
+#[tokio::test]
+async fn a_renewal_that_panics_tells_the_handler() {
+    let store = PanicsRenewing::default();
+    let opts = Options::new("guarantees::panics_renewing").ttl(Duration::from_millis(150));
+    let out: Result<bool, Error> = run(&store, &opts, Call::new("order-1"), || async {
+        let lease = current_lease().expect("inside a handler");
+        let told = tokio::time::timeout(Duration::from_secs(10), lease.lost()).await;
+        Ok(told.is_ok() && lease.is_lost())
+    })
+    .await;
+    match out {
+        Ok(told) => assert!(told, "the handler was never told its lease was lost"),
+        Err(Error::LeaseLost { .. }) => {}
+        Err(e) => panic!("{e}"),
+    }
 }

@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
+use crate::run::CatchUnwind;
 use crate::store::{Lease, Store};
 use crate::{Key, StoreError};
 
@@ -362,15 +363,24 @@ impl Watchdog {
         ttl: Duration,
     ) {
         let period = ttl / 3;
-        let renewal = renewer.extend(&held.scope, &held.key, &held.lease, ttl);
+        // A store that panics must not leave this entry marked as renewing forever (its lease
+        // would lapse with no one told): the panic is caught and the lease counted as lost.
+        let renewal = CatchUnwind {
+            inner: renewer.extend(&held.scope, &held.key, &held.lease, ttl),
+        };
         let again_in = match tokio::time::timeout(period, renewal).await {
-            Ok(Ok(())) => period,
-            Ok(Err(StoreError::LeaseLost)) => {
+            Ok(Err(_panic)) => {
+                tracing::error!(scope = %held.scope, key = %held.key, "the store panicked renewing the lease; the lease is counted as lost");
+                held.lose();
+                return;
+            }
+            Ok(Ok(Ok(()))) => period,
+            Ok(Ok(Err(StoreError::LeaseLost))) => {
                 tracing::warn!(scope = %held.scope, key = %held.key, "lease lost while the handler runs");
                 held.lose();
                 return;
             }
-            Ok(Err(e)) => {
+            Ok(Ok(Err(e))) => {
                 tracing::warn!(scope = %held.scope, key = %held.key, error = %e, "lease renewal failed; retrying");
                 period / 4
             }
