@@ -32,3 +32,67 @@ crate::sql_store_tests!(
         placeholder: sql_common::question,
     }
 );
+
+/// A pool of one connection (common on SQLite) that the handler holds while it runs: renewals
+/// used to wait for that connection and time out, so the lease lapsed and a duplicate from
+/// another process ran the handler a second time. The watchdog now renews through a connection
+/// of its own.
+#[tokio::test]
+async fn renewals_do_not_wait_for_the_applications_pool() {
+    use std::time::Duration;
+
+    use idem_runtime::{Call, Error, Options, SqliteStore, current_lease, run};
+
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("idem-one-connection.sqlite");
+    let _ = std::fs::remove_file(&path);
+    let one_connection = || async {
+        let opts = SqliteConnectOptions::new()
+            .filename(&path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .busy_timeout(Duration::from_secs(30));
+        SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(opts)
+            .await
+            .expect("open the SQLite file")
+    };
+    let pool = one_connection().await;
+    let store = SqliteStore::new(pool.clone());
+    store.migrate().await.unwrap();
+    // Another process's store on the same file.
+    let other = SqliteStore::new(one_connection().await);
+
+    let opts = Options::new("sql_sqlite::one_connection").ttl(Duration::from_millis(300));
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+    let (finish_tx, finish_rx) = tokio::sync::oneshot::channel::<()>();
+    let holder = {
+        let (store, opts, pool) = (store.clone(), opts.clone(), pool.clone());
+        tokio::spawn(async move {
+            run(&store, &opts, Call::new("order-1"), || async move {
+                let lease = current_lease().expect("inside a handler");
+                // The handler's own work holds the pool's only connection.
+                let conn = pool.acquire().await.expect("the pool's connection");
+                let _ = started_tx.send(());
+                let _ = finish_rx.await;
+                let lost = lease.is_lost();
+                drop(conn);
+                Ok::<_, Error>(lost)
+            })
+            .await
+        })
+    };
+    started_rx.await.unwrap();
+    // Six ttls: without renewals the lease would have lapsed five times over.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while tokio::time::Instant::now() < deadline {
+        let dup: Result<bool, Error> =
+            run(&other, &opts, Call::new("order-1"), || async { Ok(true) }).await;
+        assert!(matches!(dup, Err(Error::InFlight { .. })), "{dup:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    finish_tx.send(()).unwrap();
+    let lost = holder.await.unwrap().expect("the holder completes");
+    assert!(!lost, "the lease was lost while the handler ran");
+}

@@ -408,21 +408,22 @@ impl<DB: Backend> Store for SqlStore<DB> {
         DB::extend(&mut conn, &self.inner.sql, &at, lease.token, micros(ttl)).await
     }
 
-    /// A store on the same table through a small pool of its own, whose connections are opened
-    /// from the watchdog's thread (SQLite: this store, whose connections run on threads of their
-    /// own already).
+    /// A store on the same table through a small pool of its own with the same settings, whose
+    /// connections are opened from the watchdog's thread (an in-memory SQLite database: this
+    /// store).
     fn for_watchdog(&self) -> Arc<dyn Store> {
-        if !DB::OWN_WATCHDOG_POOL {
-            // Not cached: a clone kept inside the store would keep the store alive forever.
-            return Arc::new(self.clone());
+        if let Some(twin) = self.inner.twin.get() {
+            return twin.clone();
         }
-        self.inner
-            .twin
-            .get_or_init(|| {
-                let pool = DB::watchdog_pool(&self.inner.pool);
-                Arc::new(SqlStore::build(pool, self.inner.table.clone()))
-            })
-            .clone()
+        match DB::watchdog_pool(&self.inner.pool) {
+            // Not cached: a clone kept inside the store would keep the store alive forever.
+            None => Arc::new(self.clone()),
+            Some(pool) => self
+                .inner
+                .twin
+                .get_or_init(|| Arc::new(SqlStore::build(pool, self.inner.table.clone())))
+                .clone(),
+        }
     }
 
     fn transactional(&self) -> Option<&dyn TxStore> {

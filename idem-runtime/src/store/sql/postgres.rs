@@ -114,10 +114,9 @@ impl Ops for Postgres, PgConnection {
     type Sql = Sql;
     const MIGRATIONS: Migrations = MIGRATIONS;
     const CLAIMS_IN_TX: bool = true;
-    const OWN_WATCHDOG_POOL: bool = true;
-
-    fn watchdog_pool(pool: &Pool<Postgres>) -> Pool<Postgres> {
-        watchdog_pool(pool)
+    fn watchdog_pool(pool: &Pool<Postgres>) -> Option<Pool<Postgres>> {
+        // Its connections are bound to the runtime that opened them: the watchdog's own.
+        Some(watchdog_pool(pool, 4))
     }
 
     fn prepare(t: &Table) -> Sql {

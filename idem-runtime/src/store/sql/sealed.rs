@@ -160,13 +160,10 @@ pub trait Ops: sqlx::Database + Sized {
 
     /// Whether the transactional form claims in the caller's transaction (see `run/tx.rs`).
     const CLAIMS_IN_TX: bool;
-    /// Whether the watchdog's thread needs a pool of its own (its connections are bound to the
-    /// runtime that opened them); SQLite's run on threads of their own.
-    const OWN_WATCHDOG_POOL: bool;
-
     fn prepare(table: &Table) -> Self::Sql;
-    /// A small pool with the same settings as `pool`, connecting lazily.
-    fn watchdog_pool(pool: &Pool<Self>) -> Pool<Self>;
+    /// A small pool with the same settings as `pool`, connecting lazily, for the watchdog's
+    /// thread; `None` where it must share `pool` (an in-memory SQLite database).
+    fn watchdog_pool(pool: &Pool<Self>) -> Option<Pool<Self>>;
     async fn migrate(pool: &Pool<Self>, table: &Table) -> Result<(), sqlx::Error>;
     async fn begin_tx(pool: &Pool<Self>) -> Result<Transaction<'static, Self>, sqlx::Error>;
     async fn begin(

@@ -199,16 +199,17 @@ pub(crate) fn statements(sql: &str) -> impl Iterator<Item = &str> {
     })
 }
 
-#[cfg(any(feature = "postgres", feature = "mysql"))]
-/// A small pool with `pool`'s connection settings for the watchdog's thread: it connects lazily,
-/// so its connections are opened (and bound to the runtime) there; no maintenance task.
-pub(crate) fn watchdog_pool<DB: sqlx::Database>(pool: &sqlx::Pool<DB>) -> sqlx::Pool<DB> {
-    sqlx::pool::PoolOptions::<DB>::new()
-        .max_connections(4)
+/// A pool of at most `max` connections with `pool`'s settings (its connect options and its hooks,
+/// such as an `after_connect` that sets the schema) for the watchdog's thread: it connects
+/// lazily, so its connections are opened (and bound to the runtime) there; it keeps no minimum,
+/// so it runs no maintenance task on a runtime that is not the watchdog's.
+pub(crate) fn watchdog_pool<DB: sqlx::Database>(pool: &sqlx::Pool<DB>, max: u32) -> sqlx::Pool<DB> {
+    pool.options()
+        .clone()
+        .max_connections(max)
         .min_connections(0)
         .idle_timeout(None)
         .max_lifetime(None)
-        .acquire_timeout(Duration::from_secs(10))
         .connect_lazy_with((*pool.connect_options()).clone())
 }
 

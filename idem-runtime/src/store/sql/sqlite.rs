@@ -6,6 +6,7 @@ use sqlx::{Pool, Row, SqlStr, Sqlite, SqliteConnection, Transaction};
 use super::sealed::{At, Claim, Current, Mark, Migrations, Ops, Seen, Table};
 use super::{
     Backend, MAX_RACES, corrupt, db_error as unavailable, done_by, statements, token_bytes,
+    watchdog_pool,
 };
 use crate::StoreError;
 use crate::store::{Begin, Token};
@@ -100,10 +101,14 @@ impl Ops for Sqlite, SqliteConnection {
     type Sql = Sql;
     const MIGRATIONS: Migrations = MIGRATIONS;
     const CLAIMS_IN_TX: bool = true;
-    const OWN_WATCHDOG_POOL: bool = false;
-
-    fn watchdog_pool(pool: &Pool<Sqlite>) -> Pool<Sqlite> {
-        pool.clone()
+    fn watchdog_pool(pool: &Pool<Sqlite>) -> Option<Pool<Sqlite>> {
+        // SQLite's connections run on threads of their own, but the application may hold every
+        // connection of its pool (often one) while a handler runs: a file gets a connection of
+        // its own for renewals. An in-memory database exists only in its own pool.
+        let file = pool.connect_options().get_filename().to_string_lossy().into_owned();
+        let in_memory = file == ":memory:" || file.starts_with("file:sqlx-in-memory-")
+            || file.contains("mode=memory");
+        (!in_memory).then(|| watchdog_pool(pool, 1))
     }
 
     fn prepare(t: &Table) -> Sql {
