@@ -11,6 +11,10 @@
 //! (`#[tokio::test]`'s default) alike. The same thread finishes, in the background, the release
 //! or the done mark of a call whose future was dropped.
 //!
+//! A store that cannot open a connection of its own (a `RedisStore` built with
+//! `RedisStore::new` on your connection) renews through yours: its I/O then runs on the runtime
+//! that opened it, and a blocked runtime can cost a lease.
+//!
 //! Registering a lease costs a map insert and removal; the watchdog wakes when the earliest
 //! renewal is due, so handlers that finish within `ttl / 3` are never renewed at all.
 

@@ -179,8 +179,9 @@ impl fmt::Debug for RedisStore {
 ///
 /// # async fn f() -> Result<(), redis::RedisError> {
 /// let client = redis::Client::open("redis://127.0.0.1:6379")?;
-/// let manager = client.get_connection_manager().await?;
-/// let store = RedisStore::builder(manager).prefix("billing:idem:").build();
+/// let store = RedisStore::builder_from_client(client)?
+///     .prefix("billing:idem:")
+///     .build();
 /// # let _ = store; Ok(())
 /// # }
 /// ```
@@ -233,6 +234,12 @@ impl RedisStore {
 
     /// A store on an existing connection, with the default prefix.
     ///
+    /// Lease renewals go through this connection too, and its I/O runs on the runtime that opened
+    /// it: if that runtime's threads are all blocked, renewals stall and a lease can lapse under a
+    /// running handler. [`RedisStore::from_url`], [`RedisStore::from_client`] and
+    /// [`RedisStore::builder_from_client`] let the watchdog open a connection of its own instead;
+    /// prefer them. (A warning says so once, at the first renewal.)
+    ///
     /// ```no_run
     /// # async fn f() -> Result<(), idem_runtime::redis::RedisError> {
     /// let client = idem_runtime::redis::Client::open("redis://127.0.0.1:6379")?;
@@ -244,7 +251,17 @@ impl RedisStore {
         Self::builder(conn).build()
     }
 
-    /// A builder on an existing connection.
+    /// A builder on an existing connection (renewals share it: see [`RedisStore::new`]).
+    ///
+    /// ```no_run
+    /// # async fn f() -> Result<(), idem_runtime::redis::RedisError> {
+    /// let client = idem_runtime::redis::Client::open("redis://127.0.0.1:6379")?;
+    /// let store = idem_runtime::RedisStore::builder(client.get_connection_manager().await?)
+    ///     .prefix("billing:idem:")
+    ///     .build();
+    /// # let _ = store; Ok(())
+    /// # }
+    /// ```
     pub fn builder(conn: impl Into<RedisConnection>) -> RedisStoreBuilder {
         RedisStoreBuilder {
             conn: conn.into(),
@@ -515,6 +532,14 @@ impl Store for RedisStore {
     /// opened its connection itself; one built on your connection renews through it).
     fn for_watchdog(&self) -> Arc<dyn Store> {
         let Some(source) = &self.inner.source else {
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| {
+                tracing::warn!(
+                    "RedisStore::new: lease renewals share the application's connection and \
+                     runtime; a blocked runtime can cost a lease (use RedisStore::from_url or \
+                     builder_from_client)"
+                );
+            });
             return Arc::new(self.clone());
         };
         self.inner
