@@ -22,7 +22,7 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -215,7 +215,59 @@ pub(crate) fn spawn_background<F>(f: F)
 where
     F: Future<Output = ()> + Send + 'static,
 {
-    watchdog().handle.spawn(f);
+    let dog = watchdog();
+    dog.background.fetch_add(1, Ordering::SeqCst);
+    // Counted down when the task ends, however it ends (a panic, the runtime shutting down).
+    let pending = Pending(dog);
+    dog.handle.spawn(async move {
+        let _pending = pending;
+        f.await;
+    });
+}
+
+struct Pending(&'static Watchdog);
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if self.0.background.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.settled.notify_waiters();
+        }
+    }
+}
+
+/// Wait, up to `timeout`, for the work this process finishes in the background: the done marks
+/// and releases of calls whose futures were dropped (a request timeout, a consumer cancelled at
+/// shutdown) after their handler ran. Returns whether all of it finished.
+///
+/// That work runs on the `idem-watchdog` thread, which does not keep the process alive: call this
+/// before `main` returns (after your server or consumer stopped taking work), or a done mark in
+/// flight is lost with the process, and the message's redelivery runs the handler again once the
+/// lease expires.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// // ... the server stopped taking requests ...
+/// if !idem_runtime::wait_for_background(std::time::Duration::from_secs(5)).await {
+///     eprintln!("some done marks were not written: their keys will run again after the ttl");
+/// }
+/// # }
+/// ```
+pub async fn wait_for_background(timeout: Duration) -> bool {
+    let dog = watchdog();
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let settled = dog.settled.notified();
+        let mut settled = pin!(settled);
+        // Registered before the count is read, so a task ending in between still wakes us.
+        settled.as_mut().enable();
+        if dog.background.load(Ordering::SeqCst) == 0 {
+            return true;
+        }
+        if tokio::time::timeout_at(deadline, settled).await.is_err() {
+            return dog.background.load(Ordering::SeqCst) == 0;
+        }
+    }
 }
 
 const SHARDS: usize = 16;
@@ -243,6 +295,9 @@ struct Watchdog {
     next_wake: AtomicU64,
     wake: Notify,
     handle: tokio::runtime::Handle,
+    /// Background tasks (releases, done marks) not finished yet, and their signal at zero.
+    background: AtomicUsize,
+    settled: Notify,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -301,6 +356,8 @@ impl Watchdog {
             next_wake: AtomicU64::new(u64::MAX),
             wake: Notify::new(),
             handle,
+            background: AtomicUsize::new(0),
+            settled: Notify::new(),
         }));
         let _ = dog_tx.send(dog);
         dog

@@ -74,7 +74,7 @@ pub use error::{BoxError, Error, Phase, StoreError};
 pub use key::{
     Fingerprint, FingerprintBuilder, Key, KeyBuilder, KeyPart, MAX_KEY_LEN, reveal_keys,
 };
-pub use lease::{CurrentLease, current_lease};
+pub use lease::{CurrentLease, current_lease, wait_for_background};
 pub use options::Options;
 pub use run::{AbsorbsIdemError, Call, Outcome, Replayable, TxConnection, run};
 #[cfg(feature = "mysql")]
