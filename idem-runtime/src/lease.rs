@@ -184,12 +184,13 @@ impl Drop for Watch {
 /// Renew `held` every `ttl / 3` through `renewer`, on the watchdog thread, until the returned
 /// guard is dropped or `max_lease` has passed.
 pub(crate) fn watch(
+    pid: u32,
     held: &Arc<Held>,
     renewer: Arc<dyn Store>,
     ttl: Duration,
     max_lease: Option<Duration>,
 ) -> Watch {
-    let dog = watchdog();
+    let dog = watchdog_of(pid);
     let now = dog.now();
     let due = now.saturating_add(nanos(ttl / 3));
     let id = dog.next_id.fetch_add(1, Ordering::Relaxed);
@@ -311,9 +312,13 @@ fn nanos(d: Duration) -> u64 {
 
 /// The watchdog of this process, started on first use.
 fn watchdog() -> &'static Watchdog {
+    watchdog_of(std::process::id())
+}
+
+/// The watchdog of the process `pid` (this one's, read by the caller), started on first use.
+fn watchdog_of(pid: u32) -> &'static Watchdog {
     static FIRST: OnceLock<&'static Watchdog> = OnceLock::new();
     static FORKED: Mutex<Vec<&'static Watchdog>> = Mutex::new(Vec::new());
-    let pid = std::process::id();
     let first = *FIRST.get_or_init(|| Watchdog::start(pid));
     if first.pid == pid {
         return first;

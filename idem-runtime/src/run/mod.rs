@@ -224,8 +224,9 @@ pub(crate) fn store_error(e: StoreError, phase: Phase, scope: &str, key: &Key) -
     }
 }
 
-/// The claim of one call: a new token, the handler's scope and ttl.
+/// The claim of one call in the process `pid`: a new token, the handler's scope and ttl.
 pub(crate) fn request<'a>(
+    pid: u32,
     opts: &'a Options,
     key: &'a Key,
     fingerprint: Option<Fingerprint>,
@@ -233,7 +234,7 @@ pub(crate) fn request<'a>(
     BeginRequest {
         scope: &opts.scope,
         key,
-        token: Token::generate(),
+        token: Token::generate_in(pid),
         ttl: opts.ttl,
         fingerprint,
     }
@@ -348,7 +349,9 @@ where
         Ok(parts) => parts,
         Err(e) => return lift(opts, e),
     };
-    let req = request(opts, &key, fingerprint);
+    // Read once: the token and the watchdog both depend on it (a forked child has its own).
+    let pid = std::process::id();
+    let req = request(pid, opts, &key, fingerprint);
     let lease = match claim::<R>(store, Claimant::Store(store), opts, &req).await {
         Ok(lease) => lease,
         Err(answer) => return answer,
@@ -358,7 +361,7 @@ where
     // background (release, or the done mark once the handler succeeded).
     let held = Held::new(opts.scope.clone(), key, lease);
     let twin = store.for_watchdog();
-    let watch = lease::watch(&held, twin.clone(), opts.ttl, opts.max_lease);
+    let watch = lease::watch(pid, &held, twin.clone(), opts.ttl, opts.max_lease);
     let mut guard = Finish::holding(&held, Some(twin), opts);
     let outcome = held.scope(CatchUnwind { inner: handler() }).await;
     drop(watch);

@@ -121,7 +121,7 @@ where
         Ok(parts) => parts,
         Err(e) => return Err(lift(opts, e)),
     };
-    let req = request(opts, &key, fingerprint);
+    let req = request(std::process::id(), opts, &key, fingerprint);
     let lease = claim::<R>(store, Claimant::Store(store), opts, &req).await?;
     Ok((key, lease))
 }
@@ -167,7 +167,8 @@ where
         Ok(parts) => parts,
         Err(e) => return lift(opts, e),
     };
-    let req = request(opts, &key, fingerprint);
+    let pid = std::process::id();
+    let req = request(pid, opts, &key, fingerprint);
     let lease = match claimed {
         Some(lease) => lease,
         None => match claim::<R>(store, Claimant::Tx(txs, as_tx(tx).0), opts, &req).await {
@@ -186,7 +187,7 @@ where
     let renewer = txs.renewer_in_tx();
     let watch = renewer
         .clone()
-        .map(|r| lease::watch(&held, r, opts.ttl, opts.max_lease));
+        .map(|r| lease::watch(pid, &held, r, opts.ttl, opts.max_lease));
     // Dropped before the end (cancelled, or a panic): a claim made outside the transaction is
     // released from the watchdog's thread; one made inside ends with the transaction.
     let mut guard = Finish::holding(&held, renewer, opts);

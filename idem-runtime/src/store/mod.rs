@@ -32,12 +32,17 @@ impl Token {
     /// assert_ne!(a, b);
     /// ```
     pub fn generate() -> Token {
+        Token::generate_in(std::process::id())
+    }
+
+    /// [`Token::generate`] in the process `pid` (the caller's, read once per call: `getpid` is a
+    /// system call).
+    pub(crate) fn generate_in(pid: u32) -> Token {
         static NONCE: AtomicU64 = AtomicU64::new(0);
         // The process the nonce was made in (0: none yet). A forked child inherits the parent's
         // memory, nonce and counter included; its own pid tells it to make a nonce of its own.
         static NONCE_PID: AtomicU32 = AtomicU32::new(0);
         static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let pid = std::process::id();
         if NONCE_PID.load(Ordering::Acquire) != pid {
             NONCE.store(new_nonce(pid), Ordering::Release);
             NONCE_PID.store(pid, Ordering::Release);
