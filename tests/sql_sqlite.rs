@@ -96,3 +96,47 @@ async fn renewals_do_not_wait_for_the_applications_pool() {
     let lost = holder.await.unwrap().expect("the holder completes");
     assert!(!lost, "the lease was lost while the handler ran");
 }
+
+/// The transactional form on a pool of one connection (which the transaction holds): duplicates
+/// replay without waiting for another connection.
+#[tokio::test]
+async fn a_duplicate_in_a_transaction_replays_with_one_connection() {
+    use std::time::Duration;
+
+    use idem_runtime::{Call, Error, Options, SqliteStore};
+
+    let path =
+        std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("idem-tx-one-connection.sqlite");
+    let _ = std::fs::remove_file(&path);
+    let pool = SqlitePoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_with(
+            SqliteConnectOptions::new()
+                .filename(&path)
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal),
+        )
+        .await
+        .expect("open the SQLite file");
+    let store = SqliteStore::new(pool);
+    store.migrate().await.unwrap();
+    let opts = Options::new("sql_sqlite::tx_one_connection");
+    let runs = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    for _ in 0..3 {
+        let runs = runs.clone();
+        let out: Result<u32, Error> = store
+            .run_in_tx(&opts, Call::new("order-1"), move |_tx| {
+                Box::pin(
+                    async move { Ok(runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1) },
+                )
+            })
+            .await;
+        assert_eq!(
+            out.unwrap(),
+            1,
+            "the duplicates replay the first run's output"
+        );
+    }
+    assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 1);
+}

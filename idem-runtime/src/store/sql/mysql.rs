@@ -7,7 +7,7 @@
 //! When another claim raced in between, the write changes nothing and `begin` reads again.
 
 use sqlx::mysql::MySqlRow;
-use sqlx::{MySql, MySqlConnection, Pool, Row, SqlStr, Transaction};
+use sqlx::{MySql, MySqlConnection, Pool, Row, SqlStr};
 
 use super::sealed::{At, Claim, Current, Mark, Migrations, Ops, Seen, Table};
 use super::{
@@ -164,10 +164,6 @@ impl Ops for MySql {
             .execute(&mut *conn)
             .await;
         result.and(released.map(|_| ()))
-    }
-
-    async fn begin_tx(pool: &Pool<MySql>) -> Result<Transaction<'static, MySql>, sqlx::Error> {
-        pool.begin().await
     }
 
     async fn begin(

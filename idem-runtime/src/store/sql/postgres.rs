@@ -1,7 +1,7 @@
 //! The SQL store on PostgreSQL.
 
 use sqlx::postgres::PgRow;
-use sqlx::{PgConnection, Pool, Postgres, Row, SqlStr, Transaction};
+use sqlx::{PgConnection, Pool, Postgres, Row, SqlStr};
 
 use super::sealed::{At, Claim, Current, Mark, Migrations, Ops, Seen, Table};
 use super::{
@@ -166,12 +166,6 @@ impl Ops for Postgres, PgConnection {
             .await?;
         }
         tx.commit().await
-    }
-
-    async fn begin_tx(
-        pool: &Pool<Postgres>,
-    ) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
-        pool.begin().await
     }
 
     async fn begin(

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::{Pool, Transaction};
+use sqlx::Pool;
 
 use super::{DONE, FREE, IN_FLIGHT, InvalidTableName, MAX_TABLE_NAME_LEN, token_of};
 use crate::StoreError;
@@ -165,7 +165,6 @@ pub trait Ops: sqlx::Database + Sized {
     /// thread; `None` where it must share `pool` (an in-memory SQLite database).
     fn watchdog_pool(pool: &Pool<Self>) -> Option<Pool<Self>>;
     async fn migrate(pool: &Pool<Self>, table: &Table) -> Result<(), sqlx::Error>;
-    async fn begin_tx(pool: &Pool<Self>) -> Result<Transaction<'static, Self>, sqlx::Error>;
     async fn begin(
         conn: &mut Self::Connection,
         sql: &Self::Sql,

@@ -1,7 +1,7 @@
 //! The SQL store on SQLite.
 
 use sqlx::sqlite::SqliteRow;
-use sqlx::{Pool, Row, SqlStr, Sqlite, SqliteConnection, Transaction};
+use sqlx::{Pool, Row, SqlStr, Sqlite, SqliteConnection};
 
 use super::sealed::{At, Claim, Current, Mark, Migrations, Ops, Seen, Table};
 use super::{
@@ -154,12 +154,6 @@ impl Ops for Sqlite, SqliteConnection {
             .await?;
         }
         tx.commit().await
-    }
-
-    async fn begin_tx(pool: &Pool<Sqlite>) -> Result<Transaction<'static, Sqlite>, sqlx::Error> {
-        // Take the write lock at once: a deferred transaction that reads and then writes can fail
-        // with SQLITE_BUSY without waiting when another connection wrote in between.
-        pool.begin_with("BEGIN IMMEDIATE").await
     }
 
     async fn begin(

@@ -145,8 +145,8 @@ where
     };
     let tx = match tx {
         Some(tx) => Ok(tx),
-        // The SQL store's own way to begin (SQLite: `BEGIN IMMEDIATE`).
-        None => DB::begin_tx(pool).await,
+        // Deferred on SQLite too: the claim is the transaction's first statement, and a write.
+        None => pool.begin().await,
     };
     let mut tx = match tx {
         Ok(tx) => tx,
@@ -200,8 +200,8 @@ impl<DB: Backend> SqlStore<DB> {
     /// Run `handler` at most once per key, **exactly once in effect** for writes it makes in the
     /// transaction it is given: the transactional form, without the attribute.
     ///
-    /// Begins a transaction on this store's pool (SQLite: `BEGIN IMMEDIATE`), claims the key for
-    /// it, replays a done key, refuses or waits for one in flight (as `opts` says), otherwise runs
+    /// Begins a transaction on this store's pool, claims the key for it, replays a done key,
+    /// refuses or waits for one in flight (as `opts` says), otherwise runs
     /// `handler` with the transaction. On `Ok(v)` the done mark (with `v` for replay) is written in
     /// the transaction and the transaction commits: the handler's writes and the mark commit
     /// together or not at all. On `Err`, a panic or cancellation the transaction rolls back and the
