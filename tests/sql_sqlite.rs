@@ -140,3 +140,72 @@ async fn a_duplicate_in_a_transaction_replays_with_one_connection() {
     }
     assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 1);
 }
+
+/// A transactional duplicate that waits (`wait`) for a key in flight used to wait inside its
+/// transaction, which held SQLite's write lock from its claim: the holder's renewals and mark
+/// stalled on that lock, its lease lapsed, and the waiter took the key over and ran the handler a
+/// second time. On SQLite such a duplicate is answered in flight at once instead.
+#[tokio::test]
+async fn a_transactional_duplicate_does_not_wait_holding_the_write_lock() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::time::Duration;
+
+    use idem_runtime::{Call, Error, Options, SqliteStore, run};
+
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("idem-tx-wait.sqlite");
+    let _ = std::fs::remove_file(&path);
+    let pool = SqlitePoolOptions::new()
+        .max_connections(4)
+        .connect_with(
+            SqliteConnectOptions::new()
+                .filename(&path)
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .busy_timeout(Duration::from_secs(5)),
+        )
+        .await
+        .expect("open the SQLite file");
+    let store = SqliteStore::new(pool);
+    store.migrate().await.unwrap();
+    let opts = Options::new("sql_sqlite::tx_wait")
+        .ttl(Duration::from_secs(1))
+        .wait(Duration::from_secs(8));
+    let runs = Arc::new(AtomicU32::new(0));
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+    let (finish_tx, finish_rx) = tokio::sync::oneshot::channel::<()>();
+    let holder = {
+        let (store, opts, runs) = (store.clone(), opts.clone(), runs.clone());
+        tokio::spawn(async move {
+            run(&store, &opts, Call::new("order-1"), || async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                let _ = started_tx.send(());
+                let _ = finish_rx.await;
+                Ok::<_, Error>(1_u32)
+            })
+            .await
+        })
+    };
+    started_rx.await.unwrap();
+    let r = runs.clone();
+    let waiter = tokio::time::timeout(
+        Duration::from_secs(6),
+        store.run_in_tx(&opts, Call::new("order-1"), move |_tx| {
+            Box::pin(async move {
+                r.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, Error>(2_u32)
+            })
+        }),
+    )
+    .await
+    .expect("the duplicate waited in its transaction");
+    assert!(matches!(waiter, Err(Error::InFlight { .. })), "{waiter:?}");
+    finish_tx.send(()).unwrap();
+    assert_eq!(holder.await.unwrap().unwrap(), 1);
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "the handler ran twice");
+    // Once done, the transactional duplicate replays.
+    let again: Result<u32, Error> = store
+        .run_in_tx(&opts, Call::new("order-1"), |_tx| Box::pin(async { Ok(3) }))
+        .await;
+    assert_eq!(again.unwrap(), 1);
+}

@@ -112,7 +112,9 @@ impl Options {
     /// REPEATABLE READ or SERIALIZABLE that transaction's snapshot predates the holder's commit,
     /// so after the wait it gets a serialization failure
     /// ([`Error::Unavailable`](crate::Error::Unavailable), SQLSTATE 40001) instead of the
-    /// replay: retry it in a new transaction, which replays.
+    /// replay: retry it in a new transaction, which replays. On SQLite it does not wait at all
+    /// (its claim holds the database's write lock, which the holder needs): it gets
+    /// [`Error::InFlight`](crate::Error::InFlight) at once.
     pub const fn wait(mut self, timeout: Duration) -> Self {
         self.wait = Some(timeout);
         self
@@ -121,8 +123,9 @@ impl Options {
     /// The largest output that is stored for replay, in bytes once encoded (default 1 MiB). A
     /// larger output still marks the key done, so the handler never runs twice, but duplicates
     /// get [`Error::Unreplayable`](crate::Error::Unreplayable) instead of the output. The same
-    /// happens when the store keeps refusing an output of 64 KiB or more (e.g. above MariaDB's
-    /// `max_allowed_packet`); a smaller one is never given up (its refusal is a store that is down).
+    /// happens when the store refuses an output of 64 KiB or more three times while it answers
+    /// otherwise (e.g. above MariaDB's `max_allowed_packet`); a store that is down, or a smaller
+    /// output, never costs the output.
     pub const fn max_output(mut self, bytes: usize) -> Self {
         self.max_output = bytes;
         self

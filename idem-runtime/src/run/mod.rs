@@ -247,6 +247,14 @@ pub(crate) enum Claimant<'a> {
 }
 
 impl Claimant<'_> {
+    /// Whether a key found in flight may be waited for through this claimant.
+    fn may_wait(&self) -> bool {
+        match self {
+            Claimant::Store(_) => true,
+            Claimant::Tx(s, _) => s.waits_in_tx(),
+        }
+    }
+
     async fn begin(&mut self, req: &BeginRequest<'_>) -> Result<Begin, StoreError> {
         match self {
             Claimant::Store(s) => s.begin(req).await,
@@ -310,7 +318,10 @@ where
             }
             Ok(Begin::InFlight { retry_after }) => {
                 let now = Instant::now();
-                let deadline = opts.wait.map(|w| *wait_deadline.get_or_insert(now + w));
+                let deadline = opts
+                    .wait
+                    .filter(|_| claimant.may_wait())
+                    .map(|w| *wait_deadline.get_or_insert(now + w));
                 match deadline {
                     Some(d) if d > now => {
                         let pause = backoff.min(retry_after).min(d - now);
@@ -385,7 +396,7 @@ where
                 // From here on the effect has happened: never release, or a redelivery runs again.
                 let output: Arc<[u8]> = codec::encode(&value, opts.max_output).into();
                 guard.marking(output.clone());
-                match complete(store, scope, key, &lease, &output, opts.keep).await {
+                match complete(store, scope, key, &lease, &output, opts.ttl, opts.keep).await {
                     Ok(()) => {
                         guard.done();
                         metrics::record(opts, metrics::Outcome::Executed);
@@ -417,15 +428,17 @@ const COMPLETE_ATTEMPTS: u32 = 3;
 /// Below it, a refusal is a store that is down: the output is never given up for it.
 const REFUSED_FOR_SIZE: usize = 64 * 1024;
 
-/// Write the done mark. `complete` is idempotent, so a failure is retried; when the store keeps
-/// refusing a large output (one larger than it accepts fails the same way every time), the key is
-/// marked done without it, so the handler is not run again on every delivery.
+/// Write the done mark. `complete` is idempotent, so a failure is retried. A large output the
+/// store keeps refusing while it answers otherwise (one larger than it accepts fails the same way
+/// every time) is given up: the key is marked done without it, so the handler is not run again on
+/// every delivery. A store that is down is never taken for one that refuses the output.
 async fn complete(
     store: &dyn Store,
     scope: &str,
     key: &Key,
     lease: &Lease,
     output: &[u8],
+    ttl: Duration,
     keep: Duration,
 ) -> Result<(), StoreError> {
     let mut attempt = 0;
@@ -439,6 +452,17 @@ async fn complete(
             Err(StoreError::Unavailable(e))
                 if output.len() >= REFUSED_FOR_SIZE && !codec::is_unreplayable(output) =>
             {
+                // Is the store up? A small write answers (whatever it says of the lease). Down:
+                // keep the output, and let the caller (or the background) try again later.
+                if let Err(StoreError::Unavailable(_)) = store.extend(scope, key, lease, ttl).await
+                {
+                    return Err(StoreError::Unavailable(e));
+                }
+                // Up: one more try with the output, in case it just came back.
+                match store.complete(scope, key, lease, output, keep).await {
+                    Err(StoreError::Unavailable(_)) => {}
+                    r => return r,
+                }
                 let without = codec::unreplayable(&format!(
                     "the store refused the output of {} bytes: {e}",
                     output.len()
@@ -544,7 +568,7 @@ async fn complete_in_background(
     let give_up = Instant::now() + ttl;
     let mut pause = Duration::from_millis(50);
     loop {
-        match complete(store, scope, key, &held.lease, output, keep).await {
+        match complete(store, scope, key, &held.lease, output, ttl, keep).await {
             Ok(()) => {
                 tracing::info!(scope, key = %key, "done mark written in the background");
                 return;

@@ -283,6 +283,15 @@ pub trait TxStore: Send + Sync {
     /// or outside it, as [`Store::begin`] does (then the transaction may begin after the claim).
     fn claims_in_tx(&self) -> bool;
 
+    /// Whether a duplicate whose claim in the transaction found the key in flight may wait there
+    /// ([`Options::wait`](crate::Options::wait)). Not where that claim holds a lock the holder
+    /// needs to renew its lease and write its mark (SQLite's write lock): the holder would stall
+    /// until its lease lapsed and the waiter took the key over. Such duplicates are answered
+    /// [`Error::InFlight`](crate::Error::InFlight) at once.
+    fn waits_in_tx(&self) -> bool {
+        true
+    }
+
     /// What renews a transactional lease while the handler runs, and releases it if the caller
     /// is cancelled: `None` when the transaction itself holds the lease (it ends with the
     /// transaction, a crash included).

@@ -74,6 +74,10 @@ impl<F: Store, D: Store> TxStore for LayeredStore<F, D> {
         self.durable_tx().is_ok_and(|d| d.claims_in_tx())
     }
 
+    fn waits_in_tx(&self) -> bool {
+        self.durable_tx().is_ok_and(|d| d.waits_in_tx())
+    }
+
     fn renewer_in_tx(&self) -> Option<Arc<dyn Store>> {
         match self.durable_tx().ok()?.renewer_in_tx() {
             // The durable claim is a lease of its own (MySQL/MariaDB): renew both layers.

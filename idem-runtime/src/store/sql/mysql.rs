@@ -97,6 +97,7 @@ impl Ops for MySql {
     // no row yet: the claim is a lease on another connection, renewed by the watchdog, and the
     // mark (an `UPDATE`, which reads the latest row at every isolation level) checks its token.
     const CLAIMS_IN_TX: bool = false;
+    const CLAIM_LOCKS_DATABASE: bool = false;
     fn watchdog_pool(pool: &Pool<MySql>) -> Option<Pool<MySql>> {
         // Its connections are bound to the runtime that opened them: the watchdog's own.
         Some(watchdog_pool(pool, 4))

@@ -114,6 +114,7 @@ impl Ops for Postgres, PgConnection {
     type Sql = Sql;
     const MIGRATIONS: Migrations = MIGRATIONS;
     const CLAIMS_IN_TX: bool = true;
+    const CLAIM_LOCKS_DATABASE: bool = false;
     fn watchdog_pool(pool: &Pool<Postgres>) -> Option<Pool<Postgres>> {
         // Its connections are bound to the runtime that opened them: the watchdog's own.
         Some(watchdog_pool(pool, 4))

@@ -160,6 +160,9 @@ pub trait Ops: sqlx::Database + Sized {
 
     /// Whether the transactional form claims in the caller's transaction (see `run/tx.rs`).
     const CLAIMS_IN_TX: bool;
+    /// Whether that claim holds the whole database's write lock until the transaction ends, even
+    /// when the key was in flight (so the transaction must not wait for the key).
+    const CLAIM_LOCKS_DATABASE: bool;
     fn prepare(table: &Table) -> Self::Sql;
     /// A small pool with the same settings as `pool`, connecting lazily, for the watchdog's
     /// thread; `None` where it must share `pool` (an in-memory SQLite database).

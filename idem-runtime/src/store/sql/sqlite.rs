@@ -101,6 +101,7 @@ impl Ops for Sqlite, SqliteConnection {
     type Sql = Sql;
     const MIGRATIONS: Migrations = MIGRATIONS;
     const CLAIMS_IN_TX: bool = true;
+    const CLAIM_LOCKS_DATABASE: bool = true;
     fn watchdog_pool(pool: &Pool<Sqlite>) -> Option<Pool<Sqlite>> {
         // SQLite's connections run on threads of their own, but the application may hold every
         // connection of its pool (often one) while a handler runs: a file gets a connection of

@@ -108,6 +108,10 @@ impl<DB: Backend> TxStore for SqlStore<DB> {
         DB::CLAIMS_IN_TX
     }
 
+    fn waits_in_tx(&self) -> bool {
+        !DB::CLAIM_LOCKS_DATABASE
+    }
+
     fn renewer_in_tx(&self) -> Option<Arc<dyn Store>> {
         (!DB::CLAIMS_IN_TX).then(|| self.for_watchdog())
     }
