@@ -109,3 +109,33 @@ async fn renewals_keep_the_pools_after_connect() {
         .await
         .unwrap();
 }
+
+/// A pool that shares a parent's connection budget (what `#[sqlx::test]` gives a test) of fewer
+/// connections than the watchdog's pool wanted: building the watchdog's pool panicked inside the
+/// call, after the claim.
+#[tokio::test]
+async fn a_pool_with_a_small_parent_budget_runs() {
+    use idem_runtime::sqlx::postgres::PgPoolOptions;
+    use idem_runtime::{Call, Error, Options, PgStore, run};
+
+    let Some(admin) = connect().await else { return };
+    let connect = (*admin.connect_options()).clone();
+    let parent = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_lazy_with(connect.clone());
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .parent(parent)
+        .connect_lazy_with(connect);
+    let store = PgStore::new(pool);
+    store.migrate().await.unwrap();
+    let key = format!("order-{}", std::process::id());
+    let out: Result<u32, Error> = run(
+        &store,
+        &Options::new("sql_postgres::parent"),
+        Call::new(&key),
+        || async { Ok(7) },
+    )
+    .await;
+    assert_eq!(out.unwrap(), 7);
+}

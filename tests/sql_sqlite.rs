@@ -209,3 +209,58 @@ async fn a_transactional_duplicate_does_not_wait_holding_the_write_lock() {
         .await;
     assert_eq!(again.unwrap(), 1);
 }
+
+/// Databases that live in memory (or in a temporary file) exist only for their own pool's
+/// connections: a watchdog connection of its own would renew in another, empty database, every
+/// renewal would fail, the lease would lapse, and a duplicate would run. They renew through
+/// their own pool.
+#[tokio::test]
+async fn renewals_of_in_memory_databases_reach_them() {
+    use std::time::Duration;
+
+    use idem_runtime::{Call, Error, Options, SqliteStore, current_lease, run};
+
+    for url in [
+        "sqlite::memory:",
+        "sqlite:file::memory:",
+        "sqlite:idem-private?mode=memory&cache=private",
+        "sqlite:file:idem-shared?mode=memory&cache=shared",
+        "sqlite:",
+    ] {
+        let connect: SqliteConnectOptions = url.parse().unwrap();
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(connect)
+            .await
+            .unwrap();
+        let store = SqliteStore::new(pool);
+        store.migrate().await.unwrap();
+        let opts = Options::new("sql_sqlite::in_memory").ttl(Duration::from_millis(300));
+        let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+        let (finish_tx, finish_rx) = tokio::sync::oneshot::channel::<()>();
+        let holder = {
+            let (store, opts) = (store.clone(), opts.clone());
+            tokio::spawn(async move {
+                run(&store, &opts, Call::new("order-1"), || async move {
+                    let lease = current_lease().expect("inside a handler");
+                    let _ = started_tx.send(());
+                    let _ = finish_rx.await;
+                    Ok::<_, Error>(lease.is_lost())
+                })
+                .await
+            })
+        };
+        started_rx.await.unwrap();
+        // Five ttls: without renewals the lease would have lapsed four times over.
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(1500);
+        while tokio::time::Instant::now() < deadline {
+            let dup: Result<bool, Error> =
+                run(&store, &opts, Call::new("order-1"), || async { Ok(true) }).await;
+            assert!(matches!(dup, Err(Error::InFlight { .. })), "{url}: {dup:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        finish_tx.send(()).unwrap();
+        let lost = holder.await.unwrap().expect("the holder completes");
+        assert!(!lost, "{url}: the lease was lost while the handler ran");
+    }
+}

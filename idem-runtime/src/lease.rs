@@ -87,10 +87,13 @@ impl CurrentLease {
         self.held.lease.fence
     }
 
-    /// Whether the lease is gone: the store said another holder has it, or it was not renewed
-    /// past the handler's `max_lease`. A handler that keeps going after this may run beside a
-    /// duplicate; its completion will be refused ([`Error::LeaseLost`](crate::Error::LeaseLost))
-    /// and, in the transactional form, its writes roll back. Stop, or fence your writes.
+    /// Whether the lease is gone, or can no longer be kept: the store said another holder has
+    /// it, it was not renewed past the handler's `max_lease`, or the store panicked renewing it
+    /// (renewals then stop). From then on it lapses `ttl` after its last renewal, and a
+    /// handler that keeps going may run beside a duplicate: its completion is refused
+    /// ([`Error::LeaseLost`](crate::Error::LeaseLost)) once another caller took the key (until
+    /// then it may still succeed), and, in the transactional form, its writes then roll back.
+    /// Stop, or fence your writes.
     pub fn is_lost(&self) -> bool {
         self.held.lost.load(Ordering::Acquire)
     }

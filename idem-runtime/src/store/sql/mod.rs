@@ -162,8 +162,9 @@ struct Inner<DB: Backend> {
     pool: Pool<DB>,
     table: Table,
     sql: DB::Sql,
-    /// This store for the watchdog's thread (see [`Store::for_watchdog`]), built on first use.
-    twin: OnceLock<Arc<dyn Store>>,
+    /// This store for the watchdog's thread (see [`Store::for_watchdog`]), built on first use;
+    /// `None`: the watchdog uses this store.
+    twin: OnceLock<Option<Arc<dyn Store>>>,
 }
 
 impl<DB: Backend> Clone for SqlStore<DB> {
@@ -409,20 +410,17 @@ impl<DB: Backend> Store for SqlStore<DB> {
     }
 
     /// A store on the same table through a small pool of its own with the same settings, whose
-    /// connections are opened from the watchdog's thread (an in-memory SQLite database: this
+    /// connections are opened from the watchdog's thread (a SQLite database not in a file: this
     /// store).
     fn for_watchdog(&self) -> Arc<dyn Store> {
-        if let Some(twin) = self.inner.twin.get() {
-            return twin.clone();
-        }
-        match DB::watchdog_pool(&self.inner.pool) {
-            // Not cached: a clone kept inside the store would keep the store alive forever.
+        let twin = self.inner.twin.get_or_init(|| {
+            DB::watchdog_pool(&self.inner.pool)
+                .map(|pool| Arc::new(SqlStore::build(pool, self.inner.table.clone())) as _)
+        });
+        match twin {
+            Some(twin) => twin.clone(),
+            // Not kept: a clone kept inside the store would keep the store alive forever.
             None => Arc::new(self.clone()),
-            Some(pool) => self
-                .inner
-                .twin
-                .get_or_init(|| Arc::new(SqlStore::build(pool, self.inner.table.clone())))
-                .clone(),
         }
     }
 

@@ -204,8 +204,11 @@ pub(crate) fn statements(sql: &str) -> impl Iterator<Item = &str> {
 /// lazily, so its connections are opened (and bound to the runtime) there; it keeps no minimum,
 /// so it runs no maintenance task on a runtime that is not the watchdog's.
 pub(crate) fn watchdog_pool<DB: sqlx::Database>(pool: &sqlx::Pool<DB>, max: u32) -> sqlx::Pool<DB> {
-    pool.options()
-        .clone()
+    let options = pool.options().clone();
+    // No larger than the application's pool: a pool made by `#[sqlx::test]` shares a parent's
+    // connection budget (copied with the options), which panics on a larger child.
+    let max = max.min(options.get_max_connections()).max(1);
+    options
         .max_connections(max)
         .min_connections(0)
         .idle_timeout(None)

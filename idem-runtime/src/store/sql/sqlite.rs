@@ -104,12 +104,14 @@ impl Ops for Sqlite, SqliteConnection {
     const CLAIM_LOCKS_DATABASE: bool = true;
     fn watchdog_pool(pool: &Pool<Sqlite>) -> Option<Pool<Sqlite>> {
         // SQLite's connections run on threads of their own, but the application may hold every
-        // connection of its pool (often one) while a handler runs: a file gets a connection of
-        // its own for renewals. An in-memory database exists only in its own pool.
-        let file = pool.connect_options().get_filename().to_string_lossy().into_owned();
-        let in_memory = file == ":memory:" || file.starts_with("file:sqlx-in-memory-")
-            || file.contains("mode=memory");
-        (!in_memory).then(|| watchdog_pool(pool, 1))
+        // connection of its pool (often one) while a handler runs: a database in a file gets a
+        // connection of its own for renewals. Any other (in memory, private or shared; temporary)
+        // exists only for its own pool's connections, so renewals go through that pool. Asked
+        // after a claim, so a file the pool creates exists by then.
+        pool.connect_options()
+            .get_filename()
+            .is_file()
+            .then(|| watchdog_pool(pool, 1))
     }
 
     fn prepare(t: &Table) -> Sql {
