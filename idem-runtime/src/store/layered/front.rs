@@ -121,22 +121,28 @@ impl<F: Store, D: Store> Inner<F, D> {
             .front_op("extend", || self.front.extend(scope, key, lease, ttl))
             .await;
         if let Ok(Err(StoreError::LeaseLost)) = renewed {
+            // Briefly at first: the holder may have released the key (durable store first, then
+            // the front) after this renewal began, and then the claim belongs to no one. It is
+            // made long only once the durable lease is found still held; if that check fails
+            // or never ends (the watchdog gives up on a renewal after ttl / 3), it lapses soon.
             let again = BeginRequest {
                 scope,
                 key,
                 token: lease.token,
-                ttl,
+                ttl: ttl.min(Duration::from_secs(1)),
                 fingerprint: lease.fingerprint,
             };
             let claimed = self.front_op("extend", || self.front.begin(&again)).await;
-            // The holder may have released the key (durable store first, then the front) after
-            // this renewal began: then the claim just made belongs to no one. Check the durable
-            // lease, and give the claim back if it is gone.
-            if let Ok(Ok(Begin::Acquired(_))) = claimed
-                && let Err(StoreError::LeaseLost) =
-                    self.durable.extend(scope, key, lease, ttl).await
-            {
-                self.front_release(scope, key, lease).await;
+            if let Ok(Ok(Begin::Acquired(_))) = claimed {
+                match self.durable.extend(scope, key, lease, ttl).await {
+                    Ok(()) => {
+                        let _ = self
+                            .front_op("extend", || self.front.extend(scope, key, lease, ttl))
+                            .await;
+                    }
+                    Err(StoreError::LeaseLost) => self.front_release(scope, key, lease).await,
+                    Err(_) => {}
+                }
             }
         }
     }

@@ -494,3 +494,59 @@ async fn memory_front_wait_is_signalled() {
     let (a, b) = tokio::join!(first, second);
     assert_eq!((a.unwrap(), b.unwrap()), (1, 1));
 }
+
+/// A renewal that finds the front's claim gone (a flush) claims the front again, so in-flight
+/// duplicates stay with the front.
+#[tokio::test]
+async fn a_renewal_claims_a_flushed_front_again() {
+    let (front, durable) = (Front::default(), Durable::default());
+    let store = layered(&front, &durable);
+    let k = Key::new("k").unwrap();
+    let Begin::Acquired(lease) = store.begin(&req(&k, None)).await.unwrap() else {
+        panic!("expected Acquired")
+    };
+    front.flush();
+    store.extend("s", &k, &lease, LONG).await.unwrap();
+    let other = front.begin(&req(&k, None)).await.unwrap();
+    let Begin::InFlight { retry_after } = other else {
+        panic!("the front was not claimed again: {other:?}")
+    };
+    assert!(retry_after > Duration::from_secs(1), "{retry_after:?}");
+}
+
+/// The holder released the key (the durable store, then the front) while a renewal was under
+/// way: the front's claim that renewal takes again belongs to no one, and is given back.
+#[tokio::test]
+async fn a_renewal_racing_a_release_leaves_the_front_free() {
+    let (front, durable) = (Front::default(), Durable::default());
+    let store = layered(&front, &durable);
+    let k = Key::new("k").unwrap();
+    let Begin::Acquired(lease) = store.begin(&req(&k, None)).await.unwrap() else {
+        panic!("expected Acquired")
+    };
+    // The renewal's durable half ran before the release; its front half runs after it.
+    store.release("s", &k, &lease).await.unwrap();
+    store.inner.front_extend("s", &k, &lease, LONG).await;
+    let next = front.begin(&req(&k, None)).await.unwrap();
+    assert!(matches!(next, Begin::Acquired(_)), "{next:?}");
+}
+
+/// When the durable lease cannot be checked (the database is down), the front's claim taken
+/// again is short: it cannot outlive a holder that released the key by much.
+#[tokio::test]
+async fn a_front_claim_taken_again_unchecked_is_short() {
+    let (front, durable) = (Front::default(), Durable::default());
+    let store = layered(&front, &durable);
+    let k = Key::new("k").unwrap();
+    let Begin::Acquired(lease) = store.begin(&req(&k, None)).await.unwrap() else {
+        panic!("expected Acquired")
+    };
+    front.flush();
+    durable.down.store(true, Ordering::SeqCst);
+    store.inner.front_extend("s", &k, &lease, LONG).await;
+    let other = front.begin(&req(&k, None)).await.unwrap();
+    let Begin::InFlight { retry_after } = other else {
+        panic!("the front was not claimed again: {other:?}")
+    };
+    assert!(retry_after <= Duration::from_secs(1), "{retry_after:?}");
+}
