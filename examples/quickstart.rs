@@ -182,7 +182,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     Consumed::Handled => {
                         if crash_after == Some(handled.fetch_add(1, Ordering::SeqCst) + 1) {
                             println!(
-                                "** crash: the process dies (abort, like kill -9) after handling message {}, before acking it **",
+                                "** crash: the process dies (abort, like kill -9) after its delivery number {} (message {}), before acking it **",
+                                handled.load(Ordering::SeqCst),
                                 d.msg_id
                             );
                             std::process::abort();
@@ -213,7 +214,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     for c in consumers {
         c.await??;
     }
-    report(&db, nth).await
+    report(&db, run, nth).await
 }
 
 enum Consumed {
@@ -302,8 +303,22 @@ async fn set_up(db: &SqlitePool) -> Result<(i64, i64), sqlx::Error> {
     Ok((run, nth))
 }
 
-/// The table, from what the database recorded over every run of this story.
-async fn report(db: &SqlitePool, nth: i64) -> Result<(), Box<dyn std::error::Error>> {
+/// The table, from what the database recorded over every run of this story: read in one
+/// transaction, a snapshot, so another quick start on the same file that starts a new story
+/// meanwhile does not change it.
+async fn report(db: &SqlitePool, run: i64, nth: i64) -> Result<(), Box<dyn std::error::Error>> {
+    let mut snapshot = db.begin().await?;
+    let ours: i64 = sqlx::query_scalar("SELECT count(*) FROM runs WHERE id = ?")
+        .bind(run)
+        .fetch_one(&mut *snapshot)
+        .await?;
+    if ours == 0 {
+        // This story was finished; a second quick start, started after, began a new one.
+        println!(
+            "every message acked; another quick start on this file has since begun a new stream."
+        );
+        return Ok(());
+    }
     println!(
         "{:<6} {:<46} {:>10} {:>8} {:>9} {:>8}",
         "order", "what happened", "deliveries", "replayed", "later run", "coupons"
@@ -314,8 +329,12 @@ async fn report(db: &SqlitePool, nth: i64) -> Result<(), Box<dyn std::error::Err
         (0, 0, 0, 0);
     let stories: Vec<_> = STREAM.iter().filter(|m| !m.3.is_empty()).collect();
     for &&(_, order, _, story, _, _) in &stories {
-        let count = |sql: &'static str| async move {
-            let n: i64 = sqlx::query(sql).bind(order).fetch_one(db).await?.get(0);
+        let mut count = async |sql: &'static str| {
+            let n: i64 = sqlx::query(sql)
+                .bind(order)
+                .fetch_one(&mut *snapshot)
+                .await?
+                .get(0);
             Ok::<i64, sqlx::Error>(n)
         };
         // Deliveries that the handler answered (issued or replayed); a deferral is not one.
