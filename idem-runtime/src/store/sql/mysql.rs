@@ -11,7 +11,7 @@ use sqlx::{MySql, MySqlConnection, Pool, Row, SqlStr};
 
 use super::sealed::{At, Claim, Current, Mark, Migrations, Ops, Seen, Table};
 use super::{
-    Backend, IN_FLIGHT, MAX_RACES, corrupt, db_error as unavailable, done_by, statements,
+    Backend, IN_FLIGHT, MAX_RACES, apply_migrations, corrupt, db_error as unavailable, done_by,
     token_bytes, token_of, watchdog_pool,
 };
 use crate::StoreError;
@@ -132,32 +132,15 @@ impl Ops for MySql {
             )));
         }
         let result = async {
-            sqlx::raw_sql(t.fill(MIGRATIONS_TABLE, NOW))
-                .execute(&mut *conn)
-                .await?;
-            let applied: Vec<i64> =
-                sqlx::query_scalar(t.fill("SELECT version FROM {table}_migrations", NOW))
-                    .fetch_all(&mut *conn)
-                    .await?;
-            for &(version, name, sql) in Self::MIGRATIONS {
-                if applied.contains(&version) {
-                    continue;
-                }
-                for statement in statements(sql) {
-                    sqlx::raw_sql(t.fill(statement, NOW))
-                        .execute(&mut *conn)
-                        .await?;
-                }
-                sqlx::query(t.fill(
-                    "INSERT INTO {table}_migrations (version, name) VALUES (?, ?)",
-                    NOW,
-                ))
-                .bind(version)
-                .bind(name)
-                .execute(&mut *conn)
-                .await?;
-            }
-            Ok::<_, sqlx::Error>(())
+            apply_migrations::<MySql>(
+                &mut *conn,
+                t,
+                NOW,
+                Self::MIGRATIONS,
+                MIGRATIONS_TABLE,
+                "INSERT INTO {table}_migrations (version, name) VALUES (?, ?)",
+            )
+            .await
         }
         .await;
         let released = sqlx::query("SELECT RELEASE_LOCK(?)")

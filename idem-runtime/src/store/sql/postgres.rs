@@ -5,7 +5,7 @@ use sqlx::{PgConnection, Pool, Postgres, Row, SqlStr};
 
 use super::sealed::{At, Claim, Current, Mark, Migrations, Ops, Seen, Table};
 use super::{
-    Backend, MAX_RACES, advisory_key, corrupt, db_error as unavailable, done_by, statements,
+    Backend, MAX_RACES, advisory_key, apply_migrations, corrupt, db_error as unavailable, done_by,
     token_bytes, watchdog_pool,
 };
 use crate::StoreError;
@@ -141,31 +141,15 @@ impl Ops for Postgres, PgConnection {
             .bind(format!("idem_runtime migrate {}", t.qualified))
             .execute(&mut *tx)
             .await?;
-        sqlx::raw_sql(t.fill(MIGRATIONS_TABLE, NOW))
-            .execute(&mut *tx)
-            .await?;
-        let applied: Vec<i64> =
-            sqlx::query_scalar(t.fill("SELECT version FROM {table}_migrations", NOW))
-                .fetch_all(&mut *tx)
-                .await?;
-        for &(version, name, sql) in Self::MIGRATIONS {
-            if applied.contains(&version) {
-                continue;
-            }
-            for statement in statements(sql) {
-                sqlx::raw_sql(t.fill(statement, NOW))
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            sqlx::query(t.fill(
-                "INSERT INTO {table}_migrations (version, name) VALUES ($1, $2)",
-                NOW,
-            ))
-            .bind(version)
-            .bind(name)
-            .execute(&mut *tx)
-            .await?;
-        }
+        apply_migrations::<Postgres>(
+            &mut tx,
+            t,
+            NOW,
+            Self::MIGRATIONS,
+            MIGRATIONS_TABLE,
+            "INSERT INTO {table}_migrations (version, name) VALUES ($1, $2)",
+        )
+        .await?;
         tx.commit().await
     }
 

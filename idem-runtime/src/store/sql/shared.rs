@@ -229,6 +229,49 @@ pub(crate) fn advisory_key(table: &str, scope: &str, key: &str) -> i64 {
     i64::from_be_bytes(d[..8].try_into().expect("8 bytes"))
 }
 
+/// The migrations not yet recorded in `{table}_migrations`, applied and recorded on `conn`, under
+/// whatever lock the caller holds. `record` inserts (version, name) with the backend's placeholders.
+pub(crate) async fn apply_migrations<DB>(
+    conn: &mut DB::Connection,
+    t: &super::sealed::Table,
+    now: &str,
+    migrations: super::sealed::Migrations,
+    migrations_table: &str,
+    record: &str,
+) -> Result<(), sqlx::Error>
+where
+    DB: sqlx::Database,
+    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+    for<'q> i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    (i64,): for<'r> sqlx::FromRow<'r, DB::Row>,
+    DB::Arguments: sqlx::IntoArguments<DB>,
+{
+    sqlx::raw_sql(t.fill(migrations_table, now))
+        .execute(&mut *conn)
+        .await?;
+    let applied: Vec<i64> =
+        sqlx::query_scalar(t.fill("SELECT version FROM {table}_migrations", now))
+            .fetch_all(&mut *conn)
+            .await?;
+    for &(version, name, sql) in migrations {
+        if applied.contains(&version) {
+            continue;
+        }
+        for statement in statements(sql) {
+            sqlx::raw_sql(t.fill(statement, now))
+                .execute(&mut *conn)
+                .await?;
+        }
+        sqlx::query(t.fill(record, now))
+            .bind(version)
+            .bind(name)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
