@@ -264,3 +264,26 @@ async fn renewals_of_in_memory_databases_reach_them() {
         assert!(!lost, "{url}: the lease was lost while the handler ran");
     }
 }
+
+/// Several consumers started at once on a file that does not exist yet (what two quick starts
+/// started together do): switching the new file to WAL answered "database is locked" at once to
+/// all but one of them, and `SqliteStore::open` failed. Each open now succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stores_opened_at_once_on_a_new_file_all_open() {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("idem-open-at-once");
+    std::fs::create_dir_all(&dir).unwrap();
+    for round in 0..20 {
+        let path = dir.join(format!("round-{round}.sqlite"));
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+        }
+        let opens: Vec<_> = (0..6)
+            .map(|_| tokio::spawn(idem_runtime::SqliteStore::open(path.clone())))
+            .collect();
+        for open in opens {
+            if let Err(e) = open.await.unwrap() {
+                panic!("round {round}: {e}");
+            }
+        }
+    }
+}

@@ -278,11 +278,25 @@ impl super::SqlStore<Sqlite> {
             // WAL with NORMAL is durable against process crashes (not power loss), and cheap.
             .synchronous(sqlx::sqlite::SqliteSynchronous::Normal)
             .busy_timeout(std::time::Duration::from_secs(10));
-        let pool = SqlitePoolOptions::new()
-            .max_connections(8)
-            .connect_with(options)
-            .await
-            .map_err(unavailable)?;
+        // Processes opening a new file at once: switching it to WAL answers SQLITE_BUSY at once
+        // (no busy handler) to all but one of them. They try again, for as long as busy_timeout.
+        let give_up = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let pool = loop {
+            match SqlitePoolOptions::new()
+                .max_connections(8)
+                .connect_with(options.clone())
+                .await
+            {
+                Err(sqlx::Error::Database(e))
+                    if e.code()
+                        .is_some_and(|c| c.parse::<i32>().is_ok_and(|c| c & 0xff == 5))
+                        && std::time::Instant::now() < give_up =>
+                {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                r => break r.map_err(unavailable)?,
+            }
+        };
         let store = Self::new(pool);
         store.migrate().await?;
         Ok(store)
