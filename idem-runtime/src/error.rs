@@ -123,6 +123,21 @@ pub enum Error {
         /// What does not fit.
         reason: String,
     },
+    /// The transactional form could not undo the handler's writes to its savepoint (after the
+    /// handler failed, or its done mark could not be written), so idem rolled the **whole
+    /// transaction** back on the server: **do not commit it**; roll it back and deliver again.
+    /// Nothing of the handler's was kept, and the key is free again.
+    #[error(
+        "the transaction for key {key} in {scope} can no longer be committed: undoing the handler's writes to idem's savepoint failed ({reason}), so it was rolled back whole; roll it back"
+    )]
+    TransactionAborted {
+        /// The scope of the key.
+        scope: String,
+        /// The key.
+        key: Key,
+        /// Why the savepoint could not be rolled back to.
+        reason: String,
+    },
     /// No store was given and none was installed with [`crate::install_default_store`].
     #[error(
         "no idempotency store installed: call idem_runtime::install_default_store(...) at start-up, or pass `store = \"...\"`"
@@ -158,7 +173,8 @@ impl Error {
             | Error::Mismatch { key, .. }
             | Error::LeaseLost { key, .. }
             | Error::Corrupt { key, .. }
-            | Error::Unreplayable { key, .. } => Some(key),
+            | Error::Unreplayable { key, .. }
+            | Error::TransactionAborted { key, .. } => Some(key),
             _ => None,
         }
     }

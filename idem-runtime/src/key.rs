@@ -1,6 +1,7 @@
 //! Business keys: what can be a key, how composite keys are built, and payload fingerprints.
 
 use std::fmt::Write as _;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use sha2::{Digest, Sha256};
@@ -124,8 +125,8 @@ impl KeyPart for uuid::Uuid {
 /// no NUL (longer keys, and keys with NUL, are replaced by `sha256:<hex>` of their text).
 ///
 /// Keys are often personal data (an e-mail, an account number), so a key's `Display` and `Debug`
-/// (which is what idem's errors and logs print) show a short hash, `redacted:9f86d081884c`, not
-/// the key. [`reveal_keys(true)`](reveal_keys) shows the keys themselves, for development.
+/// (which is what idem's errors and logs print) show a short keyed hash, `redacted:9f86d081884c`,
+/// not the key (see [`set_redaction_key`]). [`reveal_keys(true)`](reveal_keys) shows the keys themselves, for development.
 /// [`Key::as_str`] always gives the text.
 ///
 /// ```
@@ -182,9 +183,9 @@ fn push_hex(out: &mut String, bytes: &[u8]) {
 
 static REVEAL_KEYS: AtomicBool = AtomicBool::new(false);
 
-/// Show keys themselves, not their hash, in idem's errors and logs (`Display` and `Debug` of
-/// [`Key`] and of [`Error`]). Off by default, because keys are often personal data; turn it on in
-/// development, or where your logs may hold the keys. Process-wide.
+/// Show keys themselves, not their redacted form, in idem's errors and logs (`Display` and
+/// `Debug` of [`Key`] and of [`Error`]). Off by default, because keys are often personal data;
+/// turn it on in development, or where your logs may hold the keys. Process-wide.
 ///
 /// ```
 /// use idem_runtime::{Key, reveal_keys};
@@ -198,16 +199,105 @@ pub fn reveal_keys(reveal: bool) {
     REVEAL_KEYS.store(reveal, Ordering::Relaxed);
 }
 
+/// The secret the redacted form of keys is keyed with (see [`set_redaction_key`]).
+static REDACTION_KEY: OnceLock<[u8; 32]> = OnceLock::new();
+
+/// The environment variable a redaction secret is read from, when [`set_redaction_key`] was not
+/// called first.
+pub const REDACTION_KEY_ENV: &str = "IDEM_REDACTION_KEY";
+
+/// [`set_redaction_key`] came after a key had already been redacted with another secret.
+#[derive(Debug, thiserror::Error)]
+#[error("the redaction secret is already in use: set it at start-up, before any key is printed")]
+pub struct RedactionKeyInUse;
+
+/// Key the redacted form of keys with `secret`: the same secret in every process of a deployment
+/// makes a key's redacted form the same in all of their logs (to find its lines), and nobody
+/// without the secret can recover a key by hashing candidates (order numbers are a small space).
+/// Call it once at start-up, before any key is printed; or set the environment variable
+/// [`REDACTION_KEY_ENV`] (`IDEM_REDACTION_KEY`). With neither, each process draws a random
+/// secret: redacted forms are then not comparable across processes.
+///
+/// ```
+/// // At start-up, from your configuration (a secret, like a password):
+/// idem_runtime::set_redaction_key(b"correct horse battery staple").unwrap();
+/// let key = idem_runtime::Key::new("order-7").unwrap();
+/// assert!(key.to_string().starts_with("redacted:"));
+/// assert!(idem_runtime::set_redaction_key(b"another").is_err()); // already in use
+/// ```
+pub fn set_redaction_key(secret: &[u8]) -> Result<(), RedactionKeyInUse> {
+    let derived = derive_redaction_key(secret);
+    let mut fresh = false;
+    let now = REDACTION_KEY.get_or_init(|| {
+        fresh = true;
+        derived
+    });
+    if fresh || *now == derived {
+        Ok(())
+    } else {
+        Err(RedactionKeyInUse)
+    }
+}
+
+fn derive_redaction_key(secret: &[u8]) -> [u8; 32] {
+    Sha256::new()
+        .chain_update(b"idem redaction key\0")
+        .chain_update(secret)
+        .finalize()
+        .into()
+}
+
+fn redaction_key() -> &'static [u8; 32] {
+    REDACTION_KEY.get_or_init(|| match std::env::var_os(REDACTION_KEY_ENV) {
+        Some(v) if !v.is_empty() => derive_redaction_key(v.as_encoded_bytes()),
+        _ => {
+            // No secret given: a random one for this process (std's RandomState is seeded by
+            // the OS's randomness).
+            use std::hash::{BuildHasher, Hasher};
+            let state = std::collections::hash_map::RandomState::new();
+            let mut out = [0u8; 32];
+            for (i, chunk) in out.chunks_mut(8).enumerate() {
+                let mut h = state.build_hasher();
+                h.write_usize(i);
+                chunk.copy_from_slice(&h.finish().to_le_bytes());
+            }
+            out
+        }
+    })
+}
+
+/// HMAC-SHA-256 of `msg` under `key` (RFC 2104).
+fn hmac_sha256(key: &[u8; 32], msg: &[u8]) -> [u8; 32] {
+    let (mut inner_pad, mut outer_pad) = ([0x36u8; 64], [0x5cu8; 64]);
+    for (i, k) in key.iter().enumerate() {
+        inner_pad[i] ^= k;
+        outer_pad[i] ^= k;
+    }
+    let inner = Sha256::new()
+        .chain_update(inner_pad)
+        .chain_update(msg)
+        .finalize();
+    Sha256::new()
+        .chain_update(outer_pad)
+        .chain_update(inner)
+        .finalize()
+        .into()
+}
+
 impl std::fmt::Display for Key {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         if REVEAL_KEYS.load(Ordering::Relaxed) {
             return f.write_str(&self.0);
         }
-        // 48 bits of the key's SHA-256: enough to tell keys apart in logs, and to find a key's
-        // lines when you know the key; not the key.
+        // 48 bits of a keyed hash (HMAC-SHA-256 under the redaction secret): enough to tell keys
+        // apart in logs and to find a key's lines with the secret; without it, hashing every
+        // candidate key recovers nothing.
         let mut h = String::with_capacity(9 + 12);
         h.push_str("redacted:");
-        push_hex(&mut h, &Sha256::digest(self.0.as_bytes())[..6]);
+        push_hex(
+            &mut h,
+            &hmac_sha256(redaction_key(), self.0.as_bytes())[..6],
+        );
         f.write_str(&h)
     }
 }

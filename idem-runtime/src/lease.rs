@@ -145,7 +145,22 @@ pub(crate) struct Held {
     pub(crate) key: Key,
     pub(crate) lease: Lease,
     lost: AtomicBool,
+    /// The handler has returned: a renewal that finds the key done or released is no news.
+    finishing: AtomicBool,
     signal: Notify,
+    /// Claims of nested transactional calls, made outside the transaction this handler runs in
+    /// (MySQL/MariaDB), whose done marks are in that transaction: if this call undoes its writes
+    /// to its savepoint, their marks go with them, and their claims are released.
+    pub(crate) nested: Mutex<Vec<Outside>>,
+}
+
+/// A claim held outside the caller's transaction, and what releases it.
+pub(crate) struct Outside {
+    pub(crate) releaser: Arc<dyn Store>,
+    pub(crate) scope: String,
+    pub(crate) key: Key,
+    pub(crate) lease: Lease,
+    pub(crate) ttl: Duration,
 }
 
 impl Held {
@@ -155,8 +170,21 @@ impl Held {
             key,
             lease,
             lost: AtomicBool::new(false),
+            finishing: AtomicBool::new(false),
             signal: Notify::new(),
+            nested: Mutex::new(Vec::new()),
         })
+    }
+
+    /// The handler returned: the mark or the release follows (renewals go on until then).
+    pub(crate) fn finishing(&self) {
+        self.finishing.store(true, Ordering::Release);
+    }
+
+    /// The lease of the idempotent handler this task is running in, if any (the enclosing call
+    /// of a nested one).
+    pub(crate) fn enclosing() -> Option<Arc<Held>> {
+        CURRENT.try_with(Arc::clone).ok()
     }
 
     fn lose(&self) {
@@ -185,17 +213,21 @@ impl Drop for Watch {
 }
 
 /// Renew `held` every `ttl / 3` through `renewer`, on the watchdog thread, until the returned
-/// guard is dropped or `max_lease` has passed.
+/// guard is dropped or `max_lease` has passed. `asked` is when the claim was sent: the store
+/// started the lease no earlier, so the first renewal is due `ttl / 3` after it (at once, if the
+/// grant was read late: a thread blocked between the store's answer and this call).
 pub(crate) fn watch(
     pid: u32,
     held: &Arc<Held>,
     renewer: Arc<dyn Store>,
     ttl: Duration,
     max_lease: Option<Duration>,
+    asked: Instant,
 ) -> Watch {
     let dog = watchdog_of(pid);
     let now = dog.now();
-    let due = now.saturating_add(nanos(ttl / 3));
+    let since = nanos(asked.saturating_duration_since(dog.epoch)).min(now);
+    let due = since.saturating_add(nanos(ttl / 3));
     let id = dog.next_id.fetch_add(1, Ordering::Relaxed);
     let shard = (id as usize) % SHARDS;
     lock(&dog.shards[shard]).insert(
@@ -204,13 +236,33 @@ pub(crate) fn watch(
             held: held.clone(),
             renewer,
             ttl,
-            deadline: max_lease.map(|m| now.saturating_add(nanos(m))),
+            deadline: max_lease.map(|m| since.saturating_add(nanos(m))),
             due,
             renewing: false,
         },
     );
     dog.wake_if_before(due);
     Watch { dog, shard, id }
+}
+
+/// Renew `held` now, through `renewer` on the watchdog's runtime (whose connections it owns), and
+/// wait for the answer: for a grant that was read late, before the handler may start.
+pub(crate) async fn renew_now(
+    renewer: Arc<dyn Store>,
+    held: Arc<Held>,
+    ttl: Duration,
+) -> Result<(), StoreError> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    spawn_background(async move {
+        let renewed = CatchUnwind {
+            inner: renewer.extend(&held.scope, &held.key, &held.lease, ttl),
+        }
+        .await
+        .unwrap_or_else(|_panic| Err(StoreError::unavailable("the store panicked renewing")));
+        let _ = tx.send(renewed);
+    });
+    rx.await
+        .unwrap_or_else(|_| Err(StoreError::unavailable("the watchdog's runtime is gone")))
 }
 
 /// Run `f` on the watchdog's runtime: work that must finish although the caller's future was
@@ -227,6 +279,14 @@ where
         let _pending = pending;
         f.await;
     });
+}
+
+/// Run `f` on the watchdog's runtime, not counted as work [`wait_for_background`] waits for.
+pub(crate) fn spawn_detached<F>(f: F)
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    watchdog().handle.spawn(f);
 }
 
 struct Pending(&'static Watchdog);
@@ -445,7 +505,12 @@ impl Watchdog {
             }
             Ok(Ok(Ok(()))) => period,
             Ok(Ok(Err(StoreError::LeaseLost))) => {
-                tracing::warn!(scope = %held.scope, key = %held.key, "lease lost while the handler runs");
+                if held.finishing.load(Ordering::Acquire) {
+                    // Most likely the mark or the release landed first: nothing was lost.
+                    tracing::debug!(scope = %held.scope, key = %held.key, "renewal found the lease ended as the call finished");
+                } else {
+                    tracing::warn!(scope = %held.scope, key = %held.key, "lease lost while the handler runs");
+                }
                 held.lose();
                 return;
             }

@@ -72,7 +72,8 @@ pub use ::redis;
 pub use ::sqlx;
 pub use error::{BoxError, Error, Phase, StoreError};
 pub use key::{
-    Fingerprint, FingerprintBuilder, Key, KeyBuilder, KeyPart, MAX_KEY_LEN, reveal_keys,
+    Fingerprint, FingerprintBuilder, Key, KeyBuilder, KeyPart, MAX_KEY_LEN, REDACTION_KEY_ENV,
+    RedactionKeyInUse, reveal_keys, set_redaction_key,
 };
 pub use lease::{CurrentLease, current_lease, wait_for_background};
 pub use options::Options;

@@ -4,7 +4,7 @@
 //! `idem_calls_total{scope, outcome}`, where `outcome` is one of `executed` (the handler ran and
 //! its output was marked done), `replayed`, `in_flight`, `mismatch`, `handler_error` (the handler
 //! returned `Err`; the key was released), `panicked`, `store_unavailable`, `lease_lost`, `corrupt`,
-//! `unreplayable`, `invalid_key`, `invalid_fingerprint`, `not_transactional`, `no_store`. Without the feature every call compiles to nothing.
+//! `unreplayable`, `invalid_key`, `invalid_fingerprint`, `not_transactional`, `transaction_aborted`, `no_store`. Without the feature every call compiles to nothing.
 
 /// What one call of the wrapper ended with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,6 +22,7 @@ pub(crate) enum Outcome {
     InvalidFingerprint,
     Unreplayable,
     NotTransactional,
+    TransactionAborted,
     NoStore,
 }
 
@@ -42,6 +43,7 @@ impl Outcome {
             Outcome::InvalidFingerprint => "invalid_fingerprint",
             Outcome::Unreplayable => "unreplayable",
             Outcome::NotTransactional => "not_transactional",
+            Outcome::TransactionAborted => "transaction_aborted",
             Outcome::NoStore => "no_store",
         }
     }
@@ -59,6 +61,7 @@ impl Outcome {
             Error::Unreplayable { .. } => Outcome::Unreplayable,
             Error::NotTransactional { .. } => Outcome::NotTransactional,
             Error::Corrupt { .. } => Outcome::Corrupt,
+            Error::TransactionAborted { .. } => Outcome::TransactionAborted,
             Error::NoStore => Outcome::NoStore,
         }
     }

@@ -73,7 +73,8 @@ pub async fn stale_holder_is_fenced_off(store: Arc<dyn Store>) {
     assert_eq!(
         store.begin(&req(&s, &k, LONG)).await.unwrap(),
         Begin::Completed {
-            output: b"fresh".to_vec()
+            output: b"fresh".to_vec(),
+            fingerprint: None,
         }
     );
 }
@@ -89,7 +90,8 @@ pub async fn completed_key_replays_exact_output(store: Arc<dyn Store>) {
         assert_eq!(
             store.begin(&req(&s, &k, LONG)).await.unwrap(),
             Begin::Completed {
-                output: output.clone()
+                output: output.clone(),
+                fingerprint: None,
             }
         );
     }
@@ -105,7 +107,8 @@ pub async fn complete_retry_is_idempotent(store: Arc<dyn Store>) {
     assert_eq!(
         store.begin(&req(&s, &k, LONG)).await.unwrap(),
         Begin::Completed {
-            output: b"once".to_vec()
+            output: b"once".to_vec(),
+            fingerprint: None,
         }
     );
 }
@@ -171,8 +174,10 @@ pub async fn fingerprints_are_checked(store: Arc<dyn Store>) {
         ..req(&s, &k, LONG)
     };
     assert_eq!(store.begin(&with(Some(b))).await.unwrap(), Begin::Mismatch);
+    // The answer carries the record's own fingerprint, whatever the request's.
     let replay = Begin::Completed {
         output: b"out".to_vec(),
+        fingerprint: Some(a),
     };
     assert_eq!(store.begin(&with(Some(a))).await.unwrap(), replay);
     assert_eq!(store.begin(&with(None)).await.unwrap(), replay);
@@ -207,7 +212,8 @@ pub async fn lapsed_completion_keeps_the_fingerprint(store: Arc<dyn Store>) {
     assert_eq!(
         store.begin(&with(Some(a))).await.unwrap(),
         Begin::Completed {
-            output: b"late".to_vec()
+            output: b"late".to_vec(),
+            fingerprint: Some(a),
         }
     );
 }

@@ -24,8 +24,8 @@ use crate::codec::{self, Undecodable};
 use crate::lease::{self, Held};
 use crate::store::{Begin, BeginRequest, Lease, Store, StoreHandle, Token, TxStore};
 use crate::{Error, Fingerprint, Key, KeyPart, Options, Phase, StoreError, metrics};
-pub(crate) use finish::Finish;
-use finish::{complete, release};
+use finish::{ClaimSent, Releaser, complete};
+pub(crate) use finish::{Finish, release, release_later};
 
 #[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
 pub(crate) use tx::{Marked, claim_outside, execute_tx};
@@ -249,12 +249,19 @@ pub(crate) enum Claimant<'a> {
     Tx(&'a dyn TxStore, &'a mut (dyn Any + Send)),
 }
 
-impl Claimant<'_> {
+impl<'a> Claimant<'a> {
     /// Whether a key found in flight may be waited for through this claimant.
     fn may_wait(&self) -> bool {
         match self {
             Claimant::Store(_) => true,
             Claimant::Tx(s, _) => s.waits_in_tx(),
+        }
+    }
+
+    fn releaser(&self) -> Releaser<'a> {
+        match self {
+            Claimant::Store(s) => Releaser::Store(*s),
+            Claimant::Tx(s, _) => Releaser::Tx(*s),
         }
     }
 
@@ -266,6 +273,14 @@ impl Claimant<'_> {
     }
 }
 
+/// A lease the store granted, and when it was asked for: the store's clock started the lease no
+/// earlier, so it lasts at least until `asked + ttl`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Granted {
+    pub(crate) lease: Lease,
+    pub(crate) asked: std::time::Instant,
+}
+
 /// Lock and check: claim the key, or return what the caller gets instead of a run (the replayed
 /// output, or one of idem's errors). An in-flight key is refused, or waited for (`wait`).
 pub(crate) async fn claim<R>(
@@ -273,7 +288,7 @@ pub(crate) async fn claim<R>(
     mut claimant: Claimant<'_>,
     opts: &Options,
     req: &BeginRequest<'_>,
-) -> Result<Lease, R>
+) -> Result<Granted, R>
 where
     R: Outcome,
     R::Ok: Replayable,
@@ -283,9 +298,17 @@ where
     let mut wait_deadline = None;
     let mut backoff = Duration::from_millis(5);
     loop {
-        match claimant.begin(req).await {
-            Ok(Begin::Acquired(lease)) => return Ok(lease),
-            Ok(Begin::Completed { output }) => {
+        let asked = std::time::Instant::now();
+        // Dropped before the answer is in (the call was cancelled), or answered with an error:
+        // the token is given back, in case the store claimed the key anyway.
+        let sent = ClaimSent::new(claimant.releaser(), req);
+        let answer = claimant.begin(req).await;
+        if !matches!(answer, Err(StoreError::Unavailable(_))) {
+            sent.answered();
+        }
+        match answer {
+            Ok(Begin::Acquired(lease)) => return Ok(Granted { lease, asked }),
+            Ok(Begin::Completed { output, .. }) => {
                 tracing::debug!(scope, key = %key, "duplicate of a completed key: replayed");
                 return Err(match codec::decode::<R::Ok>(&output) {
                     Ok(v) => {
@@ -349,6 +372,43 @@ where
     }
 }
 
+/// A grant read too late was taken over before the handler started: another holder has the key.
+pub(crate) fn taken_over(opts: &Options, key: &Key) -> Error {
+    Error::InFlight {
+        scope: opts.scope.to_string(),
+        key: key.clone(),
+        retry_after: opts.ttl,
+    }
+}
+
+/// How many times a grant read too late to run on is claimed again, before the call gives up.
+const CONFIRM_ROUNDS: u32 = 3;
+
+/// Whether a lease granted at `asked` may be run on now. At once while less than half its `ttl`
+/// has passed (the watchdog renews it from then on); otherwise (the answer was read late: a
+/// thread blocked between the store's reply and the wrapper, a slow network) only once a
+/// renewal, sent now, confirms that no one took the key over meanwhile. `LeaseLost`: someone did.
+pub(crate) async fn confirm(
+    renewer: &Arc<dyn Store>,
+    held: &Arc<Held>,
+    ttl: Duration,
+    asked: std::time::Instant,
+) -> Result<(), StoreError> {
+    let mut since = asked;
+    for _ in 0..CONFIRM_ROUNDS {
+        if since.elapsed() < ttl / 2 {
+            return Ok(());
+        }
+        tracing::debug!(scope = %held.scope, key = %held.key, late = ?since.elapsed(), "the grant was read late: renewing before the handler runs");
+        let sent = std::time::Instant::now();
+        lease::renew_now(renewer.clone(), held.clone(), ttl).await?;
+        since = sent;
+    }
+    Err(StoreError::unavailable(
+        "the store's answers keep arriving after half the lease has passed",
+    ))
+}
+
 /// The plain form: lock, check, run `handler` while the watchdog renews the lease, then mark (or
 /// release).
 async fn execute<R, F, Fut>(store: &dyn Store, opts: &Options, call: Call, handler: F) -> R
@@ -366,38 +426,66 @@ where
     // Read once: the token and the watchdog both depend on it (a forked child has its own).
     let pid = std::process::id();
     let req = request(pid, opts, &key, fingerprint);
-    let lease = match claim::<R>(store, Claimant::Store(store), opts, &req).await {
-        Ok(lease) => lease,
-        Err(answer) => return answer,
+    let mut round = 0;
+    let (held, twin, mut guard) = loop {
+        let granted = match claim::<R>(store, Claimant::Store(store), opts, &req).await {
+            Ok(granted) => granted,
+            Err(answer) => return answer,
+        };
+        // Renewed from the watchdog's thread from the moment the store granted it (as far as
+        // the caller can tell: when it asked), until the mark or the release is written; a drop
+        // of this future finishes in the background (release, or the done mark once the
+        // handler succeeded).
+        let twin = store.for_watchdog();
+        let held = Held::new(opts.scope.clone(), key.clone(), granted.lease);
+        let watch = lease::watch(
+            pid,
+            &held,
+            twin.clone(),
+            opts.ttl,
+            opts.max_lease,
+            granted.asked,
+        );
+        let mut guard = Finish::holding(&held, Some(twin.clone()), Some(watch), opts);
+        match confirm(&twin, &held, opts.ttl, granted.asked).await {
+            Ok(()) => break (held, twin, guard),
+            // Taken over before the handler started: nothing of ours to release; ask again (a
+            // replay, or in flight).
+            Err(StoreError::LeaseLost) if round + 1 < CONFIRM_ROUNDS => {
+                guard.done();
+                round += 1;
+            }
+            Err(StoreError::LeaseLost) => {
+                guard.done();
+                return lift(opts, taken_over(opts, &key));
+            }
+            // The guard releases the claim in the background.
+            Err(e) => return lift(opts, store_error(e, Phase::Begin, &opts.scope, &key)),
+        }
     };
 
-    // Execute, renewed from the watchdog's thread; a drop of this future finishes in the
-    // background (release, or the done mark once the handler succeeded).
-    let held = Held::new(opts.scope.clone(), key, lease);
-    let twin = store.for_watchdog();
-    let watch = lease::watch(pid, &held, twin.clone(), opts.ttl, opts.max_lease);
-    let mut guard = Finish::holding(&held, Some(twin), opts);
+    let lease = held.lease;
     let outcome = held.scope(CatchUnwind { inner: handler() }).await;
-    drop(watch);
+    held.finishing();
 
     let (scope, key) = (&*held.scope, &held.key);
     match outcome {
         Err(panic) => {
             metrics::record(opts, metrics::Outcome::Panicked);
-            release(store, scope, key, &lease).await;
+            release(store, Some(&twin), scope, key, &lease, opts.ttl).await;
             guard.done();
             resume_unwind(panic)
         }
         Ok(result) => match result.into_result() {
             Err(e) => {
                 metrics::record(opts, metrics::Outcome::HandlerError);
-                release(store, scope, key, &lease).await;
+                release(store, Some(&twin), scope, key, &lease, opts.ttl).await;
                 guard.done();
                 R::from_result(Err(e))
             }
             Ok(value) => {
                 // From here on the effect has happened: never release, or a redelivery runs again.
-                let output: Arc<[u8]> = codec::encode(&value, opts.max_output).into();
+                let output: Arc<[u8]> = encode_output(&value, opts, scope, key).into();
                 guard.marking(output.clone());
                 match complete(store, scope, key, &lease, &output, opts.ttl, opts.keep).await {
                     Ok(()) => {
@@ -421,6 +509,24 @@ where
                 }
             }
         },
+    }
+}
+
+/// The output as stored. Once the handler succeeded its key must never be released, so a
+/// `Serialize` that panics does not unwind through the wrapper: the key is marked done without
+/// an output to replay (duplicates get [`Error::Unreplayable`]), and the caller still gets `v`.
+pub(crate) fn encode_output<T: Serialize>(
+    v: &T,
+    opts: &Options,
+    scope: &str,
+    key: &Key,
+) -> Vec<u8> {
+    match catch_unwind(AssertUnwindSafe(|| codec::encode(v, opts.max_output))) {
+        Ok(bytes) => bytes,
+        Err(_panic) => {
+            tracing::error!(scope, key = %key, "the output's Serialize panicked: the key is marked done without an output to replay");
+            codec::unreplayable("the output's Serialize implementation panicked")
+        }
     }
 }
 

@@ -3,23 +3,33 @@
 //!
 //! # What happens, step by step
 //!
-//! 1. **Claim.** The store claims the key for this transaction ([`TxStore::begin_in`]). On
-//!    PostgreSQL and SQLite the claim is made *in* the transaction (PostgreSQL: a
-//!    transaction-scoped advisory lock taken without waiting, then the key's row; SQLite: the
-//!    key's row, under the database's write lock): the transaction itself is the lease, so it
-//!    cannot lapse while the transaction is open, needs no renewal, and ends with it (commit,
-//!    rollback, or a crash that drops the connection). On MySQL/MariaDB the claim is made on
-//!    another connection, renewed by idem's watchdog, and fenced by the mark's token check.
-//!    A duplicate of a done key is replayed; one in flight is refused (or waits, with `wait`).
+//! 1. **Savepoint and claim.** idem takes a savepoint of its own in the transaction (a name no
+//!    other call uses, so nested calls on one transaction nest), and the store claims the key
+//!    for this transaction ([`TxStore::begin_in`]). On PostgreSQL and SQLite the claim is made
+//!    *in* the transaction, after the savepoint (PostgreSQL: a transaction-scoped advisory lock
+//!    taken without waiting, then the key's row; SQLite: the key's row, under the database's
+//!    write lock): the transaction itself is the lease, so it cannot lapse while the transaction
+//!    is open, needs no renewal, and ends with it (commit, rollback, or a crash that drops the
+//!    connection). On MySQL/MariaDB the claim is made outside the transaction, through a pool of
+//!    the store's own (never a second connection of the pool the caller's transaction holds),
+//!    renewed by idem's watchdog from its grant on, and fenced by the mark's token check; the
+//!    savepoint follows it. A duplicate of a done key is replayed; one in flight is refused (or
+//!    waits, with `wait`); either way what the claim took in the transaction is rolled back to
+//!    the savepoint.
 //! 2. **Run** the handler with the transaction.
-//! 3. **Mark.** Before the handler runs, idem takes a savepoint in the transaction. On `Ok(v)`
-//!    the done mark with `v` is written in the transaction, checked against the lease's token,
-//!    and the savepoint released. **The caller commits** (as with any function that takes
-//!    `&mut tx`). If the mark cannot be written (the lease was taken over, or the database
-//!    failed), idem rolls back to the savepoint before returning the error: the handler's writes
-//!    are undone, whatever the caller does next, and the caller's own earlier writes are kept.
-//! 4. On `Err` the handler's writes are rolled back to the savepoint too, the claim is released
-//!    (in the transaction: a commit frees the key), and the error is returned.
+//! 3. **Mark.** On `Ok(v)` the done mark with `v` is written in the transaction, checked against
+//!    the lease's token, and the savepoint released. **The caller commits** (as with any function
+//!    that takes `&mut tx`). If the mark cannot be written (the lease was taken over, or the
+//!    database failed), idem rolls back to the savepoint before returning the error: the
+//!    handler's writes are undone, whatever the caller does next, and the caller's own earlier
+//!    writes are kept.
+//! 4. On `Err` the handler's writes are rolled back to the savepoint too, and with them a claim
+//!    made in the transaction, so the key is free at once, even while the caller keeps the
+//!    transaction open (a claim made outside it is released); nested calls that marked their
+//!    keys under this call are undone with it, and their keys freed. The error is returned.
+//!
+//! If rolling back to the savepoint fails, idem rolls the whole transaction back on the server
+//! and answers [`Error::TransactionAborted`]: nothing of the handler's can commit.
 //!
 //! If the caller rolls back (or its commit fails) after `Ok`, the claim rolls back with the mark:
 //! the key is free at once (MySQL/MariaDB: when the lease lapses, at the latest after `ttl`).
@@ -28,10 +38,13 @@
 use std::any::Any;
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::{CatchUnwind, Claimant, Finish, claim, lift, request, store_error};
-use crate::codec;
-use crate::lease::{self, Held};
+use super::{
+    CatchUnwind, Claimant, Finish, Granted, claim, confirm, encode_output, lift, release_later,
+    request, store_error, taken_over,
+};
+use crate::lease::{self, Held, Outside};
 use crate::store::{Lease, StoreHandle, TxStore};
 use crate::{AbsorbsIdemError, Call, Error, Key, Options, Outcome, Phase, Replayable, metrics};
 
@@ -111,7 +124,7 @@ pub(crate) async fn claim_outside<R>(
     store: &dyn crate::Store,
     opts: &Options,
     call: &Call,
-) -> Result<(Key, Lease), R>
+) -> Result<(Key, Granted), R>
 where
     R: Outcome,
     R::Ok: Replayable,
@@ -122,8 +135,8 @@ where
         Err(e) => return Err(lift(opts, e)),
     };
     let req = request(std::process::id(), opts, &key, fingerprint);
-    let lease = claim::<R>(store, Claimant::Store(store), opts, &req).await?;
-    Ok((key, lease))
+    let granted = claim::<R>(store, Claimant::Store(store), opts, &req).await?;
+    Ok((key, granted))
 }
 
 /// A done mark written in a transaction: what a caller that commits it may copy elsewhere (the
@@ -140,6 +153,14 @@ pub(crate) struct Marked {
     pub(crate) keep: std::time::Duration,
 }
 
+/// A savepoint name no other call uses: nested calls on one transaction must not share one
+/// (MySQL/MariaDB replace a savepoint of the same name, so an inner call's release would remove
+/// the outer call's).
+fn savepoint_name() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    format!("idem_sp_{}", NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
 /// The transactional form's core (see the module docs). The store's own `begin` is used only to
 /// wait for an in-flight holder.
 // Internal: the two entry points (the attribute, `run_in_tx`) pass what they each have.
@@ -149,7 +170,7 @@ pub(crate) async fn execute_tx<'c, C, R, F, Fut>(
     txs: &dyn TxStore,
     opts: &Options,
     call: Call,
-    claimed: Option<Lease>,
+    claimed: Option<Granted>,
     tx: &'c mut C,
     as_tx: AsTx<C>,
     body: F,
@@ -169,29 +190,59 @@ where
     };
     let pid = std::process::id();
     let req = request(pid, opts, &key, fingerprint);
-    let lease = match claimed {
-        Some(lease) => lease,
+    let in_tx = txs.claims_in_tx();
+    let savepoint = savepoint_name();
+    let scope = &*opts.scope;
+    // Where the claim is made in the transaction, the savepoint comes first: undoing the
+    // handler's writes then undoes the claim too, and frees the key at once (PostgreSQL's
+    // advisory lock is released with it), even while the caller keeps the transaction open.
+    if in_tx && let Err(e) = txs.savepoint_in(as_tx(tx).0, &savepoint).await {
+        return lift(opts, store_error(e, Phase::Begin, scope, &key));
+    }
+    let granted = match claimed {
+        Some(granted) => granted,
         None => match claim::<R>(store, Claimant::Tx(txs, as_tx(tx).0), opts, &req).await {
-            Ok(lease) => lease,
-            Err(answer) => return answer,
+            Ok(granted) => granted,
+            Err(answer) => {
+                // Replayed or refused: give back what the claim took in the transaction.
+                if in_tx && let Err(e) = txs.rollback_to_savepoint_in(as_tx(tx).0, &savepoint).await
+                {
+                    return aborted(txs, as_tx(tx).0, opts, &key, e).await;
+                }
+                return answer;
+            }
         },
     };
-
-    let held = Held::new(opts.scope.clone(), key, lease);
-    let (scope, key) = (&*held.scope, &held.key);
-    // The handler's writes can be undone apart from the caller's: a savepoint after the claim.
-    if let Err(e) = txs.savepoint_in(as_tx(tx).0).await {
-        release_in(txs, as_tx(tx).0, scope, key, &lease).await;
-        return lift(opts, store_error(e, Phase::Begin, scope, key));
-    }
+    let lease = granted.lease;
     let renewer = txs.renewer_in_tx();
+    let held = Held::new(opts.scope.clone(), key, lease);
+    let key = &held.key;
+    // A claim held outside the transaction is a lease: renewed from its grant on, and confirmed
+    // before the handler runs if the grant was read late.
     let watch = renewer
         .clone()
-        .map(|r| lease::watch(pid, &held, r, opts.ttl, opts.max_lease));
+        .map(|r| lease::watch(pid, &held, r, opts.ttl, opts.max_lease, granted.asked));
     // Dropped before the end (cancelled, or a panic): a claim made outside the transaction is
     // released from the watchdog's thread; one made inside ends with the transaction.
-    let mut guard = Finish::holding(&held, renewer, opts);
+    let mut guard = Finish::holding(&held, renewer.clone(), watch, opts);
+    if !in_tx {
+        if let Some(renewer) = &renewer {
+            match confirm(renewer, &held, opts.ttl, granted.asked).await {
+                Ok(()) => {}
+                Err(crate::StoreError::LeaseLost) => {
+                    guard.done();
+                    return lift(opts, taken_over(opts, key));
+                }
+                // The guard releases the claim in the background.
+                Err(e) => return lift(opts, store_error(e, Phase::Begin, scope, key)),
+            }
+        }
+        if let Err(e) = txs.savepoint_in(as_tx(tx).0, &savepoint).await {
+            return lift(opts, store_error(e, Phase::Begin, scope, key));
+        }
+    }
     let outcome = held.scope(CatchUnwind { inner: body(tx) }).await;
+    held.finishing();
 
     let (result, tx) = match outcome {
         Ok((result, tx)) => (result.into_result(), tx),
@@ -199,7 +250,7 @@ where
             // The transaction was not handed back: the caller's unwinding rolls it back; the
             // guard releases a claim made outside it.
             metrics::record(opts, metrics::Outcome::Panicked);
-            drop(watch);
+            release_nested(&held);
             drop(guard);
             std::panic::resume_unwind(panic)
         }
@@ -207,32 +258,39 @@ where
     let value = match result {
         Ok(value) => value,
         Err(e) => {
-            // The handler's writes go, and the key is free: a caller that commits anyway commits
-            // nothing of the handler's.
-            drop(watch);
+            // The handler's writes go (and a claim made in the transaction with them), and the
+            // key is free: a caller that commits anyway commits nothing of the handler's.
             metrics::record(opts, metrics::Outcome::HandlerError);
-            undo(txs, as_tx(tx).0, scope, key).await;
-            release_in(txs, as_tx(tx).0, scope, key, &lease).await;
+            let undone = txs.rollback_to_savepoint_in(as_tx(tx).0, &savepoint).await;
+            release_nested(&held);
+            if let Some(renewer) = &renewer {
+                release_in(txs, as_tx(tx).0, renewer, scope, key, &lease, opts.ttl).await;
+            } else if let Err(e) = txs.release_in(as_tx(tx).0, scope, key, &lease).await {
+                tracing::debug!(scope, key = %key, error = %e, "release after the savepoint failed");
+            }
             guard.done();
+            if let Err(e) = undone {
+                return aborted(txs, as_tx(tx).0, opts, key, e).await;
+            }
             return R::from_result(Err(e));
         }
     };
     // The handler's writes are in the transaction; from here on the mark must join them, or
-    // neither may commit. A drop now leaves the claim to the transaction (or to its ttl). The
-    // lease stays renewed until the mark is written.
-    guard.done();
-    let output: Arc<[u8]> = codec::encode(&value, opts.max_output).into();
+    // neither may commit. The lease stays renewed until the mark is written.
+    let output: Arc<[u8]> = encode_output(&value, opts, scope, key).into();
     let mark = txs
         .complete_in(as_tx(tx).0, scope, key, &lease, &output, opts.keep)
         .await;
-    drop(watch);
+    // A drop from here on leaves the claim to the transaction (or to its ttl).
+    guard.done();
     match mark {
         Ok(()) => {
-            if let Err(e) = txs.release_savepoint_in(as_tx(tx).0).await {
+            if let Err(e) = txs.release_savepoint_in(as_tx(tx).0, &savepoint).await {
                 // Harmless: the transaction's end releases it.
                 tracing::debug!(scope, key = %key, error = %e, "savepoint not released");
             }
             txs.marked_in(scope, key, &lease).await;
+            adopt_nested(&held, renewer.as_ref(), opts);
             metrics::record(opts, metrics::Outcome::Executed);
             *marked = Some(Marked {
                 scope: scope.to_owned(),
@@ -245,33 +303,105 @@ where
         }
         Err(e) => {
             tracing::error!(scope, key = %key, error = %e, "the done mark could not be written in the handler's transaction: its writes are rolled back");
-            undo(txs, as_tx(tx).0, scope, key).await;
+            let undone = txs.rollback_to_savepoint_in(as_tx(tx).0, &savepoint).await;
+            release_nested(&held);
             // Free the key for a redelivery, unless another holder has it.
             if !matches!(e, crate::StoreError::LeaseLost) {
-                release_in(txs, as_tx(tx).0, scope, key, &lease).await;
+                if let Some(renewer) = &renewer {
+                    release_in(txs, as_tx(tx).0, renewer, scope, key, &lease, opts.ttl).await;
+                } else if let Err(e) = txs.release_in(as_tx(tx).0, scope, key, &lease).await {
+                    tracing::debug!(scope, key = %key, error = %e, "release after the savepoint failed");
+                }
+            }
+            if let Err(undo) = undone {
+                return aborted(txs, as_tx(tx).0, opts, key, undo).await;
             }
             lift(opts, store_error(e, Phase::Complete, scope, key))
         }
     }
 }
 
-/// Roll the handler's writes back to the savepoint taken before it ran.
-async fn undo(txs: &dyn TxStore, tx: &mut (dyn Any + Send), scope: &str, key: &Key) {
-    if let Err(e) = txs.rollback_to_savepoint_in(tx).await {
-        // The transaction is broken or gone (a lost connection, a deadlock victim): the database
-        // rolled it back whole, the handler's writes with it.
-        tracing::warn!(scope, key = %key, error = %e, "could not roll back to the savepoint; the transaction is gone");
+/// Undoing to the savepoint failed: roll the whole transaction back on the server, so nothing of
+/// the handler's can commit whatever the caller does next, and say that it cannot be committed.
+async fn aborted<R>(
+    txs: &dyn TxStore,
+    tx: &mut (dyn Any + Send),
+    opts: &Options,
+    key: &Key,
+    e: crate::StoreError,
+) -> R
+where
+    R: Outcome,
+    R::Err: AbsorbsIdemError,
+{
+    let scope = &*opts.scope;
+    tracing::error!(scope, key = %key, error = %e, "could not roll back to idem's savepoint: rolling the whole transaction back");
+    if let Err(e) = txs.abort_in(tx).await {
+        // The connection is broken or gone: the database rolled the transaction back with it.
+        tracing::warn!(scope, key = %key, error = %e, "rolling the transaction back failed too");
     }
+    lift(
+        opts,
+        Error::TransactionAborted {
+            scope: scope.to_owned(),
+            key: key.clone(),
+            reason: e.to_string(),
+        },
+    )
 }
 
+/// Free a claim made outside the transaction (the caller's transaction holds nothing of it):
+/// through the store, and, if it does not answer, again from the watchdog's thread (`renewer`).
 async fn release_in(
     txs: &dyn TxStore,
     tx: &mut (dyn Any + Send),
+    renewer: &Arc<dyn crate::Store>,
     scope: &str,
     key: &Key,
     lease: &Lease,
+    ttl: std::time::Duration,
 ) {
-    if let Err(e) = txs.release_in(tx, scope, key, lease).await {
-        tracing::warn!(scope, key = %key, error = %e, "release failed; the key frees when the transaction ends or its lease expires");
+    match txs.release_in(tx, scope, key, lease).await {
+        Ok(()) => {}
+        Err(crate::StoreError::Unavailable(e)) => {
+            tracing::info!(scope, key = %key, error = %e, "release failed; retrying in the background");
+            release_later(renewer.clone(), scope.to_owned(), key.clone(), *lease, ttl);
+        }
+        Err(e) => {
+            tracing::warn!(scope, key = %key, error = %e, "release failed; the key frees when its lease expires")
+        }
     }
+}
+
+/// This call undid its writes to its savepoint: the done marks of the nested calls made under it
+/// went with them, so the claims those calls hold outside the transaction are released.
+fn release_nested(held: &Held) {
+    let nested = std::mem::take(&mut *held.nested.lock().unwrap_or_else(|p| p.into_inner()));
+    for n in nested {
+        release_later(n.releaser, n.scope, n.key, n.lease, n.ttl);
+    }
+}
+
+/// This call's mark is written in the transaction: the enclosing transactional call (if any)
+/// takes over its claim made outside the transaction, and the nested claims it had itself, so
+/// that they are released if it undoes its own writes.
+fn adopt_nested(held: &Held, renewer: Option<&Arc<dyn crate::Store>>, opts: &Options) {
+    let Some(parent) = Held::enclosing() else {
+        return;
+    };
+    let mut mine = std::mem::take(&mut *held.nested.lock().unwrap_or_else(|p| p.into_inner()));
+    if let Some(renewer) = renewer {
+        mine.push(Outside {
+            releaser: renewer.clone(),
+            scope: held.scope.to_string(),
+            key: held.key.clone(),
+            lease: held.lease,
+            ttl: opts.ttl,
+        });
+    }
+    parent
+        .nested
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .extend(mine);
 }

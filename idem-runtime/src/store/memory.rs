@@ -143,6 +143,7 @@ impl MemoryStore {
                 }
                 State::Done { output, .. } => Begin::Completed {
                     output: output.to_vec(),
+                    fingerprint: e.fingerprint,
                 },
             });
         }
@@ -180,6 +181,7 @@ impl MemoryStore {
                 State::InFlight { token, .. } if *token == lease.token => {
                     e.state = done;
                     e.expires = now + keep;
+                    e.fingerprint = lease.fingerprint;
                 }
                 State::Done { token, .. } if *token == lease.token => return Ok(()),
                 _ => return Err(StoreError::LeaseLost),
@@ -317,9 +319,13 @@ impl Store for MemoryStore {
         // Register before looking, so a change between the look and the await still wakes us.
         changed.as_mut().enable();
         {
+            // At once only when the next `begin` would not be told "in flight" by this store: the
+            // key is done, or its lease lapsed. A key this store does not hold may be held
+            // elsewhere (a layered store's durable layer holds it while the front does not):
+            // returning at once would make the waiter ask again in a busy loop.
             let map = lock(&shard.map);
-            let busy = matches!(map.entries.get(&id), Some(e) if matches!(e.state, State::InFlight { .. }) && e.expires > Instant::now());
-            if !busy {
+            let settled = matches!(map.entries.get(&id), Some(e) if matches!(e.state, State::Done { .. }) || e.expires <= Instant::now());
+            if settled {
                 return;
             }
         }

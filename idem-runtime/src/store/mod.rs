@@ -142,6 +142,9 @@ pub enum Begin {
     Completed {
         /// Exactly the bytes given to [`Store::complete`].
         output: Vec<u8>,
+        /// The fingerprint the done record keeps (the lease's, given to [`Store::complete`]), so
+        /// a copy of the record elsewhere (the layered store's front) checks what it checks.
+        fingerprint: Option<Fingerprint>,
     },
     /// The key is DONE with a different fingerprint.
     Mismatch,
@@ -165,7 +168,7 @@ pub enum Begin {
 /// let Begin::Acquired(lease) = store.begin(&req).await.unwrap() else { panic!() };
 /// store.complete("doc", &key, &lease, b"out", Duration::from_secs(60)).await.unwrap();
 /// let again = BeginRequest { token: Token::generate(), ..req };
-/// assert_eq!(store.begin(&again).await.unwrap(), Begin::Completed { output: b"out".to_vec() });
+/// assert_eq!(store.begin(&again).await.unwrap(), Begin::Completed { output: b"out".to_vec(), fingerprint: None });
 /// # });
 /// ```
 #[async_trait::async_trait]
@@ -177,8 +180,10 @@ pub trait Store: Send + Sync + 'static {
     /// when the key is already DONE by this same token (a retry), or when no other holder owns it
     /// (the lease lapsed but nobody took over: the effect happened, so recording it is right).
     /// Fails with [`StoreError::LeaseLost`] when another token holds or completed the key; that
-    /// holder's record is left untouched. The done record keeps the lease's fingerprint, also
-    /// when the store no longer has the in-flight record (it lapsed, was purged or lost).
+    /// holder's record is left untouched. The done record keeps `lease.fingerprint` (not
+    /// necessarily the one the claim was made with: a copy of another store's record keeps that
+    /// record's), also when the store no longer has the in-flight record (it lapsed, was purged
+    /// or lost).
     async fn complete(
         &self,
         scope: &str,
@@ -258,8 +263,9 @@ pub trait TxStore: Send + Sync {
         keep: Duration,
     ) -> Result<(), StoreError>;
 
-    /// Free the key after the handler failed (in the transaction, or outside it where the claim
-    /// was made outside).
+    /// Free the key after the handler failed, where the claim was made outside the transaction
+    /// (the claims made in it are undone with the savepoint taken before them). Never waits for
+    /// a connection of the pool the caller's transaction holds.
     async fn release_in(
         &self,
         tx: &mut (dyn Any + Send),
@@ -268,16 +274,46 @@ pub trait TxStore: Send + Sync {
         lease: &Lease,
     ) -> Result<(), StoreError>;
 
-    /// Take a savepoint in the transaction on `tx` before the handler runs (after the claim), so
-    /// that its writes can be undone without undoing the caller's.
-    async fn savepoint_in(&self, tx: &mut (dyn Any + Send)) -> Result<(), StoreError>;
+    /// Take the savepoint `name` in the transaction on `tx`: before the claim, where the claim is
+    /// made in the transaction (so that undoing the handler undoes the claim too, and frees the
+    /// key at once), after it otherwise. Names are unique per call, so nested calls on one
+    /// transaction nest their savepoints (MySQL/MariaDB replace a savepoint of the same name).
+    async fn savepoint_in(&self, tx: &mut (dyn Any + Send), name: &str) -> Result<(), StoreError>;
 
-    /// Undo the handler's writes (back to the savepoint) after it failed or its done mark could
-    /// not be written, so they can never commit without the mark, whatever the caller does next.
-    async fn rollback_to_savepoint_in(&self, tx: &mut (dyn Any + Send)) -> Result<(), StoreError>;
+    /// Undo everything since the savepoint `name` (the handler's writes, and a claim made in the
+    /// transaction) after the handler failed or its done mark could not be written, so they can
+    /// never commit without the mark, whatever the caller does next; then release the savepoint.
+    async fn rollback_to_savepoint_in(
+        &self,
+        tx: &mut (dyn Any + Send),
+        name: &str,
+    ) -> Result<(), StoreError>;
 
-    /// The done mark is written: the savepoint is no longer needed.
-    async fn release_savepoint_in(&self, tx: &mut (dyn Any + Send)) -> Result<(), StoreError>;
+    /// The done mark is written: the savepoint `name` is no longer needed.
+    async fn release_savepoint_in(
+        &self,
+        tx: &mut (dyn Any + Send),
+        name: &str,
+    ) -> Result<(), StoreError>;
+
+    /// Roll the whole transaction back on the server: what is left when undoing to a savepoint
+    /// failed, so that nothing of the handler's can commit. The caller is then told that the
+    /// transaction cannot be committed ([`Error::TransactionAborted`]).
+    async fn abort_in(&self, tx: &mut (dyn Any + Send)) -> Result<(), StoreError>;
+
+    /// The key's done record (its output and fingerprint) as committed: read outside the
+    /// caller's transaction, by a read that never waits for one, and never through a connection
+    /// of the caller's pool. What a layered store may copy to its front after a claim in the
+    /// transaction found the key done, since that record may be the caller's own mark, not yet
+    /// committed. `None`: not done as far as committed data says (or the store cannot tell).
+    async fn committed_done(
+        &self,
+        scope: &str,
+        key: &Key,
+    ) -> Result<Option<(Vec<u8>, Option<Fingerprint>)>, StoreError> {
+        let _ = (scope, key);
+        Ok(None)
+    }
 
     /// Whether [`begin_in`](Self::begin_in) claims in the transaction (the claim ends with it),
     /// or outside it, as [`Store::begin`] does (then the transaction may begin after the claim).

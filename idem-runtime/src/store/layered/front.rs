@@ -6,10 +6,10 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use super::gate::{Missed, Pass, ProbeGuard};
-use super::{Inner, REBEGIN_TTL};
+use super::{FRONT_RELEASE_RETRIES_FOR, Inner, REBEGIN_TTL};
 use crate::lease::spawn_background;
-use crate::store::{Begin, BeginRequest, Lease, Store, Token};
-use crate::{Fingerprint, Key, StoreError};
+use crate::store::{Begin, BeginRequest, Lease, Store};
+use crate::{Key, StoreError};
 
 impl<F: Store, D: Store> Inner<F, D> {
     /// Run one front operation through the gate and the timeout. `Err`: the front did not
@@ -57,13 +57,22 @@ impl<F: Store, D: Store> Inner<F, D> {
         let _ = op;
     }
 
-    /// Release a claim this store holds in the front, best effort.
+    /// Release a claim this store holds in the front, best effort: when the front does not
+    /// answer, again from the watchdog's thread for a while, so that it does not answer "in
+    /// flight" for a key the durable store has freed until the claim's lease ends.
     pub(super) async fn front_release(&self, scope: &str, key: &Key, lease: &Lease) {
         let released = self
             .front_op("release", || self.front.release(scope, key, lease))
             .await;
-        if let Ok(Err(e)) = released {
-            tracing::debug!(scope, key = %key, error = %e, "front release failed; its lease expires")
+        match released {
+            Ok(Ok(())) => {}
+            Ok(Err(StoreError::Unavailable(_))) | Err(Missed::Failed) => {
+                self.release_front_later(scope, key, *lease)
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(scope, key = %key, error = %e, "front release failed; its lease expires")
+            }
+            Err(Missed::Skipped) => {}
         }
     }
 
@@ -148,10 +157,11 @@ impl<F: Store, D: Store> Inner<F, D> {
     }
 
     /// The layered `begin`: the front first; when it claims, the durable store (`durable_begin`:
-    /// its `begin`, or its claim in a transaction) decides.
+    /// its `begin`, or its claim in a transaction: `in_tx`) decides.
     pub(super) async fn begin_via<Fut>(
         &self,
         req: &BeginRequest<'_>,
+        in_tx: bool,
         durable_begin: impl FnOnce() -> Fut,
     ) -> Result<Begin, StoreError>
     where
@@ -186,9 +196,36 @@ impl<F: Store, D: Store> Inner<F, D> {
         claim.lease = None;
         match durable {
             Ok(Begin::Acquired(lease)) => Ok(Begin::Acquired(lease)),
-            Ok(Begin::Completed { output }) => {
-                self.backfill(req, front, &output).await;
-                Ok(Begin::Completed { output })
+            // Read outside any transaction: committed, so the front may answer with it.
+            Ok(Begin::Completed {
+                output,
+                fingerprint,
+            }) if !in_tx => {
+                self.backfill(req, front, &output, fingerprint).await;
+                Ok(Begin::Completed {
+                    output,
+                    fingerprint,
+                })
+            }
+            // Read inside the caller's transaction: perhaps its own mark, not committed, and
+            // nothing read there may reach the front before the commit. Only the record as
+            // committed (read outside, without waiting for the transaction) is copied.
+            Ok(Begin::Completed {
+                output,
+                fingerprint,
+            }) => {
+                let committed = match self.durable.transactional() {
+                    Some(d) => d.committed_done(req.scope, req.key).await,
+                    None => Ok(None),
+                };
+                match committed {
+                    Ok(Some((stored, kept))) => self.backfill(req, front, &stored, kept).await,
+                    _ => self.front_release(req.scope, req.key, &front).await,
+                }
+                Ok(Begin::Completed {
+                    output,
+                    fingerprint,
+                })
             }
             // In flight elsewhere (e.g. claimed while the front was down), mismatch, or an error:
             // the durable answer stands, and the front must not keep a claim nobody runs.
@@ -199,57 +236,59 @@ impl<F: Store, D: Store> Inner<F, D> {
         }
     }
 
-    /// Release `lease`'s claim in the front from the watchdog's thread, quietly and bounded by the
-    /// front timeout: the front was just seen failing (or the caller is gone), so this is a
-    /// courtesy, not part of an answer.
+    /// Release `lease`'s claim in the front from the watchdog's thread, quietly, each attempt
+    /// bounded by the front timeout, retried for a while when the front does not answer: the
+    /// front was just seen failing (or the caller is gone), so this is a courtesy, not part of an
+    /// answer.
     pub(super) fn release_front_later(&self, scope: &str, key: &Key, lease: Lease) {
         let front = self.front.for_watchdog();
         let timeout = self.cfg.front_timeout;
         let (scope, key) = (scope.to_owned(), key.clone());
         spawn_background(async move {
-            let release = front.release(&scope, &key, &lease);
-            if let Ok(Err(e)) | Err(e) = tokio::time::timeout(timeout, release)
-                .await
-                .map_err(|_| StoreError::unavailable("timed out"))
-            {
-                tracing::debug!(scope, key = %key, error = %e, "front claim not released; it expires with its lease");
+            let give_up = tokio::time::Instant::now() + FRONT_RELEASE_RETRIES_FOR;
+            let mut pause = Duration::from_millis(50);
+            loop {
+                let release = front.release(&scope, &key, &lease);
+                match tokio::time::timeout(timeout, release).await {
+                    Ok(Ok(())) => return,
+                    Ok(Err(StoreError::Unavailable(_))) | Err(_)
+                        if tokio::time::Instant::now() + pause < give_up =>
+                    {
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_secs(1));
+                    }
+                    Ok(Err(e)) => {
+                        tracing::debug!(scope, key = %key, error = %e, "front claim not released; it expires with its lease");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(scope, key = %key, "front claim not released; it expires with its lease");
+                        return;
+                    }
+                }
             }
         });
     }
 
     /// The front claimed a key that the durable store has done: copy the record into the front
-    /// (completing the front's claim), so the next duplicates are answered there.
-    pub(super) async fn backfill(&self, req: &BeginRequest<'_>, front: Lease, output: &[u8]) {
+    /// (completing the front's claim) with the record's own fingerprint, so the next duplicates
+    /// are answered there, as the durable record would answer them.
+    pub(super) async fn backfill(
+        &self,
+        req: &BeginRequest<'_>,
+        front: Lease,
+        output: &[u8],
+        fingerprint: Option<crate::Fingerprint>,
+    ) {
         let (scope, key) = (req.scope, req.key);
-        // The front's claim carries the request's fingerprint, which the durable record accepted
-        // (it has the same one, or none): a record with it replays to no payload the durable one
-        // refuses. A request without one would give a record without one, which is right only if
-        // the durable record has none either: ask it with a fingerprint nothing has.
-        let safe = req.fingerprint.is_some()
-            || {
-                let probe = BeginRequest {
-                    fingerprint: Some(Fingerprint(Token::generate().0.to_be_bytes())),
-                    ..*req
-                };
-                match self.durable.begin(&probe).await {
-                    Ok(Begin::Completed { .. }) => true,
-                    // The record expired in between and the probe claimed the key: give it back.
-                    Ok(Begin::Acquired(lease)) => {
-                        if let Err(e) = self.durable.release(scope, key, &lease).await {
-                            tracing::warn!(scope, key = %key, error = %e, "could not release a probe's claim; it expires with its lease");
-                        }
-                        false
-                    }
-                    Ok(Begin::Mismatch | Begin::InFlight { .. }) | Err(_) => false,
-                }
-            };
-        if !safe {
-            return self.front_release(scope, key, &front).await;
-        }
+        let record = Lease {
+            fingerprint,
+            ..front
+        };
         let keep = self.cfg.backfill_keep.min(self.cfg.front_keep);
         match self
             .front_op("complete", || {
-                self.front.complete(scope, key, &front, output, keep)
+                self.front.complete(scope, key, &record, output, keep)
             })
             .await
         {

@@ -33,6 +33,9 @@ const LOG_EVERY: Duration = Duration::from_secs(10);
 /// The lease of the front claim that `complete` re-creates to restore a lost fingerprint; the
 /// claim is completed at once, so this only bounds how long a failed completion blocks.
 const REBEGIN_TTL: Duration = Duration::from_secs(5);
+/// How long a front claim that could not be released (the front did not answer) is released
+/// again, from the watchdog's thread, before it is left to expire with its lease.
+const FRONT_RELEASE_RETRIES_FOR: Duration = Duration::from_secs(10);
 /// How long the front's claim is kept after a transactional handler's done mark was written in a
 /// transaction the caller has yet to commit: the front cannot be told the key is done before that
 /// commit, so it answers in flight for this long, then the database answers (and backfills it).
@@ -88,12 +91,19 @@ const SETTLE: Duration = Duration::from_secs(1);
 ///
 /// # Fingerprints and the front
 ///
-/// A front record must not replay to a payload the durable record would refuse. Every lease
-/// carries the fingerprint it was taken with: when the front lost the claim while the handler
-/// ran, the done mark is written there only after claiming again with it (one more front round
-/// trip, for calls with a fingerprint). And a backfill for a request without a fingerprint is
-/// written only after the durable store confirmed that its record has none either (one more
-/// durable read, on that rare path only).
+/// A front record must answer as the durable record would: replay to the payloads it replays
+/// to, refuse the ones it refuses. Every lease carries the fingerprint it was taken with: when
+/// the front lost the claim while the handler ran, the done mark is written there only after
+/// claiming again with it (one more front round trip, for calls with a fingerprint). A backfill
+/// copies the durable record's own fingerprint (the durable answer carries it), never the
+/// request's.
+///
+/// # Transactions and the front
+///
+/// Nothing read inside the caller's transaction reaches the front before that transaction
+/// commits: a done record the database answers there may be the caller's own uncommitted mark
+/// (a second call of one key in one transaction), so it is replayed to the caller but not copied
+/// to the front, and no call waits on another connection for the transaction it runs in.
 ///
 /// # Limits
 ///
@@ -156,7 +166,7 @@ struct Inner<F, D> {
     /// Shared with the store the watchdog's thread uses, so both see the front's health.
     health: Arc<Health>,
     /// This store for the watchdog's thread (see [`Store::for_watchdog`]), built on first use.
-    twin: OnceLock<Arc<dyn Store>>,
+    twin: OnceLock<Twin>,
 }
 
 /// Whether calls use the front, and the counts of what went without it.
@@ -303,6 +313,24 @@ impl<F: Store, D: Store> LayeredStore<F, D> {
     }
 }
 
+/// A layered store over the stores the watchdog's thread uses.
+pub(crate) type Twin = LayeredStore<Arc<dyn Store>, Arc<dyn Store>>;
+
+impl<F: Store, D: Store> LayeredStore<F, D> {
+    /// This store for the watchdog's thread, built on first use (see [`Store::for_watchdog`]).
+    fn twin(&self) -> &Twin {
+        self.inner.twin.get_or_init(|| LayeredStore {
+            inner: Arc::new(Inner {
+                front: self.inner.front.for_watchdog(),
+                durable: self.inner.durable.for_watchdog(),
+                cfg: self.inner.cfg,
+                health: self.inner.health.clone(),
+                twin: OnceLock::new(),
+            }),
+        })
+    }
+}
+
 impl<F, D> LayeredStore<F, D> {
     /// The front store.
     pub fn front(&self) -> &F {
@@ -337,7 +365,9 @@ impl<F, D> LayeredStore<F, D> {
 impl<F: Store, D: Store> Store for LayeredStore<F, D> {
     async fn begin(&self, req: &BeginRequest<'_>) -> Result<Begin, StoreError> {
         let durable = &self.inner.durable;
-        self.inner.begin_via(req, || durable.begin(req)).await
+        self.inner
+            .begin_via(req, false, || durable.begin(req))
+            .await
     }
 
     async fn complete(
@@ -391,20 +421,7 @@ impl<F: Store, D: Store> Store for LayeredStore<F, D> {
     /// The front's and the durable store's own stores for the watchdog's thread, behind the same
     /// gate and counters as this store.
     fn for_watchdog(&self) -> Arc<dyn Store> {
-        self.inner
-            .twin
-            .get_or_init(|| {
-                Arc::new(LayeredStore {
-                    inner: Arc::new(Inner {
-                        front: self.inner.front.for_watchdog(),
-                        durable: self.inner.durable.for_watchdog(),
-                        cfg: self.inner.cfg,
-                        health: self.inner.health.clone(),
-                        twin: OnceLock::new(),
-                    }),
-                })
-            })
-            .clone()
+        Arc::new(self.twin().clone())
     }
 
     fn transactional(&self) -> Option<&dyn TxStore> {

@@ -26,8 +26,11 @@ impl<F: Store, D: Store> TxStore for LayeredStore<F, D> {
         req: &BeginRequest<'_>,
     ) -> Result<Begin, StoreError> {
         let durable = self.durable_tx()?;
+        // Where the durable claim is made outside the transaction (MySQL/MariaDB), what it reads
+        // is committed.
+        let in_tx = durable.claims_in_tx();
         self.inner
-            .begin_via(req, move || durable.begin_in(tx, req))
+            .begin_via(req, in_tx, move || durable.begin_in(tx, req))
             .await
     }
 
@@ -58,16 +61,36 @@ impl<F: Store, D: Store> TxStore for LayeredStore<F, D> {
         answer
     }
 
-    async fn savepoint_in(&self, tx: &mut (dyn Any + Send)) -> Result<(), StoreError> {
-        self.durable_tx()?.savepoint_in(tx).await
+    async fn savepoint_in(&self, tx: &mut (dyn Any + Send), name: &str) -> Result<(), StoreError> {
+        self.durable_tx()?.savepoint_in(tx, name).await
     }
 
-    async fn rollback_to_savepoint_in(&self, tx: &mut (dyn Any + Send)) -> Result<(), StoreError> {
-        self.durable_tx()?.rollback_to_savepoint_in(tx).await
+    async fn rollback_to_savepoint_in(
+        &self,
+        tx: &mut (dyn Any + Send),
+        name: &str,
+    ) -> Result<(), StoreError> {
+        self.durable_tx()?.rollback_to_savepoint_in(tx, name).await
     }
 
-    async fn release_savepoint_in(&self, tx: &mut (dyn Any + Send)) -> Result<(), StoreError> {
-        self.durable_tx()?.release_savepoint_in(tx).await
+    async fn release_savepoint_in(
+        &self,
+        tx: &mut (dyn Any + Send),
+        name: &str,
+    ) -> Result<(), StoreError> {
+        self.durable_tx()?.release_savepoint_in(tx, name).await
+    }
+
+    async fn abort_in(&self, tx: &mut (dyn Any + Send)) -> Result<(), StoreError> {
+        self.durable_tx()?.abort_in(tx).await
+    }
+
+    async fn committed_done(
+        &self,
+        scope: &str,
+        key: &Key,
+    ) -> Result<Option<(Vec<u8>, Option<crate::Fingerprint>)>, StoreError> {
+        self.durable_tx()?.committed_done(scope, key).await
     }
 
     fn claims_in_tx(&self) -> bool {
@@ -82,8 +105,9 @@ impl<F: Store, D: Store> TxStore for LayeredStore<F, D> {
         match self.durable_tx().ok()?.renewer_in_tx() {
             // The durable claim is a lease of its own (MySQL/MariaDB): renew both layers.
             Some(_) => Some(self.for_watchdog()),
-            // The transaction holds the durable claim: only the front's needs renewing.
-            None => Some(self.inner.front.for_watchdog()),
+            // The transaction holds the durable claim: only the front's needs renewing, and the
+            // front losing it (a flush, a restart) loses nothing.
+            None => Some(Arc::new(FrontOfTx(self.twin().clone()))),
         }
     }
 
@@ -95,6 +119,66 @@ impl<F: Store, D: Store> TxStore for LayeredStore<F, D> {
         let _ = inner
             .front_op("extend", || inner.front.extend(scope, key, lease, SETTLE))
             .await;
+    }
+}
+
+/// What renews a transactional call's claim when the caller's transaction holds the durable
+/// one (PostgreSQL, SQLite): the front's claim only, claimed again when the front lost it (so
+/// duplicates are refused there instead of each reaching the database), and never reported
+/// lost: the transaction still holds the key, so the handler's work is safe.
+struct FrontOfTx(super::Twin);
+
+#[async_trait::async_trait]
+impl Store for FrontOfTx {
+    async fn begin(&self, req: &BeginRequest<'_>) -> Result<Begin, StoreError> {
+        self.0.front().begin(req).await
+    }
+
+    async fn complete(
+        &self,
+        _scope: &str,
+        _key: &Key,
+        _lease: &Lease,
+        _output: &[u8],
+        _keep: Duration,
+    ) -> Result<(), StoreError> {
+        // The mark is the transaction's; the front learns it after the commit.
+        Ok(())
+    }
+
+    async fn release(&self, scope: &str, key: &Key, lease: &Lease) -> Result<(), StoreError> {
+        self.0.inner.front_release(scope, key, lease).await;
+        Ok(())
+    }
+
+    async fn extend(
+        &self,
+        scope: &str,
+        key: &Key,
+        lease: &Lease,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let inner = &*self.0.inner;
+        let renewed = inner
+            .front_op("extend", || inner.front.extend(scope, key, lease, ttl))
+            .await;
+        if let Ok(Err(StoreError::LeaseLost)) = renewed {
+            // Briefly: if the call released the key meanwhile, this claim belongs to no one;
+            // the next renewal (while the call still runs) makes it whole again.
+            let again = BeginRequest {
+                scope,
+                key,
+                token: lease.token,
+                ttl: ttl.min(Duration::from_secs(1)),
+                fingerprint: lease.fingerprint,
+            };
+            let _ = inner.front_op("extend", || inner.front.begin(&again)).await;
+        }
+        Ok(())
+    }
+
+    fn for_watchdog(&self) -> Arc<dyn Store> {
+        Arc::new(FrontOfTx(self.0.clone()))
     }
 }
 

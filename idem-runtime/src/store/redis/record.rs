@@ -78,8 +78,16 @@ pub(super) fn decode_done(
     {
         return Ok(Begin::Mismatch);
     }
+    let kept = (fp_len == 16).then(|| {
+        let mut f = [0u8; 16];
+        f.copy_from_slice(&record[HEADER..HEADER + 16]);
+        crate::Fingerprint(f)
+    });
     record.drain(..HEADER + fp_len);
-    Ok(Begin::Completed { output: record })
+    Ok(Begin::Completed {
+        output: record,
+        fingerprint: kept,
+    })
 }
 
 /// The fingerprint field of a record: its length (0 or 16), then the fingerprint.
@@ -115,13 +123,15 @@ mod tests {
         assert_eq!(
             decode_done(rec.clone(), Some(fp)).unwrap(),
             Begin::Completed {
-                output: b"out".to_vec()
+                output: b"out".to_vec(),
+                fingerprint: Some(fp),
             }
         );
         assert_eq!(
             decode_done(rec.clone(), None).unwrap(),
             Begin::Completed {
-                output: b"out".to_vec()
+                output: b"out".to_vec(),
+                fingerprint: Some(fp),
             }
         );
         assert_eq!(

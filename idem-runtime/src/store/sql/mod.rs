@@ -53,7 +53,14 @@
 //!
 //! **Fences** are the database clock in microseconds at the claim, or the previous fence + 1 when
 //! that is larger: strictly increasing across releases and takeovers (a released row is kept,
-//! marked free, not deleted), and across purges as long as the database clock does not step back.
+//! marked free, not deleted), and across purges as long as the database clock does not step back
+//! (a purge deletes a row only once the clock has passed its fence, so the next claim's fence,
+//! the clock then, is greater; SQLite's clock has millisecond precision). In the transactional
+//! form a claim that rolls back leaves no trace, fence included: the next claim's fence is the
+//! clock again, greater than the rolled-back one's unless the database clock stepped back in
+//! between (then a fence already handed to a rolled-back handler can come again; a downstream
+//! check `fence < $new` then refuses the new holder, which is safe but stalls that key until the
+//! clock catches up).
 //!
 //! # One statement per claim
 //!
@@ -165,6 +172,13 @@ struct Inner<DB: Backend> {
     /// This store for the watchdog's thread (see [`Store::for_watchdog`]), built on first use;
     /// `None`: the watchdog uses this store.
     twin: OnceLock<Option<Arc<dyn Store>>>,
+    /// This store on a pool of its own, for what the transactional form does outside the
+    /// caller's transaction (MySQL/MariaDB's claim and release), built on first use: the caller's
+    /// transaction holds a connection of `pool`, which may be its last.
+    side: OnceLock<Option<Box<SqlStore<DB>>>>,
+    /// This is such a side store: its claims serve transactions whose own row locks they must
+    /// not wait for long (a second call of one key in one transaction, on MySQL/MariaDB).
+    is_side: bool,
 }
 
 impl<DB: Backend> Clone for SqlStore<DB> {
@@ -233,6 +247,10 @@ impl<DB: Backend> SqlStore<DB> {
     }
 
     fn build(pool: Pool<DB>, table: Table) -> Self {
+        Self::build_as(pool, table, false)
+    }
+
+    fn build_as(pool: Pool<DB>, table: Table, is_side: bool) -> Self {
         let sql = DB::prepare(&table);
         SqlStore {
             inner: Arc::new(Inner {
@@ -240,8 +258,22 @@ impl<DB: Backend> SqlStore<DB> {
                 table,
                 sql,
                 twin: OnceLock::new(),
+                side: OnceLock::new(),
+                is_side,
             }),
         }
+    }
+
+    /// This store on a pool of its own with the same settings and size (see `Inner::side`);
+    /// `None` for a SQLite database not in a file (no other pool reaches it).
+    fn side(&self) -> Option<&SqlStore<DB>> {
+        self.inner
+            .side
+            .get_or_init(|| {
+                DB::side_pool(&self.inner.pool)
+                    .map(|pool| Box::new(SqlStore::build_as(pool, self.inner.table.clone(), true)))
+            })
+            .as_deref()
     }
 
     /// The connection pool.
@@ -370,6 +402,7 @@ impl<DB: Backend> Store for SqlStore<DB> {
             token: req.token,
             ttl_us: micros(req.ttl),
             fingerprint: req.fingerprint.map(|f| f.0),
+            brief_lock_wait: self.inner.is_side,
         };
         let mut conn = self.acquire().await?;
         DB::begin(&mut conn, &self.inner.sql, &claim).await

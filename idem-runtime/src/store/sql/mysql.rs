@@ -12,7 +12,7 @@ use sqlx::{MySql, MySqlConnection, Pool, Row, SqlStr};
 use super::sealed::{At, Claim, Current, Mark, Migrations, Ops, Seen, Table};
 use super::{
     Backend, IN_FLIGHT, MAX_RACES, apply_migrations, corrupt, db_error as unavailable, done_by,
-    token_bytes, token_of, watchdog_pool,
+    side_pool, token_bytes, token_of, watchdog_pool,
 };
 use crate::StoreError;
 use crate::store::{Begin, Token};
@@ -62,7 +62,9 @@ WHERE scope = ? AND idem_key = ? AND state = 1 AND token = ?";
 const EXTEND: &str = "UPDATE {table} SET expires_at = {now} + ?
 WHERE scope = ? AND idem_key = ? AND state = 1 AND token = ?";
 
-const PURGE: &str = "DELETE FROM {table} WHERE expires_at <= {now} ORDER BY expires_at LIMIT ?";
+/// A row whose fence the clock has not passed yet is kept (see the module docs on fences).
+const PURGE: &str = "DELETE FROM {table} WHERE expires_at <= {now} AND fence < {now}
+ORDER BY expires_at LIMIT ?";
 
 const MIGRATIONS: Migrations = &[(
     1,
@@ -89,6 +91,126 @@ pub struct Sql {
 
 impl Backend for MySql {}
 
+/// The claim itself (see `Ops::begin`): read, then insert or take over.
+async fn begin_claim(
+    conn: &mut MySqlConnection,
+    sql: &Sql,
+    claim: &Claim<'_>,
+) -> Result<Begin, StoreError> {
+    let token = token_bytes(claim.token);
+    let fingerprint = claim.fingerprint.as_ref().map(|f| &f[..]);
+    for _ in 0..MAX_RACES {
+        let row: MySqlRow = sqlx::query(sql.read.clone())
+            .bind(claim.at.scope)
+            .bind(claim.at.key)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(unavailable)?;
+        let now: i64 = row.try_get(0).map_err(corrupt)?;
+        let Some(state) = row.try_get::<Option<i16>, _>(1).map_err(corrupt)? else {
+            // Absent: claim it. A concurrent claim of the same key fails on the primary key.
+            let sent = std::time::Instant::now();
+            let inserted = sqlx::query(sql.insert.clone())
+                .bind(claim.at.scope)
+                .bind(claim.at.key)
+                .bind(&token[..])
+                .bind(now)
+                .bind(claim.ttl_us)
+                .bind(fingerprint)
+                .execute(&mut *conn)
+                .await;
+            match inserted {
+                Ok(_) if fresh(conn, sql, claim, sent).await? => {
+                    return Ok(Begin::Acquired(claim.lease(now as u64)));
+                }
+                Ok(_) => continue, // taken over while it waited: look again
+                Err(sqlx::Error::Database(e)) if e.is_unique_violation() => continue,
+                Err(e) => return Err(unavailable(e)),
+            }
+        };
+        let read_fence: i64 = row.try_get(3).map_err(corrupt)?;
+        let current = Current {
+            state,
+            token: row.try_get(2).map_err(corrupt)?,
+            remaining_us: row.try_get::<i64, _>(4).map_err(corrupt)? - now,
+            fingerprint: row.try_get(5).map_err(corrupt)?,
+            output: row.try_get(6).map_err(corrupt)?,
+        };
+        let ours_alive = current.state == IN_FLIGHT
+            && current.remaining_us > 0
+            && token_of(&current.token)? == claim.token;
+        if let Seen::Answer(answer) = current.judge(claim)? {
+            return Ok(answer);
+        }
+        let fence = if ours_alive {
+            read_fence
+        } else {
+            (read_fence + 1).max(now)
+        };
+        let sent = std::time::Instant::now();
+        let taken = sqlx::query(sql.take_over.clone())
+            .bind(&token[..])
+            .bind(fence)
+            .bind(claim.ttl_us)
+            .bind(fingerprint)
+            .bind(claim.at.scope)
+            .bind(claim.at.key)
+            .bind(read_fence)
+            .bind(&token[..])
+            .execute(&mut *conn)
+            .await
+            .map_err(unavailable)?;
+        // The connection reports matched rows (CLIENT_FOUND_ROWS), not only changed ones.
+        if taken.rows_affected() == 1 && fresh(conn, sql, claim, sent).await? {
+            return Ok(Begin::Acquired(claim.lease(fence as u64)));
+        }
+    }
+    Err(StoreError::unavailable(
+        "begin kept racing with concurrent claims of the same key",
+    ))
+}
+
+/// MySQL/MariaDB's "Lock wait timeout exceeded" (1205).
+fn is_lock_wait_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
+    e.downcast_ref::<sqlx::Error>().is_some_and(|e| {
+        matches!(e, sqlx::Error::Database(d) if d.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>().is_some_and(|m| m.number() == 1205))
+    })
+}
+
+/// Whether the lease just claimed by a statement sent at `sent` is fresh. The statement's clock
+/// (`UTC_TIMESTAMP`) was read when it started, before any wait for a row lock (a purge, another
+/// claim), so a statement that took long may have granted a lease that is mostly or wholly
+/// over: while one took more than a quarter of the ttl, the lease is renewed by a new statement
+/// (up to three times). `false`: another claim took the key meanwhile.
+async fn fresh(
+    conn: &mut MySqlConnection,
+    sql: &Sql,
+    claim: &Claim<'_>,
+    mut sent: std::time::Instant,
+) -> Result<bool, StoreError> {
+    let slow = std::time::Duration::from_micros(claim.ttl_us.unsigned_abs() / 4);
+    for _ in 0..3 {
+        if sent.elapsed() <= slow {
+            return Ok(true);
+        }
+        sent = std::time::Instant::now();
+        let renewed = sqlx::query(sql.extend.clone())
+            .bind(claim.ttl_us)
+            .bind(claim.at.scope)
+            .bind(claim.at.key)
+            .bind(&token_bytes(claim.token)[..])
+            .execute(&mut *conn)
+            .await
+            .map_err(unavailable)?;
+        if renewed.rows_affected() != 1 {
+            return Ok(false);
+        }
+    }
+    Err(StoreError::unavailable(
+        "the claim's lease keeps ending while it is granted (row locks held for longer than its ttl)",
+    ))
+}
+
 #[async_trait::async_trait]
 impl Ops for MySql {
     type Sql = Sql;
@@ -98,6 +220,34 @@ impl Ops for MySql {
     // mark (an `UPDATE`, which reads the latest row at every isolation level) checks its token.
     const CLAIMS_IN_TX: bool = false;
     const CLAIM_LOCKS_DATABASE: bool = false;
+    fn side_pool(pool: &Pool<MySql>) -> Option<Pool<MySql>> {
+        Some(side_pool(pool))
+    }
+
+    async fn peek(
+        conn: &mut MySqlConnection,
+        sql: &Sql,
+        at: &At<'_>,
+    ) -> Result<Option<Current>, StoreError> {
+        let row: MySqlRow = sqlx::query(sql.read.clone())
+            .bind(at.scope)
+            .bind(at.key)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(unavailable)?;
+        let now: i64 = row.try_get(0).map_err(corrupt)?;
+        let Some(state) = row.try_get::<Option<i16>, _>(1).map_err(corrupt)? else {
+            return Ok(None);
+        };
+        Ok(Some(Current {
+            state,
+            token: row.try_get(2).map_err(corrupt)?,
+            remaining_us: row.try_get::<i64, _>(4).map_err(corrupt)? - now,
+            fingerprint: row.try_get(5).map_err(corrupt)?,
+            output: row.try_get(6).map_err(corrupt)?,
+        }))
+    }
+
     fn watchdog_pool(pool: &Pool<MySql>) -> Option<Pool<MySql>> {
         // Its connections are bound to the runtime that opened them: the watchdog's own.
         Some(watchdog_pool(pool, 4))
@@ -155,72 +305,25 @@ impl Ops for MySql {
         sql: &Sql,
         claim: &Claim<'_>,
     ) -> Result<Begin, StoreError> {
-        let token = token_bytes(claim.token);
-        let fingerprint = claim.fingerprint.as_ref().map(|f| &f[..]);
-        for _ in 0..MAX_RACES {
-            let row: MySqlRow = sqlx::query(sql.read.clone())
-                .bind(claim.at.scope)
-                .bind(claim.at.key)
-                .fetch_one(&mut *conn)
-                .await
-                .map_err(unavailable)?;
-            let now: i64 = row.try_get(0).map_err(corrupt)?;
-            let Some(state) = row.try_get::<Option<i16>, _>(1).map_err(corrupt)? else {
-                // Absent: claim it. A concurrent claim of the same key fails on the primary key.
-                let inserted = sqlx::query(sql.insert.clone())
-                    .bind(claim.at.scope)
-                    .bind(claim.at.key)
-                    .bind(&token[..])
-                    .bind(now)
-                    .bind(claim.ttl_us)
-                    .bind(fingerprint)
-                    .execute(&mut *conn)
-                    .await;
-                match inserted {
-                    Ok(_) => return Ok(Begin::Acquired(claim.lease(now as u64))),
-                    Err(sqlx::Error::Database(e)) if e.is_unique_violation() => continue,
-                    Err(e) => return Err(unavailable(e)),
-                }
-            };
-            let read_fence: i64 = row.try_get(3).map_err(corrupt)?;
-            let current = Current {
-                state,
-                token: row.try_get(2).map_err(corrupt)?,
-                remaining_us: row.try_get::<i64, _>(4).map_err(corrupt)? - now,
-                fingerprint: row.try_get(5).map_err(corrupt)?,
-                output: row.try_get(6).map_err(corrupt)?,
-            };
-            let ours_alive = current.state == IN_FLIGHT
-                && current.remaining_us > 0
-                && token_of(&current.token)? == claim.token;
-            if let Seen::Answer(answer) = current.judge(claim)? {
-                return Ok(answer);
-            }
-            let fence = if ours_alive {
-                read_fence
-            } else {
-                (read_fence + 1).max(now)
-            };
-            let taken = sqlx::query(sql.take_over.clone())
-                .bind(&token[..])
-                .bind(fence)
-                .bind(claim.ttl_us)
-                .bind(fingerprint)
-                .bind(claim.at.scope)
-                .bind(claim.at.key)
-                .bind(read_fence)
-                .bind(&token[..])
+        if claim.brief_lock_wait {
+            // The claim of a transaction made on another connection: if that very transaction
+            // holds the key's row (it marked the key done, uncommitted), waiting would last its
+            // whole `innodb_lock_wait_timeout` (50 s by default). A second's wait, then "in flight".
+            sqlx::raw_sql("SET SESSION innodb_lock_wait_timeout = 1")
                 .execute(&mut *conn)
                 .await
                 .map_err(unavailable)?;
-            // The connection reports matched rows (CLIENT_FOUND_ROWS), not only changed ones.
-            if taken.rows_affected() == 1 {
-                return Ok(Begin::Acquired(claim.lease(fence as u64)));
-            }
         }
-        Err(StoreError::unavailable(
-            "begin kept racing with concurrent claims of the same key",
-        ))
+        match begin_claim(conn, sql, claim).await {
+            Err(StoreError::Unavailable(e))
+                if claim.brief_lock_wait && is_lock_wait_timeout(&*e) =>
+            {
+                Ok(Begin::InFlight {
+                    retry_after: claim.retry_hint(),
+                })
+            }
+            other => other,
+        }
     }
 
     /// Not used: MySQL claims outside the transaction (see `CLAIMS_IN_TX`).
@@ -233,8 +336,11 @@ impl Ops for MySql {
         Self::begin(conn, sql, claim).await
     }
 
-    async fn raw(conn: &mut MySqlConnection, sql: &'static str) -> Result<(), sqlx::Error> {
-        sqlx::raw_sql(sql).execute(&mut *conn).await.map(|_| ())
+    async fn raw(conn: &mut MySqlConnection, sql: String) -> Result<(), sqlx::Error> {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+            .execute(&mut *conn)
+            .await
+            .map(|_| ())
     }
 
     async fn complete(

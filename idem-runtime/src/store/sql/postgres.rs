@@ -6,13 +6,22 @@ use sqlx::{PgConnection, Pool, Postgres, Row, SqlStr};
 use super::sealed::{At, Claim, Current, Mark, Migrations, Ops, Seen, Table};
 use super::{
     Backend, MAX_RACES, advisory_key, apply_migrations, corrupt, db_error as unavailable, done_by,
-    token_bytes, watchdog_pool,
+    side_pool, token_bytes, watchdog_pool,
 };
 use crate::StoreError;
 use crate::store::{Begin, Token};
 
 /// The database's clock, in microseconds since 1970, fixed for the statement.
 const NOW: &str = "(extract(epoch from statement_timestamp()) * 1000000)::bigint";
+
+/// The database's clock as it is when evaluated: in `RETURNING`, after any wait for a row lock.
+/// A claim's lease is measured against it, since `NOW` was taken before that wait.
+const CLOCK: &str = "(extract(epoch from clock_timestamp()) * 1000000)::bigint";
+
+/// A claim that waited (a row lock held by a purge, or another claim) may have been granted a
+/// lease that is mostly, or wholly, over: below this share of its ttl it is renewed before
+/// `begin` answers.
+const FRESH_SHARE: (i64, i64) = (3, 4);
 
 /// Claim an absent key and, when it exists, return its row: one statement for the first call of
 /// a key and for every answer that is not a takeover. `DO NOTHING` takes no row lock, so a
@@ -23,10 +32,10 @@ const BEGIN: &str = "WITH claim AS (
     INSERT INTO {table} (scope, idem_key, state, token, fence, expires_at, fingerprint, output)
     VALUES ($1, $2, 1, $3, {now}, {now} + $4, $5, NULL)
     ON CONFLICT (scope, idem_key) DO NOTHING
-    RETURNING fence
+    RETURNING fence, expires_at - {clock} AS remaining
 )
 SELECT TRUE AS claimed, 1::smallint AS state, NULL::bytea AS token, fence,
-       0::bigint AS remaining, NULL::bytea AS fingerprint, NULL::bytea AS output
+       remaining, NULL::bytea AS fingerprint, NULL::bytea AS output
 FROM claim
 UNION ALL
 SELECT FALSE, state, token, fence, expires_at - {now}, fingerprint, output
@@ -45,10 +54,16 @@ const TAKE_OVER: &str = "UPDATE {table} SET
     output = NULL
 WHERE scope = $1 AND idem_key = $2
   AND (state = 0 OR expires_at <= {now} OR (state = 1 AND token = $3))
-RETURNING fence";
+RETURNING fence, expires_at - {clock}";
+
+/// Renew a lease just granted, measured from the clock as it is now; what is left of it.
+const REFRESH: &str = "UPDATE {table} SET expires_at = {clock} + $4
+WHERE scope = $1 AND idem_key = $2 AND state = 1 AND token = $3
+RETURNING expires_at - {clock}";
 
 /// The usual mark: our lease still holds the key.
-const MARK: &str = "UPDATE {table} SET state = 2, expires_at = {now} + $4, output = $5
+const MARK: &str = "UPDATE {table} SET state = 2, expires_at = {now} + $4, output = $5,
+    fingerprint = $6
 WHERE scope = $1 AND idem_key = $2 AND state = 1 AND token = $3";
 
 /// Otherwise: mark done if nobody else holds the key (free, lapsed, or purged), with the lease's
@@ -72,6 +87,10 @@ const TRY_LOCK: &str = "SELECT pg_try_advisory_xact_lock($1)";
 
 const OWNER: &str = "SELECT state, token FROM {table} WHERE scope = $1 AND idem_key = $2";
 
+/// The row as committed (a plain read never waits for a row lock).
+const READ: &str = "SELECT state, token, fence, expires_at - {now}, fingerprint, output
+FROM {table} WHERE scope = $1 AND idem_key = $2";
+
 /// The row is kept (marked free) so that the next lease's fence continues from this one.
 const RELEASE: &str = "UPDATE {table}
 SET state = 0, output = NULL, fingerprint = NULL, expires_at = {now}
@@ -80,9 +99,10 @@ WHERE scope = $1 AND idem_key = $2 AND state = 1 AND token = $3";
 const EXTEND: &str = "UPDATE {table} SET expires_at = {now} + $4
 WHERE scope = $1 AND idem_key = $2 AND state = 1 AND token = $3";
 
-/// Rows being claimed right now are locked, and skipped.
+/// Rows being claimed right now are locked, and skipped. A row whose fence the clock has not
+/// passed yet is kept (see the module docs on fences).
 const PURGE: &str = "DELETE FROM {table} WHERE (scope, idem_key) IN (
-    SELECT scope, idem_key FROM {table} WHERE expires_at <= {now}
+    SELECT scope, idem_key FROM {table} WHERE expires_at <= {now} AND fence < {now}
     LIMIT $1 FOR UPDATE SKIP LOCKED)";
 
 const MIGRATIONS: Migrations = &[(
@@ -99,9 +119,11 @@ const MIGRATIONS_TABLE: &str = "CREATE TABLE IF NOT EXISTS {table}_migrations (
 pub struct Sql {
     begin: SqlStr,
     take_over: SqlStr,
+    refresh: SqlStr,
     mark: SqlStr,
     complete: SqlStr,
     owner: SqlStr,
+    read: SqlStr,
     release: SqlStr,
     extend: SqlStr,
     purge: SqlStr,
@@ -109,24 +131,63 @@ pub struct Sql {
 
 impl Backend for Postgres {}
 
+/// Whether the lease just claimed, with `left` µs of it left by the clock after the statement,
+/// is fresh: renewed (up to three times) while less than [`FRESH_SHARE`] of its ttl is left.
+/// `false`: another claim took the key meanwhile.
+async fn fresh(
+    conn: &mut PgConnection,
+    sql: &Sql,
+    claim: &Claim<'_>,
+    mut left: i64,
+) -> Result<bool, StoreError> {
+    let enough = claim.ttl_us / FRESH_SHARE.1 * FRESH_SHARE.0;
+    for _ in 0..3 {
+        if left >= enough {
+            return Ok(true);
+        }
+        let renewed: Option<i64> = sqlx::query_scalar(sql.refresh.clone())
+            .bind(claim.at.scope)
+            .bind(claim.at.key)
+            .bind(&token_bytes(claim.token)[..])
+            .bind(claim.ttl_us)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(unavailable)?;
+        match renewed {
+            Some(l) => left = l,
+            None => return Ok(false),
+        }
+    }
+    Err(StoreError::unavailable(
+        "the claim's lease keeps ending while it is granted (row locks held for longer than its ttl)",
+    ))
+}
+
 returning_ops! {
 impl Ops for Postgres, PgConnection {
     type Sql = Sql;
     const MIGRATIONS: Migrations = MIGRATIONS;
     const CLAIMS_IN_TX: bool = true;
     const CLAIM_LOCKS_DATABASE: bool = false;
+    fn side_pool(pool: &Pool<Postgres>) -> Option<Pool<Postgres>> {
+        Some(side_pool(pool))
+    }
+
     fn watchdog_pool(pool: &Pool<Postgres>) -> Option<Pool<Postgres>> {
         // Its connections are bound to the runtime that opened them: the watchdog's own.
         Some(watchdog_pool(pool, 4))
     }
 
     fn prepare(t: &Table) -> Sql {
+        let clocked = |template: &str| t.fill(&template.replace("{clock}", CLOCK), NOW);
         Sql {
-            begin: t.fill(BEGIN, NOW),
-            take_over: t.fill(TAKE_OVER, NOW),
+            begin: clocked(BEGIN),
+            take_over: clocked(TAKE_OVER),
+            refresh: clocked(REFRESH),
             mark: t.fill(MARK, NOW),
             complete: t.fill(COMPLETE, NOW),
             owner: t.fill(OWNER, NOW),
+            read: t.fill(READ, NOW),
             release: t.fill(RELEASE, NOW),
             extend: t.fill(EXTEND, NOW),
             purge: t.fill(PURGE, NOW),
@@ -173,7 +234,11 @@ impl Ops for Postgres, PgConnection {
             };
             if row.try_get::<bool, _>(0).map_err(corrupt)? {
                 let fence = row.try_get::<i64, _>(3).map_err(corrupt)?;
-                return Ok(Begin::Acquired(claim.lease(fence as u64)));
+                let left = row.try_get::<i64, _>(4).map_err(corrupt)?;
+                if fresh(conn, sql, claim, left).await? {
+                    return Ok(Begin::Acquired(claim.lease(fence as u64)));
+                }
+                continue; // taken over while it waited: look again
             }
             let current = Current {
                 state: row.try_get(1).map_err(corrupt)?,
@@ -185,7 +250,7 @@ impl Ops for Postgres, PgConnection {
             if let Seen::Answer(answer) = current.judge(claim)? {
                 return Ok(answer);
             }
-            let fence: Option<i64> = sqlx::query_scalar(sql.take_over.clone())
+            let taken: Option<(i64, i64)> = sqlx::query_as(sql.take_over.clone())
                 .bind(claim.at.scope)
                 .bind(claim.at.key)
                 .bind(&token_bytes(claim.token)[..])
@@ -194,7 +259,9 @@ impl Ops for Postgres, PgConnection {
                 .fetch_optional(&mut *conn)
                 .await
                 .map_err(unavailable)?;
-            if let Some(fence) = fence {
+            if let Some((fence, left)) = taken
+                && fresh(conn, sql, claim, left).await?
+            {
                 return Ok(Begin::Acquired(claim.lease(fence as u64)));
             }
             // Another claim took the row between the two statements: look again.
@@ -226,8 +293,8 @@ impl Ops for Postgres, PgConnection {
         Self::begin(conn, sql, claim).await
     }
 
-    async fn raw(conn: &mut PgConnection, sql: &'static str) -> Result<(), sqlx::Error> {
-        sqlx::raw_sql(sql).execute(&mut *conn).await.map(|_| ())
+    async fn raw(conn: &mut PgConnection, sql: String) -> Result<(), sqlx::Error> {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut *conn).await.map(|_| ())
     }
 }
 }

@@ -74,6 +74,9 @@ pub struct Claim<'a> {
     pub token: Token,
     pub ttl_us: i64,
     pub fingerprint: Option<[u8; 16]>,
+    /// Wait at most briefly for a row lock, and answer "in flight" then: the claim is made for a
+    /// transaction (on another connection) that may hold that lock itself.
+    pub brief_lock_wait: bool,
 }
 
 impl Claim<'_> {
@@ -136,8 +139,17 @@ impl Current {
                 {
                     return Ok(Seen::Answer(Begin::Mismatch));
                 }
+                let fingerprint = match self.fingerprint {
+                    None => None,
+                    Some(f) => Some(crate::Fingerprint(f.as_slice().try_into().map_err(
+                        |_| StoreError::Corrupt(format!("fingerprint of {} bytes", f.len())),
+                    )?)),
+                };
                 match self.output {
-                    Some(output) => Ok(Seen::Answer(Begin::Completed { output })),
+                    Some(output) => Ok(Seen::Answer(Begin::Completed {
+                        output,
+                        fingerprint,
+                    })),
                     None => Err(StoreError::Corrupt("done record without output".into())),
                 }
             }
@@ -180,8 +192,19 @@ pub trait Ops: sqlx::Database + Sized {
         table: &Table,
         claim: &Claim<'_>,
     ) -> Result<Begin, StoreError>;
-    /// Run one statement of ours that takes no parameters (the savepoints).
-    async fn raw(conn: &mut Self::Connection, sql: &'static str) -> Result<(), sqlx::Error>;
+    /// The key's row as committed, by a plain read that never waits for a lock (`None`: absent).
+    async fn peek(
+        conn: &mut Self::Connection,
+        sql: &Self::Sql,
+        at: &At<'_>,
+    ) -> Result<Option<Current>, StoreError>;
+    /// A pool for the work the transactional form does outside the caller's transaction (see
+    /// `SqlStore::side`); `None` where another pool would reach another database (SQLite not in
+    /// a file).
+    fn side_pool(pool: &Pool<Self>) -> Option<Pool<Self>>;
+    /// Run one statement of ours that takes no parameters (the savepoints; their names are the
+    /// wrapper's own, checked before they get here).
+    async fn raw(conn: &mut Self::Connection, sql: String) -> Result<(), sqlx::Error>;
     async fn complete(
         conn: &mut Self::Connection,
         sql: &Self::Sql,

@@ -27,6 +27,7 @@ macro_rules! returning_ops {
                 .bind(&token[..])
                 .bind(mark.keep_us)
                 .bind(mark.output)
+                .bind(mark.fingerprint.as_ref().map(|f| &f[..]))
                 .execute(&mut *conn)
                 .await
                 .map_err(unavailable)?;
@@ -93,6 +94,27 @@ macro_rules! returning_ops {
             }
         }
 
+        async fn peek(
+            conn: &mut $conn,
+            sql: &Sql,
+            at: &At<'_>,
+        ) -> Result<Option<Current>, StoreError> {
+            type Row = (i16, Vec<u8>, i64, i64, Option<Vec<u8>>, Option<Vec<u8>>);
+            let row: Option<Row> = sqlx::query_as(sql.read.clone())
+                .bind(at.scope)
+                .bind(at.key)
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err(unavailable)?;
+            Ok(row.map(|(state, token, _fence, remaining_us, fingerprint, output)| Current {
+                state,
+                token,
+                remaining_us,
+                fingerprint,
+                output,
+            }))
+        }
+
         async fn purge_batch(conn: &mut $conn, sql: &Sql, limit: i64) -> Result<u64, StoreError> {
             let done = sqlx::query(sql.purge.clone())
                 .bind(limit)
@@ -135,8 +157,11 @@ pub(crate) fn micros(d: Duration) -> i64 {
     i64::try_from(d.as_micros()).map_or(CAP, |us| us.min(CAP))
 }
 
+/// The scope as stored: itself, or `sha256:<hex>` of it when it is too long for the column, when
+/// it contains NUL (refused by PostgreSQL's text), or when it already reads `sha256:...` (so a
+/// short scope can never spell, and share the records of, a hashed long one).
 pub(crate) fn stored_scope(scope: &str) -> Cow<'_, str> {
-    if scope.len() <= MAX_SCOPE_LEN {
+    if scope.len() <= MAX_SCOPE_LEN && !scope.starts_with("sha256:") && !scope.contains('\0') {
         return Cow::Borrowed(scope);
     }
     let digest = Sha256::digest(scope.as_bytes());
@@ -208,6 +233,20 @@ pub(crate) fn watchdog_pool<DB: sqlx::Database>(pool: &sqlx::Pool<DB>, max: u32)
     // No larger than the application's pool: a pool made by `#[sqlx::test]` shares a parent's
     // connection budget (copied with the options), which panics on a larger child.
     let max = max.min(options.get_max_connections()).max(1);
+    options
+        .max_connections(max)
+        .min_connections(0)
+        .idle_timeout(None)
+        .max_lifetime(None)
+        .connect_lazy_with((*pool.connect_options()).clone())
+}
+
+/// A pool with `pool`'s settings and size, connecting lazily, for the work the transactional form
+/// does outside the caller's transaction (see `SqlStore::side`). It keeps no minimum and runs no
+/// maintenance task, so it costs nothing until used.
+pub(crate) fn side_pool<DB: sqlx::Database>(pool: &sqlx::Pool<DB>) -> sqlx::Pool<DB> {
+    let options = pool.options().clone();
+    let max = options.get_max_connections().max(1);
     options
         .max_connections(max)
         .min_connections(0)
@@ -305,6 +344,10 @@ mod tests {
         assert_ne!(stored_scope(&a), stored_scope(&b));
         assert!(stored_scope(&a).len() <= MAX_SCOPE_LEN);
         assert_eq!(stored_scope("short"), "short");
+        // A short scope that spells a hashed one is hashed again: never the same text.
+        let spelled = stored_scope(&a).into_owned();
+        assert_ne!(stored_scope(&spelled), spelled);
+        assert!(stored_scope("a\0b").starts_with("sha256:"));
     }
 
     #[test]

@@ -5,8 +5,8 @@ use sqlx::{Pool, Row, SqlStr, Sqlite, SqliteConnection};
 
 use super::sealed::{At, Claim, Current, Mark, Migrations, Ops, Seen, Table};
 use super::{
-    Backend, MAX_RACES, apply_migrations, corrupt, db_error as unavailable, done_by, token_bytes,
-    watchdog_pool,
+    Backend, MAX_RACES, apply_migrations, corrupt, db_error as unavailable, done_by, side_pool,
+    token_bytes, watchdog_pool,
 };
 use crate::StoreError;
 use crate::store::{Begin, Token};
@@ -37,7 +37,8 @@ WHERE scope = ?1 AND idem_key = ?2
 RETURNING fence";
 
 /// The usual mark: our lease still holds the key.
-const MARK: &str = "UPDATE {table} SET state = 2, expires_at = {now} + ?4, output = ?5
+const MARK: &str = "UPDATE {table} SET state = 2, expires_at = {now} + ?4, output = ?5,
+    fingerprint = ?6
 WHERE scope = ?1 AND idem_key = ?2 AND state = 1 AND token = ?3";
 
 const READ: &str = "SELECT state, token, fence, expires_at - {now}, fingerprint, output
@@ -67,9 +68,12 @@ WHERE scope = ?1 AND idem_key = ?2 AND state = 1 AND token = ?3";
 const EXTEND: &str = "UPDATE {table} SET expires_at = {now} + ?4
 WHERE scope = ?1 AND idem_key = ?2 AND state = 1 AND token = ?3";
 
-/// `DELETE ... LIMIT` needs a compile-time option; a rowid subquery does not.
+/// `DELETE ... LIMIT` needs a compile-time option; a rowid subquery does not. A row whose fence
+/// the clock has not passed yet is kept (see the module docs on fences): the clock has only
+/// millisecond precision, so a row claimed, released and purged within one millisecond would
+/// otherwise hand the next claim the same fence.
 const PURGE: &str = "DELETE FROM {table} WHERE rowid IN (
-    SELECT rowid FROM {table} WHERE expires_at <= {now} LIMIT ?1)";
+    SELECT rowid FROM {table} WHERE expires_at <= {now} AND fence < {now} LIMIT ?1)";
 
 const MIGRATIONS: Migrations = &[(
     1,
@@ -102,6 +106,14 @@ impl Ops for Sqlite, SqliteConnection {
     const MIGRATIONS: Migrations = MIGRATIONS;
     const CLAIMS_IN_TX: bool = true;
     const CLAIM_LOCKS_DATABASE: bool = true;
+    fn side_pool(pool: &Pool<Sqlite>) -> Option<Pool<Sqlite>> {
+        // As for the watchdog: only a database in a file can be reached by another pool.
+        pool.connect_options()
+            .get_filename()
+            .is_file()
+            .then(|| side_pool(pool))
+    }
+
     fn watchdog_pool(pool: &Pool<Sqlite>) -> Option<Pool<Sqlite>> {
         // SQLite's connections run on threads of their own, but the application may hold every
         // connection of its pool (often one) while a handler runs: a database in a file gets a
@@ -249,8 +261,8 @@ impl Ops for Sqlite, SqliteConnection {
         }
     }
 
-    async fn raw(conn: &mut SqliteConnection, sql: &'static str) -> Result<(), sqlx::Error> {
-        sqlx::raw_sql(sql).execute(&mut *conn).await.map(|_| ())
+    async fn raw(conn: &mut SqliteConnection, sql: String) -> Result<(), sqlx::Error> {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut *conn).await.map(|_| ())
     }
 }
 }

@@ -11,10 +11,13 @@ use std::time::Duration;
 use sqlx::Transaction;
 
 use super::sealed::{At, Claim};
-use super::{Backend, SqlStore, db_error, micros, stored_scope};
+use super::{Backend, DONE, SqlStore, db_error, micros, stored_scope};
 use crate::run::{Marked, TxConnection, claim_outside, execute_tx};
 use crate::store::{Begin, BeginRequest, Lease, Store, TxStore};
-use crate::{AbsorbsIdemError, Call, Error, Key, Options, Outcome, Phase, Replayable, StoreError};
+use crate::{
+    AbsorbsIdemError, Call, Error, Fingerprint, Key, Options, Outcome, Phase, Replayable,
+    StoreError,
+};
 
 /// The future a handler given to [`SqlStore::run_in_tx`] returns: boxed, because it borrows the
 /// transaction it was given.
@@ -39,7 +42,9 @@ impl<DB: Backend> TxStore for SqlStore<DB> {
     ) -> Result<Begin, StoreError> {
         let conn = conn_of::<DB>(tx)?;
         if !DB::CLAIMS_IN_TX {
-            return self.begin(req).await;
+            // A lease outside the transaction, through a pool of its own: the caller's
+            // transaction holds a connection of the application's pool, which may be its last.
+            return self.outside()?.begin(req).await;
         }
         let scope = stored_scope(req.scope);
         let claim = Claim {
@@ -50,6 +55,7 @@ impl<DB: Backend> TxStore for SqlStore<DB> {
             token: req.token,
             ttl_us: micros(req.ttl),
             fingerprint: req.fingerprint.map(|f| f.0),
+            brief_lock_wait: false,
         };
         DB::begin_in(conn, &self.inner.sql, &self.inner.table, &claim).await
     }
@@ -74,34 +80,88 @@ impl<DB: Backend> TxStore for SqlStore<DB> {
         key: &Key,
         lease: &Lease,
     ) -> Result<(), StoreError> {
+        conn_of::<DB>(tx)?;
         if DB::CLAIMS_IN_TX {
-            // In the transaction: a caller that commits anyway commits a free key.
-            self.release_on(conn_of::<DB>(tx)?, scope, key, lease).await
+            // The claim was made after the savepoint, and undone with it.
+            Ok(())
         } else {
-            self.release(scope, key, lease).await
+            self.outside()?.release(scope, key, lease).await
         }
     }
 
-    async fn savepoint_in(&self, tx: &mut (dyn Any + Send)) -> Result<(), StoreError> {
-        DB::raw(conn_of::<DB>(tx)?, "SAVEPOINT idem_handler")
-            .await
-            .map_err(db_error)
+    async fn savepoint_in(&self, tx: &mut (dyn Any + Send), name: &str) -> Result<(), StoreError> {
+        DB::raw(
+            conn_of::<DB>(tx)?,
+            format!("SAVEPOINT {}", savepoint(name)?),
+        )
+        .await
+        .map_err(db_error)
     }
 
-    async fn rollback_to_savepoint_in(&self, tx: &mut (dyn Any + Send)) -> Result<(), StoreError> {
+    async fn rollback_to_savepoint_in(
+        &self,
+        tx: &mut (dyn Any + Send),
+        name: &str,
+    ) -> Result<(), StoreError> {
         let conn = conn_of::<DB>(tx)?;
-        DB::raw(conn, "ROLLBACK TO SAVEPOINT idem_handler")
+        let name = savepoint(name)?;
+        DB::raw(conn, format!("ROLLBACK TO SAVEPOINT {name}"))
             .await
             .map_err(db_error)?;
-        DB::raw(conn, "RELEASE SAVEPOINT idem_handler")
+        DB::raw(conn, format!("RELEASE SAVEPOINT {name}"))
             .await
             .map_err(db_error)
     }
 
-    async fn release_savepoint_in(&self, tx: &mut (dyn Any + Send)) -> Result<(), StoreError> {
-        DB::raw(conn_of::<DB>(tx)?, "RELEASE SAVEPOINT idem_handler")
+    async fn release_savepoint_in(
+        &self,
+        tx: &mut (dyn Any + Send),
+        name: &str,
+    ) -> Result<(), StoreError> {
+        DB::raw(
+            conn_of::<DB>(tx)?,
+            format!("RELEASE SAVEPOINT {}", savepoint(name)?),
+        )
+        .await
+        .map_err(db_error)
+    }
+
+    async fn abort_in(&self, tx: &mut (dyn Any + Send)) -> Result<(), StoreError> {
+        DB::raw(conn_of::<DB>(tx)?, "ROLLBACK".to_owned())
             .await
             .map_err(db_error)
+    }
+
+    async fn committed_done(
+        &self,
+        scope: &str,
+        key: &Key,
+    ) -> Result<Option<(Vec<u8>, Option<Fingerprint>)>, StoreError> {
+        let Some(side) = self.side() else {
+            return Ok(None);
+        };
+        let scope = stored_scope(scope);
+        let at = At {
+            scope: &scope,
+            key: key.as_str(),
+        };
+        let mut conn = side.acquire().await?;
+        let Some(row) = DB::peek(&mut conn, &side.inner.sql, &at).await? else {
+            return Ok(None);
+        };
+        if row.state != DONE || row.remaining_us <= 0 {
+            return Ok(None);
+        }
+        let fingerprint = match row.fingerprint {
+            None => None,
+            Some(f) => Some(Fingerprint(f.as_slice().try_into().map_err(|_| {
+                StoreError::Corrupt(format!("fingerprint of {} bytes", f.len()))
+            })?)),
+        };
+        match row.output {
+            Some(output) => Ok(Some((output, fingerprint))),
+            None => Err(StoreError::Corrupt("done record without output".into())),
+        }
     }
 
     fn claims_in_tx(&self) -> bool {
@@ -114,6 +174,33 @@ impl<DB: Backend> TxStore for SqlStore<DB> {
 
     fn renewer_in_tx(&self) -> Option<Arc<dyn Store>> {
         (!DB::CLAIMS_IN_TX).then(|| self.for_watchdog())
+    }
+}
+
+impl<DB: Backend> SqlStore<DB> {
+    /// The store for claims made outside the caller's transaction (MySQL/MariaDB).
+    fn outside(&self) -> Result<&SqlStore<DB>, StoreError> {
+        self.side().ok_or_else(|| {
+            StoreError::Unsupported(format!(
+                "no second pool can reach this {} database",
+                DB::NAME
+            ))
+        })
+    }
+}
+
+/// A savepoint name is spliced into SQL: only the wrapper's own (`[a-z0-9_]`) are accepted.
+fn savepoint(name: &str) -> Result<&str, StoreError> {
+    if !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    {
+        Ok(name)
+    } else {
+        Err(StoreError::Unsupported(format!(
+            "invalid savepoint name {name:?}"
+        )))
     }
 }
 
@@ -155,8 +242,8 @@ where
     let mut tx = match tx {
         Ok(tx) => tx,
         Err(e) => {
-            if let Some((key, lease)) = &claimed {
-                let _ = store.release(opts.scope_str(), key, lease).await;
+            if let Some((key, granted)) = &claimed {
+                let _ = store.release(opts.scope_str(), key, &granted.lease).await;
             }
             let e = Error::Unavailable {
                 phase: Phase::Begin,
@@ -171,7 +258,7 @@ where
         txs,
         opts,
         call,
-        claimed.map(|(_, lease)| lease),
+        claimed.map(|(_, granted)| granted),
         &mut tx,
         <Transaction<'static, DB> as TxConnection>::as_tx,
         move |tx| async move { (handler(&mut *tx).await, tx) },
