@@ -233,6 +233,186 @@ macro_rules! layered_tx_tests {
             w.finish().await;
         }
 
+        /// `apply` with a fingerprint over the worker's payload (`amount`).
+        #[idem_runtime::idempotent(
+            key = "key",
+            tx = "tx",
+            store = "store",
+            scope = "tests.layered_tx.fp",
+            ttl = "1s",
+            keep = "60s",
+            fingerprint = "amount"
+        )]
+        async fn apply_fp(
+            store: &Layered,
+            tx: &mut sqlx::Transaction<'_, $db>,
+            key: String,
+            effects: &str,
+            worker: i64,
+            amount: u32,
+        ) -> Result<i64, AppError> {
+            sqlx::query(AssertSqlSafe(format!(
+                "INSERT INTO {effects} (msg_key, worker) VALUES ({}, {})",
+                DIALECT.p(1),
+                DIALECT.p(2)
+            )))
+            .bind(&key)
+            .bind(worker)
+            .execute(&mut **tx)
+            .await?;
+            Ok(worker)
+        }
+
+        /// Review finding: a second call of one key in one transaction (a batch that holds a
+        /// producer retry), after the front's settle claim had lapsed, was answered "done" by the
+        /// database claim made inside the transaction (its own uncommitted mark), and the layered
+        /// store copied that into Redis: with a fingerprint, Redis held a done record although
+        /// nothing committed, and after the batch rolled back the redelivery was answered from
+        /// Redis and never ran (the message was lost); without one, the backfill's check waited
+        /// on another connection for the caller's own open transaction, forever. Nothing read
+        /// inside the transaction may reach the front before it commits.
+        #[tokio::test]
+        async fn a_second_call_in_one_transaction_never_copies_an_uncommitted_mark_to_the_front() {
+            let Some(mut w) = World::start().await else { return };
+            for fingerprinted in [true, false] {
+                let key = w.key(if fingerprinted { "batch-fp" } else { "batch" });
+                let mut batch = w.pool.begin().await.unwrap();
+                let first = if fingerprinted {
+                    apply_fp(&w.store, &mut batch, key.clone(), &w.effects, 1, 7).await
+                } else {
+                    apply(&w.store, &mut batch, key.clone(), &w.effects, 1).await
+                };
+                assert_eq!(first.unwrap(), 1);
+                // The front's settle claim (one second) lapses while the batch goes on.
+                tokio::time::sleep(Duration::from_millis(1300)).await;
+                let second = tokio::time::timeout(Duration::from_secs(10), async {
+                    if fingerprinted {
+                        apply_fp(&w.store, &mut batch, key.clone(), &w.effects, 2, 7).await
+                    } else {
+                        apply(&w.store, &mut batch, key.clone(), &w.effects, 2).await
+                    }
+                })
+                .await
+                .expect("the second call in the transaction never returned");
+                match second {
+                    // PostgreSQL and SQLite: the transaction's own mark replays; MySQL/MariaDB
+                    // (one call per key in a transaction): in flight.
+                    Ok(1) | Err(AppError::Idem(Error::InFlight { .. })) => {}
+                    other => panic!("second call in the batch: {other:?}"),
+                }
+                assert_ne!(
+                    w.front_tag(&key).await,
+                    Some(b'D'),
+                    "the front holds a done record of a transaction that has not committed"
+                );
+                batch.rollback().await.unwrap();
+                // Nothing committed: the redelivery runs (once the front's claim has lapsed).
+                let deadline = Instant::now() + SETTLE_DEADLINE;
+                let redelivered = loop {
+                    let mut tx = w.pool.begin().await.unwrap();
+                    let out = if fingerprinted {
+                        apply_fp(&w.store, &mut tx, key.clone(), &w.effects, 3, 7).await
+                    } else {
+                        apply(&w.store, &mut tx, key.clone(), &w.effects, 3).await
+                    };
+                    match out {
+                        Err(AppError::Idem(Error::InFlight { .. })) if Instant::now() < deadline => {
+                            tx.rollback().await.unwrap();
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                        other => {
+                            tx.commit().await.unwrap();
+                            break other;
+                        }
+                    }
+                };
+                assert_eq!(
+                    redelivered.unwrap(),
+                    3,
+                    "the redelivery after the rollback did not run (fingerprinted: {fingerprinted})"
+                );
+            }
+            // One committed effect per key: the redeliveries'.
+            assert_eq!(
+                w.rows().await,
+                [(w.key("batch-fp"), 3), (w.key("batch"), 3)]
+            );
+            w.finish().await;
+        }
+
+        /// A long handler (three ttls) that reports whether its lease was lost; the test flushes
+        /// its front record while it runs.
+        #[idem_runtime::idempotent(
+            key = "key",
+            tx = "tx",
+            store = "store",
+            scope = "tests.layered_tx",
+            ttl = "300ms",
+            keep = "60s"
+        )]
+        async fn apply_long(
+            store: &Layered,
+            tx: &mut sqlx::Transaction<'_, $db>,
+            key: String,
+            effects: &str,
+            halfway: tokio::sync::oneshot::Sender<()>,
+            flushed: tokio::sync::oneshot::Receiver<()>,
+        ) -> Result<bool, AppError> {
+            sqlx::query(AssertSqlSafe(format!(
+                "INSERT INTO {effects} (msg_key, worker) VALUES ({}, 1)",
+                DIALECT.p(1),
+            )))
+            .bind(&key)
+            .execute(&mut **tx)
+            .await?;
+            let _ = halfway.send(());
+            let _ = flushed.await;
+            tokio::time::sleep(Duration::from_millis(900)).await;
+            Ok(idem_runtime::current_lease().unwrap().is_lost())
+        }
+
+        /// Review finding (PostgreSQL, SQLite): in the layered transactional form, renewals went
+        /// through the bare Redis store, without the re-claim of the plain form, so when Redis lost
+        /// the record (a flush, a restart, a failover) `current_lease().is_lost()` turned true
+        /// although the transaction still held the key: a handler that stops on `lost()`, as the
+        /// README advises, abandoned safe work.
+        #[tokio::test]
+        async fn a_flushed_front_does_not_cost_a_transactional_lease() {
+            if <$db as sqlx::Database>::NAME == "MySQL" {
+                return; // the durable claim is a lease of its own there, renewed as such
+            }
+            let Some(w) = World::start().await else { return };
+            let key = w.key("m-flush");
+            let (halfway_tx, halfway) = tokio::sync::oneshot::channel();
+            let (flushed, flushed_rx) = tokio::sync::oneshot::channel();
+            let mut tx = w.pool.begin().await.unwrap();
+            let store = w.store.clone();
+            let effects = w.effects.clone();
+            let record = w
+                .store
+                .front()
+                .record_key("tests.layered_tx", &Key::new(&key).unwrap());
+            let mut admin = w.admin.clone();
+            let handler = apply_long(&store, &mut tx, key.clone(), &effects, halfway_tx, flushed_rx);
+            let flush = async move {
+                halfway.await.unwrap();
+                let _: () = idem_runtime::redis::cmd("DEL")
+                    .arg(&record)
+                    .query_async(&mut admin)
+                    .await
+                    .unwrap();
+                let _ = flushed.send(());
+            };
+            let (lost, ()) = tokio::join!(handler, flush);
+            assert!(
+                !lost.unwrap(),
+                "the lease was reported lost although the transaction held the key"
+            );
+            tx.commit().await.unwrap();
+            assert_eq!(w.rows().await, [(key, 1)]);
+            w.finish().await;
+        }
+
         /// After a committed call, a duplicate replays once the front has settled (the
         /// database answers and backfills the front), then the front answers the next
         /// duplicate at once; no second effect.

@@ -89,3 +89,59 @@ async fn keys_are_redacted_in_errors_and_logs_unless_revealed() {
     reveal_keys(false);
     assert!(!err.to_string().contains(KEY));
 }
+
+/// The redacted form of a six-digit order number, as an `InFlight` error shows it.
+fn redacted(order: u32) -> String {
+    let err = Error::InFlight {
+        scope: "orders".into(),
+        key: idem_runtime::Key::new(&order).unwrap(),
+        retry_after: Duration::from_secs(1),
+    };
+    let text = err.to_string();
+    let start = text.find("redacted:").expect("redacted") + "redacted:".len();
+    text[start..start + 12].to_owned()
+}
+
+/// Review finding: the redacted form was 48 bits of an unsalted SHA-256 of the key; order ids
+/// are small, guessable spaces, and hashing every six-digit candidate recovered the key from an
+/// `InFlight` error's text in seconds. It is now a keyed hash (HMAC-SHA-256 under a secret the
+/// deployment sets, or a random one per process).
+#[test]
+fn redacted_keys_cannot_be_recovered_by_hashing_candidates() {
+    use sha2::{Digest, Sha256};
+    let shown = redacted(424_242);
+    let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let recovered = (100_000..1_000_000u32)
+        .find(|candidate| hex(&Sha256::digest(candidate.to_string().as_bytes())[..6]) == shown);
+    assert_eq!(recovered, None, "the key was recovered from {shown}");
+}
+
+/// The same secret in every process of a deployment (`IDEM_REDACTION_KEY`) gives a key the same
+/// redacted form in all of their logs; another secret, another form.
+#[test]
+fn redaction_is_the_same_across_processes_with_one_secret() {
+    if let Ok(order) = std::env::var("IDEM_REDACTION_CHILD") {
+        println!("REDACTED {}", redacted(order.parse().unwrap()));
+        return;
+    }
+    let child = |secret: &str| {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "redaction_is_the_same_across_processes_with_one_secret",
+                "--nocapture",
+            ])
+            .env("IDEM_REDACTION_CHILD", "424242")
+            .env(idem_runtime::REDACTION_KEY_ENV, secret)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        stdout
+            .lines()
+            .find_map(|l| l.split_once("REDACTED ").map(|(_, r)| r[..12].to_owned()))
+            .unwrap_or_else(|| panic!("no answer from the child: {stdout}"))
+    };
+    let (a, b, other) = (child("s3cret"), child("s3cret"), child("another"));
+    assert_eq!(a, b, "one secret, two processes, two forms");
+    assert_ne!(a, other, "two secrets, one form");
+}

@@ -289,3 +289,127 @@ async fn script_cache_flushed_mid_run() {
         "the EVAL fallback never ran: {stats}"
     );
 }
+
+/// Keeps a Redis server busy for `for_` with a script that loops (Redis runs one command at a
+/// time): every request sent meanwhile waits in its queue. Returns when the script ends.
+async fn busy(url: &str, for_: Duration) {
+    let client = redis::Client::open(url).unwrap();
+    let config = redis::AsyncConnectionConfig::new().set_response_timeout(None);
+    let mut conn = client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .unwrap();
+    let script = "local t0 = redis.call('TIME') \
+        local function ms(t) return t[1] * 1000 + math.floor(t[2] / 1000) end \
+        while ms(redis.call('TIME')) - ms(t0) < tonumber(ARGV[1]) do end \
+        return 1";
+    let _: i64 = redis::cmd("EVAL")
+        .arg(script)
+        .arg(0)
+        .arg(for_.as_millis() as u64)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+}
+
+/// Review finding: a claim whose reply never arrives kept the key for the whole ttl, held by no
+/// one. (a) The reply takes longer than the response timeout (1 s): the caller gets
+/// `Unavailable { phase: Begin }` (the handler did not run) but the script runs later and claims
+/// the key; (b) the caller is cancelled while the claim waits. Either way the redelivery got
+/// `InFlight` with ~600 s to wait while nothing ran. The claim's token is now given back (again,
+/// for a while, since the request may land after a first release).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_whose_reply_never_arrives_is_given_back() {
+    let Some(server) = start_or_skip() else {
+        return;
+    };
+    let store = RedisStore::from_url(&server.url()).await.unwrap();
+    let opts = Options::with_scope(scope("lost-reply")).ttl(Duration::from_secs(600));
+    // Connected before the server is made busy.
+    let warm: Result<u32, Error> =
+        run(&store, &opts, Call::new("warm-up"), || async { Ok(0) }).await;
+    warm.unwrap();
+    for (case, key) in [("timed out", "order-1"), ("cancelled", "order-2")] {
+        let url = server.url();
+        let blocker = tokio::spawn(async move { busy(&url, Duration::from_millis(2500)).await });
+        // Give the busy script a head start (it must be running before our claim is queued).
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let claim = run(&store, &opts, Call::new(key), || async {
+            Ok::<u32, Error>(1)
+        });
+        match case {
+            "timed out" => match claim.await {
+                Err(Error::Unavailable {
+                    phase: Phase::Begin,
+                    ..
+                }) => {}
+                other => panic!("{case}: {other:?}"),
+            },
+            _ => assert!(
+                tokio::time::timeout(Duration::from_millis(300), claim)
+                    .await
+                    .is_err(),
+                "{case}: the claim was answered while Redis was busy"
+            ),
+        }
+        blocker.await.unwrap();
+        // The queued claim has run by now; its token must be given back.
+        let runs = AtomicU32::new(0);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match run(&store, &opts, Call::new(key), || counted(&runs, 2)).await {
+                Ok(v) => break assert_eq!(v, 2),
+                Err(Error::InFlight { retry_after, .. }) if Instant::now() < deadline => {
+                    assert!(retry_after > Duration::from_secs(60), "{retry_after:?}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                other => panic!("{case}: the key is held by no one: {other:?}"),
+            }
+        }
+    }
+}
+
+/// Review finding: the release after `Err` was tried once. When that one request failed (the
+/// server dropped its clients while the handler ran, as in a failover or a proxy reset), idem
+/// logged a warning and the key stayed claimed until the lease ended although the store had
+/// reconnected. It is now retried, as the done mark is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_that_fails_is_retried() {
+    let Some(server) = start_or_skip() else {
+        return;
+    };
+    let store = RedisStore::from_url(&server.url()).await.unwrap();
+    let opts = Options::with_scope(scope("release-retry")).ttl(Duration::from_secs(600));
+    let url = server.url();
+    let failed: Result<u32, Error> = run(&store, &opts, Call::new("order-1"), || async move {
+        // Every client of the server is dropped while the handler runs.
+        let client = redis::Client::open(url.as_str()).unwrap();
+        let mut admin = client.get_multiplexed_async_connection().await.unwrap();
+        let _: i64 = redis::cmd("CLIENT")
+            .arg(&["KILL", "TYPE", "normal", "SKIPME", "yes"][..])
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+        Err(Error::InvalidKey {
+            reason: "the handler failed",
+        })
+    })
+    .await;
+    assert!(
+        matches!(failed, Err(Error::InvalidKey { .. })),
+        "{failed:?}"
+    );
+    let runs = AtomicU32::new(0);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match run(&store, &opts, Call::new("order-1"), || counted(&runs, 2)).await {
+            Ok(v) => break assert_eq!(v, 2),
+            Err(Error::InFlight { .. } | Error::Unavailable { .. })
+                if Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => panic!("the key stayed held after its release failed: {other:?}"),
+        }
+    }
+}

@@ -8,6 +8,7 @@
 #![allow(dead_code, unreachable_pub)]
 
 mod processes;
+mod regressions;
 mod tx_attr;
 
 use std::time::Duration;
@@ -456,7 +457,8 @@ macro_rules! sql_store_tests {
             assert_eq!(
                 store.begin(&req(s, &k, long)).await.unwrap(),
                 Begin::Completed {
-                    output: b"kept".to_vec()
+                    output: b"kept".to_vec(),
+                    fingerprint: None,
                 }
             );
             let k = Key::new("inflight-0").unwrap();
@@ -738,7 +740,8 @@ macro_rules! sql_store_tests {
                     .await
                     .unwrap(),
                 Begin::Completed {
-                    output: b"fresh".to_vec()
+                    output: b"fresh".to_vec(),
+                    fingerprint: None,
                 }
             );
             exec(&pool, format!("DROP TABLE {effects}")).await;
@@ -802,5 +805,6 @@ macro_rules! sql_store_tests {
 
         $crate::sql_tx_attr_tests!($db, $connect);
         $crate::sql_process_tests!($db, $connect);
+        $crate::sql_regression_tests!($db, $connect);
     };
 }
