@@ -1,9 +1,29 @@
-//! With the `metrics` feature, every call is counted by outcome under `idem_calls_total`.
+//! With the `metrics` feature, every call is counted by outcome under `idem_calls_total`, its
+//! phases are timed (`idem_phase_seconds`), and renewals and lost leases are counted.
 
 use std::collections::HashMap;
+use std::sync::OnceLock;
+use std::time::Duration;
 
-use idem_runtime::{Error, MemoryStore, idempotent};
-use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+use idem_runtime::{Call, Error, MemoryStore, Options, idempotent, run};
+use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
+
+/// Snapshots drain histograms: the tests of this binary take turns.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The recorder of this test binary (installed once, shared by its tests; each test reads its
+/// own scope's series).
+fn snapshotter() -> &'static Snapshotter {
+    static SNAPSHOTTER: OnceLock<Snapshotter> = OnceLock::new();
+    SNAPSHOTTER.get_or_init(|| {
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        recorder
+            .install()
+            .expect("first recorder of this test binary");
+        snapshotter
+    })
+}
 
 #[derive(Debug, thiserror::Error)]
 enum AppError {
@@ -26,11 +46,8 @@ impl Svc {
 
 #[tokio::test]
 async fn outcomes_are_counted_per_scope() {
-    let recorder = DebuggingRecorder::new();
-    let snapshotter = recorder.snapshotter();
-    recorder
-        .install()
-        .expect("first recorder of this test binary");
+    let _turn = SERIAL.lock().await;
+    let snapshotter = snapshotter();
 
     let svc = Svc {
         idem: MemoryStore::new(),
@@ -47,7 +64,9 @@ async fn outcomes_are_counted_per_scope() {
             continue;
         }
         let labels: HashMap<_, _> = key.labels().map(|l| (l.key(), l.value())).collect();
-        assert_eq!(labels["scope"], "metrics-test");
+        if labels["scope"] != "metrics-test" {
+            continue;
+        }
         let DebugValue::Counter(n) = value else {
             panic!("not a counter")
         };
@@ -59,4 +78,57 @@ async fn outcomes_are_counted_per_scope() {
         ("replayed".to_owned(), 2),
     ]);
     assert_eq!(counts, expected);
+}
+
+/// The phases of a call are timed, renewals are counted, and a lease that outlives `max_lease`
+/// is counted as lost.
+#[tokio::test]
+async fn phases_are_timed_and_renewals_and_lost_leases_counted() {
+    let _turn = SERIAL.lock().await;
+    let snapshotter = snapshotter();
+    let store = MemoryStore::new();
+    let opts = Options::new("metrics-phases").ttl(Duration::from_millis(150));
+    // Renewed at least once (every ttl / 3).
+    let out: Result<u32, Error> = run(&store, &opts, Call::new("slow"), || async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        Ok(1)
+    })
+    .await;
+    out.unwrap();
+    // Outlives its max_lease: counted as lost.
+    let wedged = opts.clone().max_lease(Duration::from_millis(100));
+    let out: Result<u32, Error> = run(&store, &wedged, Call::new("wedged"), || async {
+        idem_runtime::current_lease().unwrap().lost().await;
+        Ok(2)
+    })
+    .await;
+    out.unwrap();
+
+    let mut phases = HashMap::new();
+    let (mut renewed, mut lost) = (0, 0);
+    for (key, _, _, value) in snapshotter.snapshot().into_vec() {
+        let key = key.key();
+        let labels: HashMap<_, _> = key.labels().map(|l| (l.key(), l.value())).collect();
+        match (key.name(), value) {
+            ("idem_phase_seconds", DebugValue::Histogram(values))
+                if labels.get("scope") == Some(&"metrics-phases") =>
+            {
+                phases.insert(labels["phase"].to_owned(), values.len());
+            }
+            ("idem_renewals_total", DebugValue::Counter(n)) if labels["result"] == "ok" => {
+                renewed = n
+            }
+            ("idem_lease_lost_total", DebugValue::Counter(n))
+                if labels["scope"] == "metrics-phases" =>
+            {
+                lost = n
+            }
+            _ => {}
+        }
+    }
+    for phase in ["claim", "handler", "mark"] {
+        assert_eq!(phases.get(phase), Some(&2), "phase {phase}: {phases:?}");
+    }
+    assert!(renewed >= 1, "no renewal was counted");
+    assert_eq!(lost, 1);
 }

@@ -454,6 +454,7 @@ impl Watchdog {
                         continue;
                     }
                     if e.deadline.is_some_and(|d| d <= now) {
+                        crate::metrics::lease_lost(&e.held.scope);
                         tracing::warn!(
                             scope = %e.held.scope,
                             key = %e.held.key,
@@ -503,24 +504,32 @@ impl Watchdog {
                 held.lose();
                 return;
             }
-            Ok(Ok(Ok(()))) => period,
+            Ok(Ok(Ok(()))) => {
+                crate::metrics::renewal("ok");
+                tracing::trace!(scope = %held.scope, key = %held.key, "lease renewed");
+                period
+            }
             Ok(Ok(Err(StoreError::LeaseLost))) => {
+                crate::metrics::renewal("lost");
                 if held.finishing.load(Ordering::Acquire) {
                     // Most likely the mark or the release landed first: nothing was lost.
                     tracing::debug!(scope = %held.scope, key = %held.key, "renewal found the lease ended as the call finished");
                 } else {
+                    crate::metrics::lease_lost(&held.scope);
                     tracing::warn!(scope = %held.scope, key = %held.key, "lease lost while the handler runs");
                 }
                 held.lose();
                 return;
             }
             Ok(Ok(Err(e))) => {
+                crate::metrics::renewal("failed");
                 tracing::warn!(scope = %held.scope, key = %held.key, error = %e, "lease renewal failed; retrying");
                 period / 4
             }
             // A renewal that hangs (a pool waiting for a connection, a lock) must not stop the
             // ones after it, or the lease lapses under a live handler.
             Err(_) => {
+                crate::metrics::renewal("failed");
                 tracing::warn!(scope = %held.scope, key = %held.key, "lease renewal timed out; retrying");
                 Duration::ZERO
             }

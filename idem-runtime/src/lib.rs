@@ -39,13 +39,16 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+pub mod ack;
 mod codec;
 mod error;
 mod key;
 mod lease;
 mod metrics;
+mod observe;
 mod options;
 mod run;
+mod shadow;
 mod store;
 
 #[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
@@ -76,8 +79,10 @@ pub use key::{
     RedactionKeyInUse, reveal_keys, set_redaction_key,
 };
 pub use lease::{CurrentLease, current_lease, wait_for_background};
+pub use observe::{CallOutcome, Report, Would, observe};
 pub use options::Options;
 pub use run::{AbsorbsIdemError, Call, Outcome, Replayable, TxConnection, run};
+pub use shadow::{SHADOW_ENV, set_shadow, shadow};
 #[cfg(feature = "mysql")]
 pub use sql::MySqlStore;
 #[cfg(feature = "postgres")]

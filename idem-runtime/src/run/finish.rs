@@ -84,7 +84,11 @@ pub(crate) async fn release(
     lease: &Lease,
     ttl: Duration,
 ) {
-    match store.release(scope, key, lease).await {
+    let released = store.release(scope, key, lease).await;
+    if released.is_err() {
+        crate::metrics::store_error_in(scope, crate::Phase::Release);
+    }
+    match released {
         Ok(()) => {}
         Err(StoreError::Unavailable(e)) if retry.is_some() => {
             tracing::info!(scope, key = %key, error = %e, "release failed; retrying in the background");

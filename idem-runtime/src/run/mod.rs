@@ -22,10 +22,12 @@ use tokio::time::Instant;
 
 use crate::codec::{self, Undecodable};
 use crate::lease::{self, Held};
+use crate::observe::{CallOutcome, Would};
 use crate::store::{Begin, BeginRequest, Lease, Store, StoreHandle, Token, TxStore};
 use crate::{Error, Fingerprint, Key, KeyPart, Options, Phase, StoreError, metrics};
 use finish::{ClaimSent, Releaser, complete};
 pub(crate) use finish::{Finish, release, release_later};
+use tracing::Instrument;
 
 #[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
 pub(crate) use tx::{Marked, claim_outside, execute_tx};
@@ -207,7 +209,7 @@ fn lift<R: Outcome>(opts: &Options, e: Error) -> R
 where
     R::Err: From<Error>,
 {
-    metrics::record(opts, metrics::Outcome::of(&e));
+    metrics::record(opts, CallOutcome::of(&e), e.key(), None);
     R::from_result(Err(e.into()))
 }
 
@@ -281,6 +283,14 @@ pub(crate) struct Granted {
     pub(crate) asked: std::time::Instant,
 }
 
+/// Why a claim gives no lease to run on: the answer the caller gets instead (a replayed output,
+/// or one of idem's errors), or, in shadow mode, what that answer would have been (the handler
+/// then runs without a lease).
+pub(crate) enum Refusal<R> {
+    Answer(R),
+    Shadow(Would),
+}
+
 /// Lock and check: claim the key, or return what the caller gets instead of a run (the replayed
 /// output, or one of idem's errors). An in-flight key is refused, or waited for (`wait`).
 pub(crate) async fn claim<R>(
@@ -288,7 +298,7 @@ pub(crate) async fn claim<R>(
     mut claimant: Claimant<'_>,
     opts: &Options,
     req: &BeginRequest<'_>,
-) -> Result<Granted, R>
+) -> Result<Granted, Refusal<R>>
 where
     R: Outcome,
     R::Ok: Replayable,
@@ -306,13 +316,29 @@ where
         if !matches!(answer, Err(StoreError::Unavailable(_))) {
             sent.answered();
         }
+        let would = match &answer {
+            Ok(Begin::Acquired(_)) => None,
+            Ok(Begin::Completed { .. }) => Some(Would::Replay),
+            Ok(Begin::Mismatch) => Some(Would::RefuseMismatch),
+            // Decided below, once waiting (if any) is over.
+            Ok(Begin::InFlight { .. }) => None,
+            Err(_) => Some(Would::FailClosed),
+        };
+        if let Some(would) = would
+            && crate::shadow()
+        {
+            return Err(Refusal::Shadow(would));
+        }
         match answer {
-            Ok(Begin::Acquired(lease)) => return Ok(Granted { lease, asked }),
+            Ok(Begin::Acquired(lease)) => {
+                tracing::trace!(scope, key = %key, fence = lease.fence, "claimed");
+                return Ok(Granted { lease, asked });
+            }
             Ok(Begin::Completed { output, .. }) => {
                 tracing::debug!(scope, key = %key, "duplicate of a completed key: replayed");
-                return Err(match codec::decode::<R::Ok>(&output) {
+                return Err(Refusal::Answer(match codec::decode::<R::Ok>(&output) {
                     Ok(v) => {
-                        metrics::record(opts, metrics::Outcome::Replayed);
+                        metrics::record(opts, CallOutcome::Replayed, Some(key), None);
                         R::from_result(Ok(v))
                     }
                     Err(Undecodable::Unreplayable(reason)) => lift(
@@ -331,16 +357,17 @@ where
                             reason,
                         },
                     ),
-                });
+                }));
             }
             Ok(Begin::Mismatch) => {
-                return Err(lift(
+                tracing::info!(scope, key = %key, "same key, another payload: refused");
+                return Err(Refusal::Answer(lift(
                     opts,
                     Error::Mismatch {
                         scope: scope.to_owned(),
                         key: key.clone(),
                     },
-                ));
+                )));
             }
             Ok(Begin::InFlight { retry_after }) => {
                 let now = Instant::now();
@@ -352,22 +379,30 @@ where
                     Some(d) if d > now => {
                         let pause = backoff.min(retry_after).min(d - now);
                         backoff = (backoff * 2).min(Duration::from_millis(500));
+                        tracing::trace!(scope, key = %key, ?pause, "in flight: waiting for the holder");
                         store.wait(scope, key, pause).await;
                     }
+                    _ if crate::shadow() => return Err(Refusal::Shadow(Would::RefuseInFlight)),
                     _ => {
                         tracing::debug!(scope, key = %key, ?retry_after, "duplicate while in flight");
-                        return Err(lift(
+                        return Err(Refusal::Answer(lift(
                             opts,
                             Error::InFlight {
                                 scope: scope.to_owned(),
                                 key: key.clone(),
                                 retry_after,
                             },
-                        ));
+                        )));
                     }
                 }
             }
-            Err(e) => return Err(lift(opts, store_error(e, Phase::Begin, scope, key))),
+            Err(e) => {
+                tracing::warn!(scope, key = %key, error = %e, "the store did not answer the claim: the handler does not run");
+                return Err(Refusal::Answer(lift(
+                    opts,
+                    store_error(e, Phase::Begin, scope, key),
+                )));
+            }
         }
     }
 }
@@ -409,6 +444,19 @@ pub(crate) async fn confirm(
     ))
 }
 
+/// The span of one call: `idem.call`, with its scope and (redacted) key; the outcome and the
+/// fence are recorded on it as they are known. At `DEBUG`: an operator who wants a line per call
+/// turns it on; the store's own errors are warnings either way.
+pub(crate) fn call_span(opts: &Options, key: &Key) -> tracing::Span {
+    tracing::debug_span!(
+        "idem.call",
+        scope = %opts.scope,
+        key = %key,
+        outcome = tracing::field::Empty,
+        fence = tracing::field::Empty,
+    )
+}
+
 /// The plain form: lock, check, run `handler` while the watchdog renews the lease, then mark (or
 /// release).
 async fn execute<R, F, Fut>(store: &dyn Store, opts: &Options, call: Call, handler: F) -> R
@@ -423,14 +471,36 @@ where
         Ok(parts) => parts,
         Err(e) => return lift(opts, e),
     };
+    let span = call_span(opts, &key);
+    execute_keyed(store, opts, key, fingerprint, handler)
+        .instrument(span)
+        .await
+}
+
+async fn execute_keyed<R, F, Fut>(
+    store: &dyn Store,
+    opts: &Options,
+    key: Key,
+    fingerprint: Option<Fingerprint>,
+    handler: F,
+) -> R
+where
+    R: Outcome,
+    R::Ok: Replayable,
+    R::Err: AbsorbsIdemError,
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = R>,
+{
     // Read once: the token and the watchdog both depend on it (a forked child has its own).
     let pid = std::process::id();
     let req = request(pid, opts, &key, fingerprint);
     let mut round = 0;
+    let claiming = metrics::Timer::start();
     let (held, twin, mut guard) = loop {
         let granted = match claim::<R>(store, Claimant::Store(store), opts, &req).await {
             Ok(granted) => granted,
-            Err(answer) => return answer,
+            Err(Refusal::Answer(answer)) => return answer,
+            Err(Refusal::Shadow(would)) => return shadowed(opts, &key, would, handler()).await,
         };
         // Renewed from the watchdog's thread from the moment the store granted it (as far as
         // the caller can tell: when it asked), until the mark or the release is written; a drop
@@ -463,22 +533,30 @@ where
             Err(e) => return lift(opts, store_error(e, Phase::Begin, &opts.scope, &key)),
         }
     };
+    claiming.stop(opts, "claim");
 
     let lease = held.lease;
+    tracing::Span::current().record("fence", lease.fence);
+    tracing::trace!("handler started");
+    let running = metrics::Timer::start();
     let outcome = held.scope(CatchUnwind { inner: handler() }).await;
+    running.stop(opts, "handler");
     held.finishing();
 
     let (scope, key) = (&*held.scope, &held.key);
+    let fence = Some(lease.fence);
     match outcome {
         Err(panic) => {
-            metrics::record(opts, metrics::Outcome::Panicked);
+            metrics::record(opts, CallOutcome::Panicked, Some(key), fence);
+            tracing::warn!("the handler panicked: releasing the key");
             release(store, Some(&twin), scope, key, &lease, opts.ttl).await;
             guard.done();
             resume_unwind(panic)
         }
         Ok(result) => match result.into_result() {
             Err(e) => {
-                metrics::record(opts, metrics::Outcome::HandlerError);
+                metrics::record(opts, CallOutcome::HandlerError, Some(key), fence);
+                tracing::debug!("the handler failed: releasing the key");
                 release(store, Some(&twin), scope, key, &lease, opts.ttl).await;
                 guard.done();
                 R::from_result(Err(e))
@@ -487,10 +565,15 @@ where
                 // From here on the effect has happened: never release, or a redelivery runs again.
                 let output: Arc<[u8]> = encode_output(&value, opts, scope, key).into();
                 guard.marking(output.clone());
-                match complete(store, scope, key, &lease, &output, opts.ttl, opts.keep).await {
+                let marking = metrics::Timer::start();
+                let marked =
+                    complete(store, scope, key, &lease, &output, opts.ttl, opts.keep).await;
+                marking.stop(opts, "mark");
+                match marked {
                     Ok(()) => {
                         guard.done();
-                        metrics::record(opts, metrics::Outcome::Executed);
+                        tracing::trace!("marked done");
+                        metrics::record(opts, CallOutcome::Executed, Some(key), fence);
                         R::from_result(Ok(value))
                     }
                     Err(StoreError::Unavailable(e)) => {
@@ -510,6 +593,23 @@ where
             }
         },
     }
+}
+
+/// Shadow mode: run the handler although idem would have answered otherwise (`would`), holding
+/// nothing and marking nothing, and report it.
+pub(crate) async fn shadowed<R: Outcome, Fut: Future<Output = R>>(
+    opts: &Options,
+    key: &Key,
+    would: Would,
+    handler: Fut,
+) -> R {
+    tracing::info!(
+        would = would.as_str(),
+        "shadow mode: running the handler anyway"
+    );
+    let out = handler.await;
+    metrics::record(opts, CallOutcome::Shadowed { would }, Some(key), None);
+    out
 }
 
 /// The output as stored. Once the handler succeeded its key must never be released, so a

@@ -41,12 +41,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::{
-    CatchUnwind, Claimant, Finish, Granted, claim, confirm, encode_output, lift, release_later,
-    request, store_error, taken_over,
+    CatchUnwind, Claimant, Finish, Granted, Refusal, call_span, claim, confirm, encode_output,
+    lift, release_later, request, shadowed, store_error, taken_over,
 };
 use crate::lease::{self, Held, Outside};
+use crate::observe::CallOutcome;
 use crate::store::{Lease, StoreHandle, TxStore};
 use crate::{AbsorbsIdemError, Call, Error, Key, Options, Outcome, Phase, Replayable, metrics};
+use tracing::Instrument;
 
 /// A connection the transactional form can write the done mark on: a `sqlx::Transaction` (what
 /// `pool.begin()` gives), or a database connection that is inside a transaction.
@@ -124,7 +126,7 @@ pub(crate) async fn claim_outside<R>(
     store: &dyn crate::Store,
     opts: &Options,
     call: &Call,
-) -> Result<(Key, Granted), R>
+) -> Result<Option<(Key, Granted)>, R>
 where
     R: Outcome,
     R::Ok: Replayable,
@@ -135,8 +137,12 @@ where
         Err(e) => return Err(lift(opts, e)),
     };
     let req = request(std::process::id(), opts, &key, fingerprint);
-    let granted = claim::<R>(store, Claimant::Store(store), opts, &req).await?;
-    Ok((key, granted))
+    match claim::<R>(store, Claimant::Store(store), opts, &req).await {
+        Ok(granted) => Ok(Some((key, granted))),
+        Err(Refusal::Answer(answer)) => Err(answer),
+        // Shadow mode: the transactional call claims again, and runs anyway.
+        Err(Refusal::Shadow(_)) => Ok(None),
+    }
 }
 
 /// A done mark written in a transaction: what a caller that commits it may copy elsewhere (the
@@ -188,6 +194,8 @@ where
         Ok(parts) => parts,
         Err(e) => return lift(opts, e),
     };
+    let span = call_span(opts, &key);
+    async move {
     let pid = std::process::id();
     let req = request(pid, opts, &key, fingerprint);
     let in_tx = txs.claims_in_tx();
@@ -199,20 +207,28 @@ where
     if in_tx && let Err(e) = txs.savepoint_in(as_tx(tx).0, &savepoint).await {
         return lift(opts, store_error(e, Phase::Begin, scope, &key));
     }
+    let claiming = metrics::Timer::start();
     let granted = match claimed {
         Some(granted) => granted,
         None => match claim::<R>(store, Claimant::Tx(txs, as_tx(tx).0), opts, &req).await {
             Ok(granted) => granted,
-            Err(answer) => {
+            Err(refusal) => {
                 // Replayed or refused: give back what the claim took in the transaction.
                 if in_tx && let Err(e) = txs.rollback_to_savepoint_in(as_tx(tx).0, &savepoint).await
                 {
                     return aborted(txs, as_tx(tx).0, opts, &key, e).await;
                 }
-                return answer;
+                return match refusal {
+                    Refusal::Answer(answer) => answer,
+                    Refusal::Shadow(would) => {
+                        let run = async { body(tx).await.0 };
+                        shadowed(opts, &key, would, run).await
+                    }
+                };
             }
         },
     };
+    claiming.stop(opts, "claim");
     let lease = granted.lease;
     let renewer = txs.renewer_in_tx();
     let held = Held::new(opts.scope.clone(), key, lease);
@@ -225,6 +241,8 @@ where
     // Dropped before the end (cancelled, or a panic): a claim made outside the transaction is
     // released from the watchdog's thread; one made inside ends with the transaction.
     let mut guard = Finish::holding(&held, renewer.clone(), watch, opts);
+    let fence = Some(lease.fence);
+    tracing::Span::current().record("fence", lease.fence);
     if !in_tx {
         if let Some(renewer) = &renewer {
             match confirm(renewer, &held, opts.ttl, granted.asked).await {
@@ -241,7 +259,10 @@ where
             return lift(opts, store_error(e, Phase::Begin, scope, key));
         }
     }
+    tracing::trace!("handler started");
+    let running = metrics::Timer::start();
     let outcome = held.scope(CatchUnwind { inner: body(tx) }).await;
+    running.stop(opts, "handler");
     held.finishing();
 
     let (result, tx) = match outcome {
@@ -249,7 +270,7 @@ where
         Err(panic) => {
             // The transaction was not handed back: the caller's unwinding rolls it back; the
             // guard releases a claim made outside it.
-            metrics::record(opts, metrics::Outcome::Panicked);
+            metrics::record(opts, CallOutcome::Panicked, Some(key), fence);
             release_nested(&held);
             drop(guard);
             std::panic::resume_unwind(panic)
@@ -260,7 +281,7 @@ where
         Err(e) => {
             // The handler's writes go (and a claim made in the transaction with them), and the
             // key is free: a caller that commits anyway commits nothing of the handler's.
-            metrics::record(opts, metrics::Outcome::HandlerError);
+            metrics::record(opts, CallOutcome::HandlerError, Some(key), fence);
             let undone = txs.rollback_to_savepoint_in(as_tx(tx).0, &savepoint).await;
             release_nested(&held);
             if let Some(renewer) = &renewer {
@@ -278,9 +299,11 @@ where
     // The handler's writes are in the transaction; from here on the mark must join them, or
     // neither may commit. The lease stays renewed until the mark is written.
     let output: Arc<[u8]> = encode_output(&value, opts, scope, key).into();
+    let marking = metrics::Timer::start();
     let mark = txs
         .complete_in(as_tx(tx).0, scope, key, &lease, &output, opts.keep)
         .await;
+    marking.stop(opts, "mark");
     // A drop from here on leaves the claim to the transaction (or to its ttl).
     guard.done();
     match mark {
@@ -291,7 +314,7 @@ where
             }
             txs.marked_in(scope, key, &lease).await;
             adopt_nested(&held, renewer.as_ref(), opts);
-            metrics::record(opts, metrics::Outcome::Executed);
+            metrics::record(opts, CallOutcome::Executed, Some(key), fence);
             *marked = Some(Marked {
                 scope: scope.to_owned(),
                 key: key.clone(),
@@ -319,6 +342,9 @@ where
             lift(opts, store_error(e, Phase::Complete, scope, key))
         }
     }
+    }
+    .instrument(span)
+    .await
 }
 
 /// Undoing to the savepoint failed: roll the whole transaction back on the server, so nothing of

@@ -76,6 +76,7 @@ impl Gate {
         let until = self
             .now()
             .saturating_add(u64::try_from(backoff.as_nanos()).unwrap_or(u64::MAX));
+        crate::metrics::front_degraded(true);
         match pass {
             Pass::Probe => {
                 self.down_until.store(until, Ordering::Release);
@@ -93,6 +94,7 @@ impl Gate {
     }
 
     pub(super) fn recovered(&self) {
+        crate::metrics::front_degraded(false);
         self.down_until.store(0, Ordering::Release);
         self.probing.store(false, Ordering::Release);
         tracing::info!("idempotency front store answers again: back on the fast path");

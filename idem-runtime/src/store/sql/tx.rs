@@ -230,7 +230,7 @@ where
         None
     } else {
         match claim_outside::<R>(store, opts, &call).await {
-            Ok(claimed) => Some(claimed),
+            Ok(claimed) => claimed,
             Err(answer) => return (answer, None),
         }
     };
