@@ -6,8 +6,7 @@ use syn::spanned::Spanned;
 use syn::{FnArg, Ident, ItemFn, ReturnType};
 
 use crate::attr::Args;
-use crate::params::{Params, generic_part, impl_trait_in, mentions, path_expr, tx_param};
-use crate::template::{self, Piece};
+use crate::params::{Params, generic_part, impl_trait_in, mentions, tx_param};
 
 /// Entry point on `proc_macro2` streams. On any error the user's item is emitted unchanged next to
 /// the error, so one mistake gives one error and IDEs keep working.
@@ -67,7 +66,7 @@ fn not_a_fn(item: TokenStream) -> syn::Error {
 
 /// Give every token of `tokens` the span `span`, so that errors about the code they form are
 /// reported there (`span` must come from the user's attribute or signature, for hygiene).
-fn respan(tokens: TokenStream, span: Span) -> TokenStream {
+pub(crate) fn respan(tokens: TokenStream, span: Span) -> TokenStream {
     tokens
         .into_iter()
         .map(|mut t| {
@@ -188,78 +187,8 @@ fn expand(mut args: Args, func: &ItemFn) -> syn::Result<TokenStream> {
             },
         );
 
-    // The key: one value, or a template whose parts are escaped against its literal text.
-    let key_expr = match template::parse(&key_lit.value()) {
-        Err(msg) => {
-            errors.push(syn::Error::new(key_lit.span(), msg));
-            None
-        }
-        Ok(pieces) => {
-            let span = key_lit.span();
-            let krate = respan(krate.clone(), span);
-            if let [Piece::Path(path)] = pieces.as_slice() {
-                match path_expr(path, key_lit, "key", func, &params) {
-                    Ok(e) => Some(
-                        quote_spanned!(span=> #krate::Key::new(#krate::__private::key_part(&(#e)))),
-                    ),
-                    Err(e) => {
-                        errors.push(e);
-                        None
-                    }
-                }
-            } else {
-                let mut reserved = String::new();
-                let mut steps = TokenStream::new();
-                for piece in &pieces {
-                    match piece {
-                        Piece::Lit(text) => {
-                            for c in text.chars() {
-                                if !reserved.contains(c) {
-                                    reserved.push(c);
-                                }
-                            }
-                            steps.extend(quote!(__idem_key.lit(#text);));
-                        }
-                        Piece::Path(path) => match path_expr(path, key_lit, "key", func, &params) {
-                            Ok(e) => steps.extend(quote_spanned!(span=>
-                                __idem_key.part(#krate::__private::key_part(&(#e)));
-                            )),
-                            Err(e) => errors.push(e),
-                        },
-                    }
-                }
-                Some(quote! {{
-                    let mut __idem_key = #krate::KeyBuilder::new(#reserved);
-                    #steps
-                    __idem_key.finish()
-                }})
-            }
-        }
-    };
-
-    let mut fingerprint = TokenStream::new();
-    if let Some((lit, names)) = &args.fingerprint {
-        let mut adds = TokenStream::new();
-        for (name, _) in names {
-            match template::parse(name) {
-                Ok(pieces) if matches!(pieces.as_slice(), [Piece::Path(_)]) => {
-                    let Piece::Path(path) = &pieces[0] else {
-                        unreachable!()
-                    };
-                    match path_expr(path, lit, "fingerprint", func, &params) {
-                        // On the literal, so "`Payload: Serialize` is not satisfied" points there.
-                        Ok(e) => adds.extend(quote_spanned!(lit.span()=> .add(&(#e)))),
-                        Err(e) => errors.push(e),
-                    }
-                }
-                _ => errors.push(syn::Error::new(
-                    lit.span(),
-                    format!("`{name}` in `fingerprint` is not a parameter or a field path; list them separated by commas, e.g. fingerprint = \"amount, currency\""),
-                )),
-            }
-        }
-        fingerprint = quote!(.fingerprint(#krate::Fingerprint::builder() #adds .finish()));
-    }
+    let key_expr = crate::key::key_expr(key_lit, &krate, func, &params, &mut errors);
+    let fingerprint = crate::key::fingerprint(&args, &krate, func, &params, &mut errors);
 
     // The store: an expression, or the process-wide default.
     let mut moves = true;
@@ -549,5 +478,21 @@ mod tests {
             "fn f(order_id: u64) -> Result<(), E> { Ok(()) }",
         );
         assert_eq!(out.matches("compile_error").count(), 3, "{out}");
+    }
+
+    #[test]
+    fn a_template_key_is_one_expression_that_drops_no_result() {
+        let out = expand_str(
+            r#"key = "{tenant}:{id}""#,
+            "async fn f(tenant: &str, id: u64) -> Result<(), E> { Ok(()) }",
+        );
+        // `lit` and `part` return `&mut KeyBuilder`: chained, not statements whose value is
+        // dropped (which `#![deny(unused_results)]` refuses).
+        assert!(
+            out.contains(":: KeyBuilder :: new (\":\") . part ("),
+            "{out}"
+        );
+        assert!(out.contains(". lit (\":\") . part ("), "{out}");
+        assert!(!out.contains("__idem_key"), "{out}");
     }
 }

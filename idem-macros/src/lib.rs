@@ -9,6 +9,7 @@ use proc_macro::TokenStream;
 mod attr;
 mod duration;
 mod expand;
+mod key;
 mod krate;
 mod params;
 mod size;
