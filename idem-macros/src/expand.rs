@@ -6,7 +6,7 @@ use syn::spanned::Spanned;
 use syn::{FnArg, Ident, ItemFn, ReturnType};
 
 use crate::attr::Args;
-use crate::params::{Params, generic_part, impl_trait_in, mentions, tx_param};
+use crate::params::{Params, generic_part, impl_trait_in, tx_param};
 
 /// Entry point on `proc_macro2` streams. On any error the user's item is emitted unchanged next to
 /// the error, so one mistake gives one error and IDEs keep working.
@@ -190,78 +190,7 @@ fn expand(mut args: Args, func: &ItemFn) -> syn::Result<TokenStream> {
     let key_expr = crate::key::key_expr(key_lit, &krate, func, &params, &mut errors);
     let fingerprint = crate::key::fingerprint(&args, &krate, func, &params, &mut errors);
 
-    // The store: an expression, or the process-wide default.
-    let mut moves = true;
-    let mut store_items = TokenStream::new();
-    let store = match &args.store {
-        None => quote!(&#krate::DefaultStore),
-        Some((lit, expr)) => {
-            let tokens = quote!(#expr);
-            if params.receiver == Some(false) && mentions(tokens.clone(), "self") {
-                errors.push(syn::Error::new(
-                    lit.span(),
-                    format!(
-                        "`store` borrows `self` for the whole call, but `{}` takes `self` by value, which the handler's body owns; take `&self`, or give a store that does not live in `self`",
-                        sig.ident
-                    ),
-                ));
-            }
-            // A store borrowed from a by-value parameter must not be moved into the body: capture
-            // by reference then (the body can still move other parameters).
-            // Likewise a store in `&mut self`: moving the `&mut` into the body would conflict
-            // with the store's borrow, while a body that only reads `self` can share it.
-            if params
-                .names
-                .iter()
-                .any(|n| mentions(tokens.clone(), &n.to_string()))
-                || (params.receiver_mut && mentions(tokens.clone(), "self"))
-            {
-                moves = false;
-            }
-            // The expression may be a store, a reference to one (a parameter `store: &MemoryStore`
-            // or `&dyn Store`) or an `Arc`: a method call peels one reference. The check is a
-            // local trait whose message is about stores, reported on the literal; the handle it
-            // returns has one type whatever the store, so `run_future` adds no second error.
-            let span = lit.span();
-            store_items = quote! {
-                trait __IdemDeref {
-                    fn __idem_deref(&self) -> &Self {
-                        self
-                    }
-                }
-                impl<__IdemT: ?::core::marker::Sized> __IdemDeref for __IdemT {}
-                #[diagnostic::on_unimplemented(
-                    message = "`{Self}` is not an idempotency store",
-                    label = "`store` must be a value that implements `idem_runtime::Store`, or a reference or `Arc` to one",
-                    note = "give a store such as a `MemoryStore` field (`store = \"self.idem\"`), or leave `store` out to use the store installed with `idem_runtime::install_default_store`"
-                )]
-                trait __IdemStore: #krate::StoreHandle {}
-                #[diagnostic::do_not_recommend]
-                impl<__IdemS: #krate::StoreHandle + ?::core::marker::Sized> __IdemStore for __IdemS {}
-                trait __IdemDyn {
-                    fn __idem_store(&self) -> ::core::result::Result<&dyn #krate::Store, #krate::Error>;
-                }
-                impl<__IdemS: #krate::StoreHandle + ?::core::marker::Sized> __IdemDyn for &__IdemS {
-                    fn __idem_store(&self) -> ::core::result::Result<&dyn #krate::Store, #krate::Error> {
-                        #krate::StoreHandle::store(*self)
-                    }
-                }
-                struct __IdemHandle<'a>(&'a (dyn __IdemDyn + ::core::marker::Sync + 'a));
-                impl #krate::StoreHandle for __IdemHandle<'_> {
-                    fn store(&self) -> ::core::result::Result<&dyn #krate::Store, #krate::Error> {
-                        self.0.__idem_store()
-                    }
-                }
-                // `Sync` (every `Store` is) keeps the handler's future `Send`.
-                fn __idem_handle<'a, __IdemS: __IdemStore + ::core::marker::Sync + ?::core::marker::Sized>(
-                    store: &'a &'a __IdemS,
-                ) -> __IdemHandle<'a> {
-                    __IdemHandle(store)
-                }
-            };
-            quote_spanned!(span=> &__idem_handle(&(#expr).__idem_deref()))
-        }
-    };
+    let (store, store_use, moves) = crate::store::store(&args, &krate, &params, sig, &mut errors);
 
     if !errors.is_empty() {
         return Err(combine(errors));
@@ -362,7 +291,7 @@ fn expand(mut args: Args, func: &ItemFn) -> syn::Result<TokenStream> {
     let mut body = Group::new(
         proc_macro2::Delimiter::Brace,
         quote! {
-            #store_items
+            #store_use
             let __idem_call = #krate::Call::from_key(#key_expr) #fingerprint;
             #tx_access
             const __IDEM_OPTIONS: #krate::Options = #options;
@@ -465,7 +394,7 @@ mod tests {
             r#"key = "id", store = "store""#,
             "async fn f(store: &S, id: u64) -> Result<(), E> { Ok(()) }",
         );
-        assert!(out.contains("__idem_handle"), "{out}");
+        assert!(out.contains("store_ref"), "{out}");
         // Borrowed from a parameter: the body is not `async move`.
         assert!(!out.contains("async move"), "{out}");
         assert!(!out.contains("compile_error"), "{out}");
@@ -494,5 +423,18 @@ mod tests {
         );
         assert!(out.contains(". lit (\":\") . part ("), "{out}");
         assert!(!out.contains("__idem_key"), "{out}");
+    }
+
+    #[test]
+    fn the_expansion_carries_no_tool_attribute() {
+        let out = expand_str(
+            r#"key = "id", store = "self.idem", fingerprint = "id", scope = "s""#,
+            "async fn f(&self, id: u64) -> Result<(), E> { Ok(()) }",
+        );
+        assert!(!out.contains("diagnostic"), "{out}");
+        assert!(
+            out.contains("use :: idem_runtime :: __private :: StoreDeref as _ ;"),
+            "{out}"
+        );
     }
 }

@@ -13,6 +13,7 @@ mod key;
 mod krate;
 mod params;
 mod size;
+mod store;
 mod template;
 
 /// Wrap an async fn in lock-check-execute-mark. Documented in `idem_runtime::idempotent`.

@@ -43,6 +43,7 @@ mod codec;
 mod error;
 mod key;
 mod lease;
+mod macro_support;
 mod metrics;
 mod options;
 mod run;
@@ -205,6 +206,7 @@ mod readme {}
 /// Support for the code `#[idempotent]` generates. Not public API: may change in any release.
 #[doc(hidden)]
 pub mod __private {
+    pub use crate::macro_support::{IdemStore, StoreDeref, StoreRef, store_ref};
     pub use crate::run::{run_future, run_tx_future, tx_access};
     pub use serde;
 
