@@ -303,3 +303,47 @@ mod uuid_keys {
         assert_eq!(by_uuid(&store, uuid::Uuid::nil(), 3).await.unwrap(), 3);
     }
 }
+
+/// Associated fns without `self` in two impls of one module: the default scope would be the same
+/// for both (module path and fn name), so they must name theirs, and then keep apart.
+mod two_impls_of_one_module {
+    use super::*;
+
+    static CHARGES: AtomicU32 = AtomicU32::new(0);
+    static REFUNDS: AtomicU32 = AtomicU32::new(0);
+
+    trait Job {
+        async fn run(store: &MemoryStore, id: u64) -> Result<String, AppError>;
+    }
+
+    struct Charge;
+    struct Refund;
+
+    impl Job for Charge {
+        #[idempotent(key = "id", store = "store", scope = "jobs.charge")]
+        async fn run(store: &MemoryStore, id: u64) -> Result<String, AppError> {
+            CHARGES.fetch_add(1, Ordering::SeqCst);
+            Ok(format!("charged order {id}"))
+        }
+    }
+
+    impl Job for Refund {
+        #[idempotent(key = "id", store = "store", scope = "jobs.refund")]
+        async fn run(store: &MemoryStore, id: u64) -> Result<String, AppError> {
+            REFUNDS.fetch_add(1, Ordering::SeqCst);
+            Ok(format!("refunded order {id}"))
+        }
+    }
+
+    #[tokio::test]
+    async fn associated_fns_of_two_impls_with_scopes_keep_their_outputs_apart() {
+        let store = MemoryStore::new();
+        assert_eq!(Charge::run(&store, 7).await.unwrap(), "charged order 7");
+        assert_eq!(Refund::run(&store, 7).await.unwrap(), "refunded order 7");
+        // Duplicates replay their own impl's output.
+        assert_eq!(Refund::run(&store, 7).await.unwrap(), "refunded order 7");
+        assert_eq!(Charge::run(&store, 7).await.unwrap(), "charged order 7");
+        assert_eq!(CHARGES.load(Ordering::SeqCst), 1);
+        assert_eq!(REFUNDS.load(Ordering::SeqCst), 1);
+    }
+}

@@ -15,9 +15,8 @@ pub(crate) fn idempotent(args: TokenStream, item: TokenStream) -> TokenStream {
         Ok(f) => f,
         Err(_) => return with_error(item.clone(), not_a_fn(item)),
     };
-    let args = syn::parse2::<Args>(args);
-    match args.and_then(|a| expand(a, &func)) {
-        Ok(ts) => ts,
+    match syn::parse2::<Args>(args) {
+        Ok(args) => expand(args, &func, item),
         Err(e) => with_error(item, e),
     }
 }
@@ -82,9 +81,19 @@ pub(crate) fn respan(tokens: TokenStream, span: Span) -> TokenStream {
         .collect()
 }
 
-fn expand(mut args: Args, func: &ItemFn) -> syn::Result<TokenStream> {
+fn expand(mut args: Args, func: &ItemFn, item: TokenStream) -> TokenStream {
     let sig = &func.sig;
     let mut errors: Vec<syn::Error> = std::mem::take(&mut args.errors);
+    let krate =
+        args.krate.as_ref().map(|(_, p)| quote!(#p)).unwrap_or_else(
+            || match crate::krate::renamed() {
+                Some(name) => {
+                    let name = Ident::new(name, Span::call_site());
+                    quote!(::#name)
+                }
+                None => quote!(::idem_runtime),
+            },
+        );
     if let Some(c) = &sig.constness {
         errors.push(syn::Error::new(
             c.span,
@@ -122,33 +131,38 @@ fn expand(mut args: Args, func: &ItemFn) -> syn::Result<TokenStream> {
     };
     let params = Params::of(func);
 
-    // Instantiations of a generic handler would share the default scope: one could replay
-    // another's output, or be suppressed by another's record. Refuse to guess.
-    if args.scope.is_none()
-        && let Some((span, what)) = generic_part(sig, args.store.as_ref().map(|(_, e)| e))
-    {
-        errors.push(syn::Error::new(
-            span,
-            format!(
-                "`{}` is generic over {what}, so all its instantiations would share one default scope, and one instantiation could replay another's output or be suppressed by another's record; name the scope they share, e.g. scope = \"{}\", and put what tells them apart in `key`",
-                sig.ident, sig.ident
-            ),
-        ));
+    // The default scope is the module path and the fn name, which tells apart only fns that are
+    // module items and not generic. Each way it would not gets its own error.
+    let mut check = TokenStream::new();
+    if args.scope.is_none() {
+        if let Some((span, what)) = generic_part(sig, args.store.as_ref().map(|(_, e)| e)) {
+            // Instantiations would share it: one could replay another's output, or be suppressed
+            // by another's record. Refuse to guess.
+            errors.push(syn::Error::new(
+                span,
+                format!(
+                    "`{}` is generic over {what}, so all its instantiations would share one default scope, and one instantiation could replay another's output or be suppressed by another's record; name the scope they share, e.g. scope = \"{}\", and put what tells them apart in `key`",
+                    sig.ident, sig.ident
+                ),
+            ));
+        } else if let Some(FnArg::Receiver(r)) = sig.inputs.first() {
+            // It does not name the type: `handle` on two types of one module would share it.
+            errors.push(syn::Error::new(
+                r.self_token.span,
+                format!(
+                    "`{}` is a method, and the default scope (module path and fn name) does not name its type: methods of that name on two types of one module would share one key space and replay each other's outputs; name the scope, e.g. scope = \"orders.{}\"",
+                    sig.ident, sig.ident
+                ),
+            ));
+        } else {
+            // An associated fn without `self`: only rustc knows, see `module_item`.
+            check = crate::module_item::check(&krate);
+        }
     }
-
-    // Methods: the default scope names the module and the fn, not the type, so `handle` on two
-    // types of one module would share a key space and replay each other's outputs.
-    if args.scope.is_none()
-        && let Some(FnArg::Receiver(r)) = sig.inputs.first()
-    {
-        errors.push(syn::Error::new(
-            r.self_token.span,
-            format!(
-                "`{}` is a method, and the default scope (module path and fn name) does not name its type: methods of that name on two types of one module would share one key space and replay each other's outputs; name the scope, e.g. scope = \"orders.{}\"",
-                sig.ident, sig.ident
-            ),
-        ));
-    }
+    let fail = |errors: Vec<syn::Error>| {
+        let err = combine(errors).into_compile_error();
+        quote!(#check #item #err)
+    };
 
     // The transactional form: the parameter that is the transaction.
     let tx = args
@@ -173,68 +187,19 @@ fn expand(mut args: Args, func: &ItemFn) -> syn::Result<TokenStream> {
                 "missing `key`: name the parameter that identifies the message, e.g. #[idempotent(key = \"{example}\")]"
             ),
         ));
-        return Err(combine(errors));
+        return fail(errors);
     };
-
-    let krate =
-        args.krate.as_ref().map(|(_, p)| quote!(#p)).unwrap_or_else(
-            || match crate::krate::renamed() {
-                Some(name) => {
-                    let name = Ident::new(name, Span::call_site());
-                    quote!(::#name)
-                }
-                None => quote!(::idem_runtime),
-            },
-        );
-
     let key_expr = crate::key::key_expr(key_lit, &krate, func, &params, &mut errors);
     let fingerprint = crate::key::fingerprint(&args, &krate, func, &params, &mut errors);
-
     let (store, store_use, moves) = crate::store::store(&args, &krate, &params, sig, &mut errors);
 
     if !errors.is_empty() {
-        return Err(combine(errors));
+        return fail(errors);
     }
     let (Some(ret), Some(key_expr)) = (ret, key_expr) else {
         unreachable!("errors were reported above")
     };
-
-    let scope = match &args.scope {
-        Some(lit) => quote!(#lit),
-        None => {
-            let name = sig.ident.to_string();
-            quote!(::core::concat!(::core::module_path!(), "::", #name))
-        }
-    };
-    let ms = |d: &crate::attr::Dur| {
-        let ms = d.ms;
-        quote_spanned!(d.lit.span()=> ::core::time::Duration::from_millis(#ms))
-    };
-    let mut options = quote!(#krate::Options::new(#scope));
-    if let Some(d) = &args.ttl {
-        let d = ms(d);
-        options.extend(quote!(.ttl(#d)));
-    }
-    if let Some(d) = &args.keep {
-        let d = ms(d);
-        options.extend(quote!(.keep(#d)));
-    }
-    if let Some(d) = &args.wait {
-        let d = ms(d);
-        options.extend(quote!(.wait(#d)));
-    }
-    match &args.max_lease {
-        Some(Some(d)) => {
-            let d = ms(d);
-            options.extend(quote!(.max_lease(#d)));
-        }
-        Some(None) => options.extend(quote!(.renew_forever())),
-        None => {}
-    }
-    if let Some((lit, bytes)) = &args.max_output {
-        let bytes = *bytes as usize;
-        options.extend(quote_spanned!(lit.span()=> .max_output(#bytes)));
-    }
+    let options = options(&args, &krate, sig);
 
     let attrs = &func.attrs;
     let vis = &func.vis;
@@ -286,23 +251,63 @@ fn expand(mut args: Args, func: &ItemFn) -> syn::Result<TokenStream> {
     parens.set_span(ret_span);
     run.extend([TokenTree::Group(parens)]);
     run.extend(quote_spanned!(ret_span=> .await));
+    let stmts = quote! {
+        #store_use
+        let __idem_call = #krate::Call::from_key(#key_expr) #fingerprint;
+        #tx_access
+        const __IDEM_OPTIONS: #krate::Options = #options;
+        #run
+    };
     // The new body keeps the user's braces' span, so the item is still the user's code to rustc:
     // "function is never used" and other lints on the fn keep working.
-    let mut body = Group::new(
-        proc_macro2::Delimiter::Brace,
-        quote! {
-            #store_use
-            let __idem_call = #krate::Call::from_key(#key_expr) #fingerprint;
-            #tx_access
-            const __IDEM_OPTIONS: #krate::Options = #options;
-            #run
-        },
-    );
+    let mut body = Group::new(proc_macro2::Delimiter::Brace, stmts);
     body.set_span(func.block.brace_token.span.join());
-    Ok(quote! {
+    quote! {
+        #check
         #(#attrs)*
         #vis #sig #body
-    })
+    }
+}
+
+/// The `Options` constant's expression.
+fn options(args: &Args, krate: &TokenStream, sig: &syn::Signature) -> TokenStream {
+    let scope = match &args.scope {
+        Some(lit) => quote!(#lit),
+        None => {
+            let name = sig.ident.to_string();
+            quote!(::core::concat!(::core::module_path!(), "::", #name))
+        }
+    };
+    let ms = |d: &crate::attr::Dur| {
+        let ms = d.ms;
+        quote_spanned!(d.lit.span()=> ::core::time::Duration::from_millis(#ms))
+    };
+    let mut options = quote!(#krate::Options::new(#scope));
+    if let Some(d) = &args.ttl {
+        let d = ms(d);
+        options.extend(quote!(.ttl(#d)));
+    }
+    if let Some(d) = &args.keep {
+        let d = ms(d);
+        options.extend(quote!(.keep(#d)));
+    }
+    if let Some(d) = &args.wait {
+        let d = ms(d);
+        options.extend(quote!(.wait(#d)));
+    }
+    match &args.max_lease {
+        Some(Some(d)) => {
+            let d = ms(d);
+            options.extend(quote!(.max_lease(#d)));
+        }
+        Some(None) => options.extend(quote!(.renew_forever())),
+        None => {}
+    }
+    if let Some((lit, bytes)) = &args.max_output {
+        let bytes = *bytes as usize;
+        options.extend(quote_spanned!(lit.span()=> .max_output(#bytes)));
+    }
+    options
 }
 
 fn combine(errors: Vec<syn::Error>) -> syn::Error {
@@ -436,5 +441,42 @@ mod tests {
             out.contains("use :: idem_runtime :: __private :: StoreDeref as _ ;"),
             "{out}"
         );
+    }
+
+    #[test]
+    fn only_an_unscoped_fn_without_self_or_generics_gets_the_module_item_check() {
+        const CHECK: &str = "fns_in_impls_and_traits_need_an_explicit_scope";
+        let free = expand_str(
+            r#"key = "id""#,
+            "async fn run(id: u64) -> Result<(), E> { Ok(()) }",
+        );
+        assert!(free.contains(CHECK), "{free}");
+        // Also next to an error, so a second mistake does not hide it.
+        let failed = expand_str(
+            r#"key = "nope""#,
+            "async fn run(id: u64) -> Result<(), E> { Ok(()) }",
+        );
+        assert!(
+            failed.contains(CHECK) && failed.contains("compile_error"),
+            "{failed}"
+        );
+        for (args, item) in [
+            (
+                r#"key = "id", scope = "jobs.run""#,
+                "async fn run(id: u64) -> Result<(), E> { Ok(()) }",
+            ),
+            // These have errors of their own, which say more.
+            (
+                r#"key = "id""#,
+                "async fn run(&self, id: u64) -> Result<(), E> { Ok(()) }",
+            ),
+            (
+                r#"key = "id""#,
+                "async fn run<T>(id: u64, t: T) -> Result<(), E> { Ok(()) }",
+            ),
+        ] {
+            let out = expand_str(args, item);
+            assert!(!out.contains(CHECK), "{out}");
+        }
     }
 }

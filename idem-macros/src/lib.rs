@@ -11,6 +11,7 @@ mod duration;
 mod expand;
 mod key;
 mod krate;
+mod module_item;
 mod params;
 mod size;
 mod store;

@@ -210,6 +210,9 @@ pub mod __private {
     pub use crate::run::{run_future, run_tx_future, tx_access};
     pub use serde;
 
+    /// Named by the error it gives: see its definition in `macro_support.rs`.
+    pub use crate::__idem_fns_in_impls_and_traits_need_an_explicit_scope as fns_in_impls_and_traits_need_an_explicit_scope;
+
     /// Pins the body's output type to the function's return type, so `?` and `.into()` in the body
     /// infer as they did before the attribute was added.
     #[inline(always)]

@@ -62,3 +62,19 @@ impl StoreHandle for StoreRef<'_> {
 pub fn store_ref<'a, S: IdemStore + Sync + ?Sized>(store: &'a &'a S) -> StoreRef<'a> {
     StoreRef(store)
 }
+
+/// Emitted by `#[idempotent]` next to a fn that has no `scope` (nor a receiver or generics, which
+/// have their own errors). Its default scope, the module path and the fn name, tells fns apart
+/// only when they are module items: two impls of one module (or the instantiations of a generic
+/// impl, or the types sharing a default method) would share one key space and replay each other's
+/// outputs. An attribute cannot see the item around its fn, so this expands to a `use`, which is
+/// an item in a module or a block and refused by rustc in an `impl` or a `trait`. The error is
+/// rustc's ("`use` import is not supported in `trait`s or `impl`s"), on the attribute; this
+/// macro's name, shown in its note, says what to do.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __idem_fns_in_impls_and_traits_need_an_explicit_scope {
+    () => {
+        use $crate as _;
+    };
+}
