@@ -81,6 +81,18 @@ pub(crate) fn respan(tokens: TokenStream, span: Span) -> TokenStream {
         .collect()
 }
 
+/// What the wrapper wraps: the user's body and output type, and where the new body goes.
+struct Wrapped<'a> {
+    /// `R`, the handler's `Result`.
+    ret: &'a syn::Type,
+    /// The body that runs once per key.
+    block: &'a syn::Block,
+    /// The span of the `async` keyword the wrapper's blocks take.
+    async_span: Option<Span>,
+    /// `Some` for an `#[async_trait]` method: the `Box::pin(..)` around the new body.
+    boxed: Option<&'a syn::ExprCall>,
+}
+
 fn expand(mut args: Args, func: &ItemFn, item: TokenStream) -> TokenStream {
     let sig = &func.sig;
     let mut errors: Vec<syn::Error> = std::mem::take(&mut args.errors);
@@ -100,35 +112,56 @@ fn expand(mut args: Args, func: &ItemFn, item: TokenStream) -> TokenStream {
             "#[idempotent] cannot wrap a `const fn`: it talks to a store at run time; remove `const` and make it `async`",
         ));
     }
-    // A `const fn` is told to become `async` by the error above: one error for one mistake.
-    if sig.asyncness.is_none() && sig.constness.is_none() {
-        errors.push(syn::Error::new(
-            sig.fn_token.span,
-            "the `async` keyword is missing from the function declaration: #[idempotent] wraps an `async fn` (write `async fn`)",
-        ));
-    }
-    let ret = match &sig.output {
-        ReturnType::Default => {
-            errors.push(syn::Error::new(
-                sig.paren_token.span.close(),
-                format!(
-                    "`{}` returns nothing: #[idempotent] functions return `Result<T, E>` (add `-> Result<(), YourError>`), so a failure releases the key for a redelivery",
-                    sig.ident
-                ),
-            ));
+    // A method of an `#[async_trait]` impl comes rewritten, without its `async`.
+    let rewritten = match crate::async_trait::rewritten(func) {
+        Some(Ok(r)) => Some(r),
+        Some(Err(e)) => {
+            errors.push(e);
             None
         }
-        ReturnType::Type(_, ty) => match impl_trait_in(quote!(#ty)) {
-            Some(span) => {
+        // A `const fn` is told to become `async` by the error above: one error for one mistake.
+        None => {
+            if sig.asyncness.is_none() && sig.constness.is_none() {
                 errors.push(syn::Error::new(
-                    span,
-                    "#[idempotent] needs a concrete `Result<T, E>` return type: `T` is stored and replayed, so it cannot be `impl Trait`; name the type",
+                    sig.fn_token.span,
+                    "the `async` keyword is missing from the function declaration: #[idempotent] wraps an `async fn` (write `async fn`)",
                 ));
-                None
             }
-            None => Some(ty),
-        },
+            None
+        }
     };
+    let returns_nothing = |errors: &mut Vec<syn::Error>| {
+        errors.push(syn::Error::new(
+            sig.paren_token.span.close(),
+            format!(
+                "`{}` returns nothing: #[idempotent] functions return `Result<T, E>` (add `-> Result<(), YourError>`), so a failure releases the key for a redelivery",
+                sig.ident
+            ),
+        ));
+    };
+    let ret = match (&rewritten, &sig.output) {
+        // async-trait writes `Output = ()` for a fn that returns nothing.
+        (Some(r), _) if matches!(r.output, syn::Type::Tuple(t) if t.elems.is_empty()) => {
+            returns_nothing(&mut errors);
+            None
+        }
+        (Some(r), _) => Some(r.output),
+        (None, ReturnType::Default) => {
+            returns_nothing(&mut errors);
+            None
+        }
+        (None, ReturnType::Type(_, ty)) => Some(&**ty),
+    };
+    let ret = ret.filter(|ty| match impl_trait_in(quote!(#ty)) {
+        Some(span) => {
+            errors.push(syn::Error::new(
+                span,
+                "#[idempotent] needs a concrete `Result<T, E>` return type: `T` is stored and replayed, so it cannot be `impl Trait`; name the type",
+            ));
+            false
+        }
+        None => true,
+    });
     let params = Params::of(func);
 
     // The default scope is the module path and the fn name, which tells apart only fns that are
@@ -199,11 +232,26 @@ fn expand(mut args: Args, func: &ItemFn, item: TokenStream) -> TokenStream {
     let (Some(ret), Some(key_expr)) = (ret, key_expr) else {
         unreachable!("errors were reported above")
     };
+    let wrapped = match &rewritten {
+        Some(r) => Wrapped {
+            ret,
+            block: r.block,
+            async_span: Some(r.async_span),
+            boxed: Some(r.call),
+        },
+        None => Wrapped {
+            ret,
+            block: &func.block,
+            async_span: sig.asyncness.map(|a| a.span),
+            boxed: None,
+        },
+    };
     let options = options(&args, &krate, sig);
 
     let attrs = &func.attrs;
     let vis = &func.vis;
-    let block = &func.block;
+    let block = wrapped.block;
+    let ret = wrapped.ret;
     let capture = if moves { quote!(move) } else { quote!() };
     // Bounds on the return type are checked at its span, so "must return Result" points there.
     // The whole call (path, parentheses, `.await`) is spanned there: obligations of the awaited
@@ -217,8 +265,8 @@ fn expand(mut args: Args, func: &ItemFn, item: TokenStream) -> TokenStream {
         __idem_out
     });
     // `async` on the user's own keyword: a borrow conflict in the body points at their fn.
-    let async_token = match &sig.asyncness {
-        Some(a) => quote_spanned!(a.span=> async),
+    let async_token = match wrapped.async_span {
+        Some(span) => quote_spanned!(span=> async),
         None => quote!(async),
     };
     // Checked on the parameter itself, so a parameter that is not a transaction is one error.
@@ -251,13 +299,19 @@ fn expand(mut args: Args, func: &ItemFn, item: TokenStream) -> TokenStream {
     parens.set_span(ret_span);
     run.extend([TokenTree::Group(parens)]);
     run.extend(quote_spanned!(ret_span=> .await));
-    let stmts = quote! {
+    let mut stmts = quote! {
         #store_use
         let __idem_call = #krate::Call::from_key(#key_expr) #fingerprint;
         #tx_access
         const __IDEM_OPTIONS: #krate::Options = #options;
         #run
     };
+    // An `#[async_trait]` method keeps its boxing: the wrapper runs in the boxed block, where
+    // async-trait's own rebinding of `self` and of the parameters stays, inside the body.
+    if let Some(call) = wrapped.boxed {
+        let pin = &call.func;
+        stmts = quote!(#pin(#async_token move { #stmts }));
+    }
     // The new body keeps the user's braces' span, so the item is still the user's code to rustc:
     // "function is never used" and other lints on the fn keep working.
     let mut body = Group::new(proc_macro2::Delimiter::Brace, stmts);
@@ -478,5 +532,25 @@ mod tests {
             let out = expand_str(args, item);
             assert!(!out.contains(CHECK), "{out}");
         }
+    }
+
+    #[test]
+    fn an_async_trait_method_is_wrapped_inside_its_box() {
+        let out = expand_str(
+            r#"key = "id", store = "self.idem", scope = "s""#,
+            "fn m<'life0, 'async_trait>(&'life0 self, id: u64) -> ::core::pin::Pin<Box<dyn ::core::future::Future<Output = Result<u64, E>> + ::core::marker::Send + 'async_trait>> where 'life0: 'async_trait, Self: 'async_trait { Box::pin(async move { let __self = self; let __ret: Result<u64, E> = { Ok(id) }; __ret }) }",
+        );
+        assert!(!out.contains("compile_error"), "{out}");
+        // The signature stays async-trait's; the wrapper runs in the boxed block, around
+        // async-trait's own statements.
+        assert!(out.contains("'async_trait > > where"), "{out}");
+        let boxed = out.find("Box :: pin (async move {").expect(&out);
+        let run = out.find("run_future").expect(&out);
+        let rebinding = out.find("let __self = self").expect(&out);
+        assert!(boxed < run && run < rebinding, "{out}");
+        assert!(
+            out.contains("let __idem_out : Result < u64 , E > ="),
+            "{out}"
+        );
     }
 }

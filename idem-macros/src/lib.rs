@@ -6,6 +6,7 @@
 
 use proc_macro::TokenStream;
 
+mod async_trait;
 mod attr;
 mod duration;
 mod expand;
