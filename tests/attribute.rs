@@ -303,3 +303,98 @@ mod uuid_keys {
         assert_eq!(by_uuid(&store, uuid::Uuid::nil(), 3).await.unwrap(), 3);
     }
 }
+
+/// Associated fns without `self` in two impls of one module: the default scope would be the same
+/// for both (module path and fn name), so they must name theirs, and then keep apart.
+mod two_impls_of_one_module {
+    use super::*;
+
+    static CHARGES: AtomicU32 = AtomicU32::new(0);
+    static REFUNDS: AtomicU32 = AtomicU32::new(0);
+
+    trait Job {
+        async fn run(store: &MemoryStore, id: u64) -> Result<String, AppError>;
+    }
+
+    struct Charge;
+    struct Refund;
+
+    impl Job for Charge {
+        #[idempotent(key = "id", store = "store", scope = "jobs.charge")]
+        async fn run(store: &MemoryStore, id: u64) -> Result<String, AppError> {
+            CHARGES.fetch_add(1, Ordering::SeqCst);
+            Ok(format!("charged order {id}"))
+        }
+    }
+
+    impl Job for Refund {
+        #[idempotent(key = "id", store = "store", scope = "jobs.refund")]
+        async fn run(store: &MemoryStore, id: u64) -> Result<String, AppError> {
+            REFUNDS.fetch_add(1, Ordering::SeqCst);
+            Ok(format!("refunded order {id}"))
+        }
+    }
+
+    #[tokio::test]
+    async fn associated_fns_of_two_impls_with_scopes_keep_their_outputs_apart() {
+        let store = MemoryStore::new();
+        assert_eq!(Charge::run(&store, 7).await.unwrap(), "charged order 7");
+        assert_eq!(Refund::run(&store, 7).await.unwrap(), "refunded order 7");
+        // Duplicates replay their own impl's output.
+        assert_eq!(Refund::run(&store, 7).await.unwrap(), "refunded order 7");
+        assert_eq!(Charge::run(&store, 7).await.unwrap(), "charged order 7");
+        assert_eq!(CHARGES.load(Ordering::SeqCst), 1);
+        assert_eq!(REFUNDS.load(Ordering::SeqCst), 1);
+    }
+}
+
+/// The attribute on the methods of an `#[async_trait]` impl, called through a trait object.
+mod async_trait_impl {
+    use super::*;
+
+    #[async_trait::async_trait]
+    trait Handler: Send + Sync {
+        async fn handle(&self, order: u64, note: String) -> Result<Coupon, AppError>;
+    }
+
+    struct Coupons {
+        idem: MemoryStore,
+        runs: AtomicU32,
+    }
+
+    #[async_trait::async_trait]
+    impl Handler for Coupons {
+        #[idempotent(key = "order", store = "self.idem", scope = "tests.async_trait")]
+        async fn handle(&self, order: u64, note: String) -> Result<Coupon, AppError> {
+            self.runs.fetch_add(1, Ordering::SeqCst);
+            tokio::task::yield_now().await;
+            Ok(Coupon {
+                order,
+                code: format!("C{order}-{note}"),
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_method_of_an_async_trait_impl_runs_once_and_replays() {
+        let coupons = Coupons {
+            idem: MemoryStore::new(),
+            runs: AtomicU32::new(0),
+        };
+        let handler: &dyn Handler = &coupons;
+        let first = handler.handle(5, "first".into()).await.unwrap();
+        assert_eq!(first.code, "C5-first");
+        // The duplicate is replayed: the first output, the body not run.
+        let second = handler.handle(5, "second".into()).await.unwrap();
+        assert_eq!(second, first);
+        assert_eq!(coupons.runs.load(Ordering::SeqCst), 1);
+        // Spawnable: the boxed future is `Send`.
+        let coupons = Arc::new(coupons);
+        let spawned = tokio::spawn({
+            let coupons = coupons.clone();
+            async move { coupons.handle(6, "spawned".into()).await }
+        });
+        assert_eq!(spawned.await.unwrap().unwrap().order, 6);
+        assert_eq!(coupons.runs.load(Ordering::SeqCst), 2);
+    }
+}

@@ -6,8 +6,7 @@ use syn::spanned::Spanned;
 use syn::{FnArg, Ident, ItemFn, ReturnType};
 
 use crate::attr::Args;
-use crate::params::{Params, generic_part, impl_trait_in, mentions, path_expr, tx_param};
-use crate::template::{self, Piece};
+use crate::params::{Params, generic_part, impl_trait_in, tx_param};
 
 /// Entry point on `proc_macro2` streams. On any error the user's item is emitted unchanged next to
 /// the error, so one mistake gives one error and IDEs keep working.
@@ -16,9 +15,8 @@ pub(crate) fn idempotent(args: TokenStream, item: TokenStream) -> TokenStream {
         Ok(f) => f,
         Err(_) => return with_error(item.clone(), not_a_fn(item)),
     };
-    let args = syn::parse2::<Args>(args);
-    match args.and_then(|a| expand(a, &func)) {
-        Ok(ts) => ts,
+    match syn::parse2::<Args>(args) {
+        Ok(args) => expand(args, &func, item),
         Err(e) => with_error(item, e),
     }
 }
@@ -67,7 +65,7 @@ fn not_a_fn(item: TokenStream) -> syn::Error {
 
 /// Give every token of `tokens` the span `span`, so that errors about the code they form are
 /// reported there (`span` must come from the user's attribute or signature, for hygiene).
-fn respan(tokens: TokenStream, span: Span) -> TokenStream {
+pub(crate) fn respan(tokens: TokenStream, span: Span) -> TokenStream {
     tokens
         .into_iter()
         .map(|mut t| {
@@ -83,73 +81,121 @@ fn respan(tokens: TokenStream, span: Span) -> TokenStream {
         .collect()
 }
 
-fn expand(mut args: Args, func: &ItemFn) -> syn::Result<TokenStream> {
+/// What the wrapper wraps: the user's body and output type, and where the new body goes.
+struct Wrapped<'a> {
+    /// `R`, the handler's `Result`.
+    ret: &'a syn::Type,
+    /// The body that runs once per key.
+    block: &'a syn::Block,
+    /// The span of the `async` keyword the wrapper's blocks take.
+    async_span: Option<Span>,
+    /// `Some` for an `#[async_trait]` method: the `Box::pin(..)` around the new body.
+    boxed: Option<&'a syn::ExprCall>,
+}
+
+fn expand(mut args: Args, func: &ItemFn, item: TokenStream) -> TokenStream {
     let sig = &func.sig;
     let mut errors: Vec<syn::Error> = std::mem::take(&mut args.errors);
+    let krate =
+        args.krate.as_ref().map(|(_, p)| quote!(#p)).unwrap_or_else(
+            || match crate::krate::renamed() {
+                Some(name) => {
+                    let name = Ident::new(name, Span::call_site());
+                    quote!(::#name)
+                }
+                None => quote!(::idem_runtime),
+            },
+        );
     if let Some(c) = &sig.constness {
         errors.push(syn::Error::new(
             c.span,
             "#[idempotent] cannot wrap a `const fn`: it talks to a store at run time; remove `const` and make it `async`",
         ));
     }
-    // A `const fn` is told to become `async` by the error above: one error for one mistake.
-    if sig.asyncness.is_none() && sig.constness.is_none() {
-        errors.push(syn::Error::new(
-            sig.fn_token.span,
-            "the `async` keyword is missing from the function declaration: #[idempotent] wraps an `async fn` (write `async fn`)",
-        ));
-    }
-    let ret = match &sig.output {
-        ReturnType::Default => {
-            errors.push(syn::Error::new(
-                sig.paren_token.span.close(),
-                format!(
-                    "`{}` returns nothing: #[idempotent] functions return `Result<T, E>` (add `-> Result<(), YourError>`), so a failure releases the key for a redelivery",
-                    sig.ident
-                ),
-            ));
+    // A method of an `#[async_trait]` impl comes rewritten, without its `async`.
+    let rewritten = match crate::async_trait::rewritten(func) {
+        Some(Ok(r)) => Some(r),
+        Some(Err(e)) => {
+            errors.push(e);
             None
         }
-        ReturnType::Type(_, ty) => match impl_trait_in(quote!(#ty)) {
-            Some(span) => {
+        // A `const fn` is told to become `async` by the error above: one error for one mistake.
+        None => {
+            if sig.asyncness.is_none() && sig.constness.is_none() {
                 errors.push(syn::Error::new(
-                    span,
-                    "#[idempotent] needs a concrete `Result<T, E>` return type: `T` is stored and replayed, so it cannot be `impl Trait`; name the type",
+                    sig.fn_token.span,
+                    "the `async` keyword is missing from the function declaration: #[idempotent] wraps an `async fn` (write `async fn`)",
                 ));
-                None
             }
-            None => Some(ty),
-        },
+            None
+        }
     };
+    let returns_nothing = |errors: &mut Vec<syn::Error>| {
+        errors.push(syn::Error::new(
+            sig.paren_token.span.close(),
+            format!(
+                "`{}` returns nothing: #[idempotent] functions return `Result<T, E>` (add `-> Result<(), YourError>`), so a failure releases the key for a redelivery",
+                sig.ident
+            ),
+        ));
+    };
+    let ret = match (&rewritten, &sig.output) {
+        // async-trait writes `Output = ()` for a fn that returns nothing.
+        (Some(r), _) if matches!(r.output, syn::Type::Tuple(t) if t.elems.is_empty()) => {
+            returns_nothing(&mut errors);
+            None
+        }
+        (Some(r), _) => Some(r.output),
+        (None, ReturnType::Default) => {
+            returns_nothing(&mut errors);
+            None
+        }
+        (None, ReturnType::Type(_, ty)) => Some(&**ty),
+    };
+    let ret = ret.filter(|ty| match impl_trait_in(quote!(#ty)) {
+        Some(span) => {
+            errors.push(syn::Error::new(
+                span,
+                "#[idempotent] needs a concrete `Result<T, E>` return type: `T` is stored and replayed, so it cannot be `impl Trait`; name the type",
+            ));
+            false
+        }
+        None => true,
+    });
     let params = Params::of(func);
 
-    // Instantiations of a generic handler would share the default scope: one could replay
-    // another's output, or be suppressed by another's record. Refuse to guess.
-    if args.scope.is_none()
-        && let Some((span, what)) = generic_part(sig, args.store.as_ref().map(|(_, e)| e))
-    {
-        errors.push(syn::Error::new(
-            span,
-            format!(
-                "`{}` is generic over {what}, so all its instantiations would share one default scope, and one instantiation could replay another's output or be suppressed by another's record; name the scope they share, e.g. scope = \"{}\", and put what tells them apart in `key`",
-                sig.ident, sig.ident
-            ),
-        ));
+    // The default scope is the module path and the fn name, which tells apart only fns that are
+    // module items and not generic. Each way it would not gets its own error.
+    let mut check = TokenStream::new();
+    if args.scope.is_none() {
+        if let Some((span, what)) = generic_part(sig, args.store.as_ref().map(|(_, e)| e)) {
+            // Instantiations would share it: one could replay another's output, or be suppressed
+            // by another's record. Refuse to guess.
+            errors.push(syn::Error::new(
+                span,
+                format!(
+                    "`{}` is generic over {what}, so all its instantiations would share one default scope, and one instantiation could replay another's output or be suppressed by another's record; name the scope they share, e.g. scope = \"{}\", and put what tells them apart in `key`",
+                    sig.ident, sig.ident
+                ),
+            ));
+        } else if let Some(FnArg::Receiver(r)) = sig.inputs.first() {
+            // It does not name the type: `handle` on two types of one module would share it.
+            errors.push(syn::Error::new(
+                r.self_token.span,
+                format!(
+                    "`{}` is a method, and the default scope (module path and fn name) does not name its type: methods of that name on two types of one module would share one key space and replay each other's outputs; name the scope, e.g. scope = \"orders.{}\"",
+                    sig.ident, sig.ident
+                ),
+            ));
+        } else {
+            // An associated fn without `self`: only rustc knows, see `module_item`.
+            check = crate::module_item::check(&krate);
+        }
     }
-
-    // Methods: the default scope names the module and the fn, not the type, so `handle` on two
-    // types of one module would share a key space and replay each other's outputs.
-    if args.scope.is_none()
-        && let Some(FnArg::Receiver(r)) = sig.inputs.first()
-    {
-        errors.push(syn::Error::new(
-            r.self_token.span,
-            format!(
-                "`{}` is a method, and the default scope (module path and fn name) does not name its type: methods of that name on two types of one module would share one key space and replay each other's outputs; name the scope, e.g. scope = \"orders.{}\"",
-                sig.ident, sig.ident
-            ),
-        ));
-    }
+    let fail = |errors: Vec<syn::Error>| {
+        let err = combine(errors).into_compile_error();
+        quote!(#check #item #err)
+    };
 
     // The transactional form: the parameter that is the transaction.
     let tx = args
@@ -174,173 +220,111 @@ fn expand(mut args: Args, func: &ItemFn) -> syn::Result<TokenStream> {
                 "missing `key`: name the parameter that identifies the message, e.g. #[idempotent(key = \"{example}\")]"
             ),
         ));
-        return Err(combine(errors));
+        return fail(errors);
     };
-
-    let krate =
-        args.krate.as_ref().map(|(_, p)| quote!(#p)).unwrap_or_else(
-            || match crate::krate::renamed() {
-                Some(name) => {
-                    let name = Ident::new(name, Span::call_site());
-                    quote!(::#name)
-                }
-                None => quote!(::idem_runtime),
-            },
-        );
-
-    // The key: one value, or a template whose parts are escaped against its literal text.
-    let key_expr = match template::parse(&key_lit.value()) {
-        Err(msg) => {
-            errors.push(syn::Error::new(key_lit.span(), msg));
-            None
-        }
-        Ok(pieces) => {
-            let span = key_lit.span();
-            let krate = respan(krate.clone(), span);
-            if let [Piece::Path(path)] = pieces.as_slice() {
-                match path_expr(path, key_lit, "key", func, &params) {
-                    Ok(e) => Some(
-                        quote_spanned!(span=> #krate::Key::new(#krate::__private::key_part(&(#e)))),
-                    ),
-                    Err(e) => {
-                        errors.push(e);
-                        None
-                    }
-                }
-            } else {
-                let mut reserved = String::new();
-                let mut steps = TokenStream::new();
-                for piece in &pieces {
-                    match piece {
-                        Piece::Lit(text) => {
-                            for c in text.chars() {
-                                if !reserved.contains(c) {
-                                    reserved.push(c);
-                                }
-                            }
-                            steps.extend(quote!(__idem_key.lit(#text);));
-                        }
-                        Piece::Path(path) => match path_expr(path, key_lit, "key", func, &params) {
-                            Ok(e) => steps.extend(quote_spanned!(span=>
-                                __idem_key.part(#krate::__private::key_part(&(#e)));
-                            )),
-                            Err(e) => errors.push(e),
-                        },
-                    }
-                }
-                Some(quote! {{
-                    let mut __idem_key = #krate::KeyBuilder::new(#reserved);
-                    #steps
-                    __idem_key.finish()
-                }})
-            }
-        }
-    };
-
-    let mut fingerprint = TokenStream::new();
-    if let Some((lit, names)) = &args.fingerprint {
-        let mut adds = TokenStream::new();
-        for (name, _) in names {
-            match template::parse(name) {
-                Ok(pieces) if matches!(pieces.as_slice(), [Piece::Path(_)]) => {
-                    let Piece::Path(path) = &pieces[0] else {
-                        unreachable!()
-                    };
-                    match path_expr(path, lit, "fingerprint", func, &params) {
-                        // On the literal, so "`Payload: Serialize` is not satisfied" points there.
-                        Ok(e) => adds.extend(quote_spanned!(lit.span()=> .add(&(#e)))),
-                        Err(e) => errors.push(e),
-                    }
-                }
-                _ => errors.push(syn::Error::new(
-                    lit.span(),
-                    format!("`{name}` in `fingerprint` is not a parameter or a field path; list them separated by commas, e.g. fingerprint = \"amount, currency\""),
-                )),
-            }
-        }
-        fingerprint = quote!(.fingerprint(#krate::Fingerprint::builder() #adds .finish()));
-    }
-
-    // The store: an expression, or the process-wide default.
-    let mut moves = true;
-    let mut store_items = TokenStream::new();
-    let store = match &args.store {
-        None => quote!(&#krate::DefaultStore),
-        Some((lit, expr)) => {
-            let tokens = quote!(#expr);
-            if params.receiver == Some(false) && mentions(tokens.clone(), "self") {
-                errors.push(syn::Error::new(
-                    lit.span(),
-                    format!(
-                        "`store` borrows `self` for the whole call, but `{}` takes `self` by value, which the handler's body owns; take `&self`, or give a store that does not live in `self`",
-                        sig.ident
-                    ),
-                ));
-            }
-            // A store borrowed from a by-value parameter must not be moved into the body: capture
-            // by reference then (the body can still move other parameters).
-            // Likewise a store in `&mut self`: moving the `&mut` into the body would conflict
-            // with the store's borrow, while a body that only reads `self` can share it.
-            if params
-                .names
-                .iter()
-                .any(|n| mentions(tokens.clone(), &n.to_string()))
-                || (params.receiver_mut && mentions(tokens.clone(), "self"))
-            {
-                moves = false;
-            }
-            // The expression may be a store, a reference to one (a parameter `store: &MemoryStore`
-            // or `&dyn Store`) or an `Arc`: a method call peels one reference. The check is a
-            // local trait whose message is about stores, reported on the literal; the handle it
-            // returns has one type whatever the store, so `run_future` adds no second error.
-            let span = lit.span();
-            store_items = quote! {
-                trait __IdemDeref {
-                    fn __idem_deref(&self) -> &Self {
-                        self
-                    }
-                }
-                impl<__IdemT: ?::core::marker::Sized> __IdemDeref for __IdemT {}
-                #[diagnostic::on_unimplemented(
-                    message = "`{Self}` is not an idempotency store",
-                    label = "`store` must be a value that implements `idem_runtime::Store`, or a reference or `Arc` to one",
-                    note = "give a store such as a `MemoryStore` field (`store = \"self.idem\"`), or leave `store` out to use the store installed with `idem_runtime::install_default_store`"
-                )]
-                trait __IdemStore: #krate::StoreHandle {}
-                #[diagnostic::do_not_recommend]
-                impl<__IdemS: #krate::StoreHandle + ?::core::marker::Sized> __IdemStore for __IdemS {}
-                trait __IdemDyn {
-                    fn __idem_store(&self) -> ::core::result::Result<&dyn #krate::Store, #krate::Error>;
-                }
-                impl<__IdemS: #krate::StoreHandle + ?::core::marker::Sized> __IdemDyn for &__IdemS {
-                    fn __idem_store(&self) -> ::core::result::Result<&dyn #krate::Store, #krate::Error> {
-                        #krate::StoreHandle::store(*self)
-                    }
-                }
-                struct __IdemHandle<'a>(&'a (dyn __IdemDyn + ::core::marker::Sync + 'a));
-                impl #krate::StoreHandle for __IdemHandle<'_> {
-                    fn store(&self) -> ::core::result::Result<&dyn #krate::Store, #krate::Error> {
-                        self.0.__idem_store()
-                    }
-                }
-                // `Sync` (every `Store` is) keeps the handler's future `Send`.
-                fn __idem_handle<'a, __IdemS: __IdemStore + ::core::marker::Sync + ?::core::marker::Sized>(
-                    store: &'a &'a __IdemS,
-                ) -> __IdemHandle<'a> {
-                    __IdemHandle(store)
-                }
-            };
-            quote_spanned!(span=> &__idem_handle(&(#expr).__idem_deref()))
-        }
-    };
+    let key_expr = crate::key::key_expr(key_lit, &krate, func, &params, &mut errors);
+    let fingerprint = crate::key::fingerprint(&args, &krate, func, &params, &mut errors);
+    let (store, store_use, moves) = crate::store::store(&args, &krate, &params, sig, &mut errors);
 
     if !errors.is_empty() {
-        return Err(combine(errors));
+        return fail(errors);
     }
     let (Some(ret), Some(key_expr)) = (ret, key_expr) else {
         unreachable!("errors were reported above")
     };
+    let wrapped = match &rewritten {
+        Some(r) => Wrapped {
+            ret,
+            block: r.block,
+            async_span: Some(r.async_span),
+            boxed: Some(r.call),
+        },
+        None => Wrapped {
+            ret,
+            block: &func.block,
+            async_span: sig.asyncness.map(|a| a.span),
+            boxed: None,
+        },
+    };
+    let options = options(&args, &krate, sig);
 
+    let attrs = &func.attrs;
+    let vis = &func.vis;
+    let block = wrapped.block;
+    let ret = wrapped.ret;
+    let capture = if moves { quote!(move) } else { quote!() };
+    // Bounds on the return type are checked at its span, so "must return Result" points there.
+    // The whole call (path, parentheses, `.await`) is spanned there: obligations of the awaited
+    // future land on the same span as those of the call, and rustc reports them once.
+    let ret_span = ret.span();
+    let krate_ret = respan(krate.clone(), ret_span);
+    // The body's value is bound to the return type, as a fn body is: a body that ends without
+    // its `Result` (an empty body, a stray `;`) is one "mismatched types" error on the body.
+    let body = quote!({
+        let __idem_out: #ret = #block;
+        __idem_out
+    });
+    // `async` on the user's own keyword: a borrow conflict in the body points at their fn.
+    let async_token = match wrapped.async_span {
+        Some(span) => quote_spanned!(span=> async),
+        None => quote!(async),
+    };
+    // Checked on the parameter itself, so a parameter that is not a transaction is one error.
+    let tx_access = tx.as_ref().map(|tx| {
+        let krate = respan(krate.clone(), tx.span());
+        quote_spanned!(tx.span()=> let __idem_tx_access = #krate::__private::tx_access(&*#tx);)
+    });
+    let (args, entry) = match &tx {
+        // The body becomes an async closure over the transaction, which the wrapper hands back
+        // after the body ran, to write the done mark in it.
+        // The body borrows the transaction and hands it back when it is done: the inner block
+        // is not `move`, so it only borrows `tx` (and moves what the body moves).
+        Some(tx) => (
+            quote!(#store, &__IDEM_OPTIONS, __idem_call, #tx, __idem_tx_access, #capture |#tx| #async_token #capture {
+                let __idem_out = #async_token #body.await;
+                (__idem_out, #tx)
+            }),
+            quote_spanned!(ret_span=> #krate_ret::__private::run_tx_future),
+        ),
+        None => (
+            quote!(#store, &__IDEM_OPTIONS, __idem_call, #async_token #capture #body),
+            quote_spanned!(ret_span=> #krate_ret::__private::run_future),
+        ),
+    };
+    // `R` is inferred from the body (pinned by its binding to the return type): a
+    // turbofish would add a second span (the whole type) to errors that are also reported on its
+    // first token.
+    let mut run = entry;
+    let mut parens = Group::new(proc_macro2::Delimiter::Parenthesis, args);
+    parens.set_span(ret_span);
+    run.extend([TokenTree::Group(parens)]);
+    run.extend(quote_spanned!(ret_span=> .await));
+    let mut stmts = quote! {
+        #store_use
+        let __idem_call = #krate::Call::from_key(#key_expr) #fingerprint;
+        #tx_access
+        const __IDEM_OPTIONS: #krate::Options = #options;
+        #run
+    };
+    // An `#[async_trait]` method keeps its boxing: the wrapper runs in the boxed block, where
+    // async-trait's own rebinding of `self` and of the parameters stays, inside the body.
+    if let Some(call) = wrapped.boxed {
+        let pin = &call.func;
+        stmts = quote!(#pin(#async_token move { #stmts }));
+    }
+    // The new body keeps the user's braces' span, so the item is still the user's code to rustc:
+    // "function is never used" and other lints on the fn keep working.
+    let mut body = Group::new(proc_macro2::Delimiter::Brace, stmts);
+    body.set_span(func.block.brace_token.span.join());
+    quote! {
+        #check
+        #(#attrs)*
+        #vis #sig #body
+    }
+}
+
+/// The `Options` constant's expression.
+fn options(args: &Args, krate: &TokenStream, sig: &syn::Signature) -> TokenStream {
     let scope = match &args.scope {
         Some(lit) => quote!(#lit),
         None => {
@@ -377,74 +361,7 @@ fn expand(mut args: Args, func: &ItemFn) -> syn::Result<TokenStream> {
         let bytes = *bytes as usize;
         options.extend(quote_spanned!(lit.span()=> .max_output(#bytes)));
     }
-
-    let attrs = &func.attrs;
-    let vis = &func.vis;
-    let block = &func.block;
-    let capture = if moves { quote!(move) } else { quote!() };
-    // Bounds on the return type are checked at its span, so "must return Result" points there.
-    // The whole call (path, parentheses, `.await`) is spanned there: obligations of the awaited
-    // future land on the same span as those of the call, and rustc reports them once.
-    let ret_span = ret.span();
-    let krate_ret = respan(krate.clone(), ret_span);
-    // The body's value is bound to the return type, as a fn body is: a body that ends without
-    // its `Result` (an empty body, a stray `;`) is one "mismatched types" error on the body.
-    let body = quote!({
-        let __idem_out: #ret = #block;
-        __idem_out
-    });
-    // `async` on the user's own keyword: a borrow conflict in the body points at their fn.
-    let async_token = match &sig.asyncness {
-        Some(a) => quote_spanned!(a.span=> async),
-        None => quote!(async),
-    };
-    // Checked on the parameter itself, so a parameter that is not a transaction is one error.
-    let tx_access = tx.as_ref().map(|tx| {
-        let krate = respan(krate.clone(), tx.span());
-        quote_spanned!(tx.span()=> let __idem_tx_access = #krate::__private::tx_access(&*#tx);)
-    });
-    let (args, entry) = match &tx {
-        // The body becomes an async closure over the transaction, which the wrapper hands back
-        // after the body ran, to write the done mark in it.
-        // The body borrows the transaction and hands it back when it is done: the inner block
-        // is not `move`, so it only borrows `tx` (and moves what the body moves).
-        Some(tx) => (
-            quote!(#store, &__IDEM_OPTIONS, __idem_call, #tx, __idem_tx_access, #capture |#tx| #async_token #capture {
-                let __idem_out = #async_token #body.await;
-                (__idem_out, #tx)
-            }),
-            quote_spanned!(ret_span=> #krate_ret::__private::run_tx_future),
-        ),
-        None => (
-            quote!(#store, &__IDEM_OPTIONS, __idem_call, #async_token #capture #body),
-            quote_spanned!(ret_span=> #krate_ret::__private::run_future),
-        ),
-    };
-    // `R` is inferred from the body (pinned by its binding to the return type): a
-    // turbofish would add a second span (the whole type) to errors that are also reported on its
-    // first token.
-    let mut run = entry;
-    let mut parens = Group::new(proc_macro2::Delimiter::Parenthesis, args);
-    parens.set_span(ret_span);
-    run.extend([TokenTree::Group(parens)]);
-    run.extend(quote_spanned!(ret_span=> .await));
-    // The new body keeps the user's braces' span, so the item is still the user's code to rustc:
-    // "function is never used" and other lints on the fn keep working.
-    let mut body = Group::new(
-        proc_macro2::Delimiter::Brace,
-        quote! {
-            #store_items
-            let __idem_call = #krate::Call::from_key(#key_expr) #fingerprint;
-            #tx_access
-            const __IDEM_OPTIONS: #krate::Options = #options;
-            #run
-        },
-    );
-    body.set_span(func.block.brace_token.span.join());
-    Ok(quote! {
-        #(#attrs)*
-        #vis #sig #body
-    })
+    options
 }
 
 fn combine(errors: Vec<syn::Error>) -> syn::Error {
@@ -536,7 +453,7 @@ mod tests {
             r#"key = "id", store = "store""#,
             "async fn f(store: &S, id: u64) -> Result<(), E> { Ok(()) }",
         );
-        assert!(out.contains("__idem_handle"), "{out}");
+        assert!(out.contains("store_ref"), "{out}");
         // Borrowed from a parameter: the body is not `async move`.
         assert!(!out.contains("async move"), "{out}");
         assert!(!out.contains("compile_error"), "{out}");
@@ -549,5 +466,91 @@ mod tests {
             "fn f(order_id: u64) -> Result<(), E> { Ok(()) }",
         );
         assert_eq!(out.matches("compile_error").count(), 3, "{out}");
+    }
+
+    #[test]
+    fn a_template_key_is_one_expression_that_drops_no_result() {
+        let out = expand_str(
+            r#"key = "{tenant}:{id}""#,
+            "async fn f(tenant: &str, id: u64) -> Result<(), E> { Ok(()) }",
+        );
+        // `lit` and `part` return `&mut KeyBuilder`: chained, not statements whose value is
+        // dropped (which `#![deny(unused_results)]` refuses).
+        assert!(
+            out.contains(":: KeyBuilder :: new (\":\") . part ("),
+            "{out}"
+        );
+        assert!(out.contains(". lit (\":\") . part ("), "{out}");
+        assert!(!out.contains("__idem_key"), "{out}");
+    }
+
+    #[test]
+    fn the_expansion_carries_no_tool_attribute() {
+        let out = expand_str(
+            r#"key = "id", store = "self.idem", fingerprint = "id", scope = "s""#,
+            "async fn f(&self, id: u64) -> Result<(), E> { Ok(()) }",
+        );
+        assert!(!out.contains("diagnostic"), "{out}");
+        assert!(
+            out.contains("use :: idem_runtime :: __private :: StoreDeref as _ ;"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn only_an_unscoped_fn_without_self_or_generics_gets_the_module_item_check() {
+        const CHECK: &str = "fns_in_impls_and_traits_need_an_explicit_scope";
+        let free = expand_str(
+            r#"key = "id""#,
+            "async fn run(id: u64) -> Result<(), E> { Ok(()) }",
+        );
+        assert!(free.contains(CHECK), "{free}");
+        // Also next to an error, so a second mistake does not hide it.
+        let failed = expand_str(
+            r#"key = "nope""#,
+            "async fn run(id: u64) -> Result<(), E> { Ok(()) }",
+        );
+        assert!(
+            failed.contains(CHECK) && failed.contains("compile_error"),
+            "{failed}"
+        );
+        for (args, item) in [
+            (
+                r#"key = "id", scope = "jobs.run""#,
+                "async fn run(id: u64) -> Result<(), E> { Ok(()) }",
+            ),
+            // These have errors of their own, which say more.
+            (
+                r#"key = "id""#,
+                "async fn run(&self, id: u64) -> Result<(), E> { Ok(()) }",
+            ),
+            (
+                r#"key = "id""#,
+                "async fn run<T>(id: u64, t: T) -> Result<(), E> { Ok(()) }",
+            ),
+        ] {
+            let out = expand_str(args, item);
+            assert!(!out.contains(CHECK), "{out}");
+        }
+    }
+
+    #[test]
+    fn an_async_trait_method_is_wrapped_inside_its_box() {
+        let out = expand_str(
+            r#"key = "id", store = "self.idem", scope = "s""#,
+            "fn m<'life0, 'async_trait>(&'life0 self, id: u64) -> ::core::pin::Pin<Box<dyn ::core::future::Future<Output = Result<u64, E>> + ::core::marker::Send + 'async_trait>> where 'life0: 'async_trait, Self: 'async_trait { Box::pin(async move { let __self = self; let __ret: Result<u64, E> = { Ok(id) }; __ret }) }",
+        );
+        assert!(!out.contains("compile_error"), "{out}");
+        // The signature stays async-trait's; the wrapper runs in the boxed block, around
+        // async-trait's own statements.
+        assert!(out.contains("'async_trait > > where"), "{out}");
+        let boxed = out.find("Box :: pin (async move {").expect(&out);
+        let run = out.find("run_future").expect(&out);
+        let rebinding = out.find("let __self = self").expect(&out);
+        assert!(boxed < run && run < rebinding, "{out}");
+        assert!(
+            out.contains("let __idem_out : Result < u64 , E > ="),
+            "{out}"
+        );
     }
 }

@@ -6,12 +6,16 @@
 
 use proc_macro::TokenStream;
 
+mod async_trait;
 mod attr;
 mod duration;
 mod expand;
+mod key;
 mod krate;
+mod module_item;
 mod params;
 mod size;
+mod store;
 mod template;
 
 /// Wrap an async fn in lock-check-execute-mark. Documented in `idem_runtime::idempotent`.

@@ -44,6 +44,7 @@ mod codec;
 mod error;
 mod key;
 mod lease;
+mod macro_support;
 mod metrics;
 mod observe;
 mod options;
@@ -113,7 +114,7 @@ pub use store::{
 /// | `keep = "24h"` | how long the done record and its output are kept | `"24h"` |
 /// | `wait = "5s"` | an in-flight duplicate waits up to this long and replays the holder's output | refuse at once with [`Error::InFlight`] |
 /// | `tx = "tx"` | the parameter that is the transaction: the transactional form (below) | none |
-/// | `scope = "..."` | the key namespace. Renaming or moving the fn changes the default and orphans the records stored under it: pin it before a rename. Required on methods and generic fns (the default names neither the type nor the instantiation) | module path and fn name |
+/// | `scope = "..."` | the key namespace. Renaming or moving the fn changes the default and orphans the records stored under it: pin it before a rename. Required on fns in `impl` blocks and traits and on generic fns (the default names neither the type nor the instantiation) | module path and fn name |
 /// | `store = "self.idem"` | an expression giving the store: any [`Store`], a reference or an `Arc` to one, `&dyn Store` | the [`DefaultStore`] |
 /// | `fingerprint = "amount, currency"` | parameters (or field paths) whose hash must match on replay ([`Error::Mismatch`]) | none |
 /// | `max_lease = "1h"` | the longest the lease is renewed for one run (`"forever"`: while it runs); see [`Options::max_lease`] | `"1h"` |
@@ -211,8 +212,12 @@ mod readme {}
 /// Support for the code `#[idempotent]` generates. Not public API: may change in any release.
 #[doc(hidden)]
 pub mod __private {
+    pub use crate::macro_support::{IdemStore, StoreDeref, StoreRef, store_ref};
     pub use crate::run::{run_future, run_tx_future, tx_access};
     pub use serde;
+
+    /// Named by the error it gives: see its definition in `macro_support.rs`.
+    pub use crate::__idem_fns_in_impls_and_traits_need_an_explicit_scope as fns_in_impls_and_traits_need_an_explicit_scope;
 
     /// Pins the body's output type to the function's return type, so `?` and `.into()` in the body
     /// infer as they did before the attribute was added.
