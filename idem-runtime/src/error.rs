@@ -222,6 +222,10 @@ pub enum StoreError {
     /// database than the store's): a mistake in the program, not a passing failure.
     #[error("{0}")]
     Unsupported(String),
+    /// The caller's transaction is gone on the server (rolled back: a deadlock, a failed
+    /// statement, an earlier `TransactionAborted`), so nothing written through it can commit.
+    #[error("the transaction is no longer open on the server: {0}")]
+    TransactionGone(String),
 }
 
 impl StoreError {

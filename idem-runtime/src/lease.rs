@@ -147,6 +147,9 @@ pub(crate) struct Held {
     lost: AtomicBool,
     /// The handler has returned: a renewal that finds the key done or released is no news.
     finishing: AtomicBool,
+    /// A transactional call nested in this one found the transaction gone and rolled it back:
+    /// this call's writes went with it, so it must not mark its key done either.
+    aborted: AtomicBool,
     signal: Notify,
     /// Claims of nested transactional calls, made outside the transaction this handler runs in
     /// (MySQL/MariaDB), whose done marks are in that transaction: if this call undoes its writes
@@ -171,6 +174,7 @@ impl Held {
             lease,
             lost: AtomicBool::new(false),
             finishing: AtomicBool::new(false),
+            aborted: AtomicBool::new(false),
             signal: Notify::new(),
             nested: Mutex::new(Vec::new()),
         })
@@ -179,6 +183,16 @@ impl Held {
     /// The handler returned: the mark or the release follows (renewals go on until then).
     pub(crate) fn finishing(&self) {
         self.finishing.store(true, Ordering::Release);
+    }
+
+    /// The transaction this call runs in was rolled back under it (by a nested call).
+    pub(crate) fn abort(&self) {
+        self.aborted.store(true, Ordering::Release);
+    }
+
+    /// Whether [`abort`](Self::abort) was called.
+    pub(crate) fn is_aborted(&self) -> bool {
+        self.aborted.load(Ordering::Acquire)
     }
 
     /// The lease of the idempotent handler this task is running in, if any (the enclosing call

@@ -94,6 +94,7 @@ pub use sql::SqlStore;
 pub use sql::SqliteStore;
 pub use store::layered::{LayeredStore, LayeredStoreBuilder};
 pub use store::memory::MemoryStore;
+pub use store::ops::{Changed, Counts, KeyState, ListQuery, Listed, Operations, Page, StateFilter};
 #[cfg(feature = "redis")]
 pub use store::redis::{RedisConnection, RedisStore, RedisStoreBuilder};
 pub use store::{

@@ -9,6 +9,7 @@
 
 mod processes;
 mod regressions;
+mod review_tx;
 mod tx_attr;
 
 use std::time::Duration;
@@ -369,9 +370,10 @@ macro_rules! sql_store_tests {
                     r.await.unwrap().unwrap();
                 }
             }
+            // One row per version shipped (1: the table; 2: the holder's columns).
             assert_eq!(
                 count(&pool, format!("SELECT count(*) FROM {table}_migrations")).await,
-                1
+                2
             );
             let key = Key::new("k").unwrap();
             assert!(matches!(
@@ -806,5 +808,6 @@ macro_rules! sql_store_tests {
         $crate::sql_tx_attr_tests!($db, $connect);
         $crate::sql_process_tests!($db, $connect);
         $crate::sql_regression_tests!($db, $connect);
+        $crate::sql_review_tx_tests!($db, $connect);
     };
 }

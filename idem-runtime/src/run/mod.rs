@@ -226,6 +226,11 @@ pub(crate) fn store_error(e: StoreError, phase: Phase, scope: &str, key: &Key) -
         },
         StoreError::Unavailable(source) => Error::Unavailable { phase, source },
         StoreError::Unsupported(reason) => Error::NotTransactional { reason },
+        StoreError::TransactionGone(reason) => Error::TransactionAborted {
+            scope: scope.to_owned(),
+            key: key.clone(),
+            reason,
+        },
     }
 }
 

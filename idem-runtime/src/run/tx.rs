@@ -276,6 +276,23 @@ where
             std::panic::resume_unwind(panic)
         }
     };
+    // A call nested in this one found the transaction gone and rolled it back: this handler's
+    // writes went with it, whatever it returned. It must not mark, nor may the calls around it.
+    let result = match result {
+        Ok(_) if held.is_aborted() => {
+            metrics::record(opts, CallOutcome::TransactionAborted, Some(key), fence);
+            release_nested(&held);
+            if let Some(renewer) = &renewer {
+                release_in(txs, as_tx(tx).0, renewer, scope, key, &lease, opts.ttl).await;
+            }
+            guard.done();
+            let gone = crate::StoreError::TransactionGone(
+                "a call nested in this one found it gone and rolled it back".into(),
+            );
+            return aborted(txs, as_tx(tx).0, opts, key, gone).await;
+        }
+        other => other,
+    };
     let value = match result {
         Ok(value) => value,
         Err(e) => {
@@ -365,6 +382,10 @@ where
     if let Err(e) = txs.abort_in(tx).await {
         // The connection is broken or gone: the database rolled the transaction back with it.
         tracing::warn!(scope, key = %key, error = %e, "rolling the transaction back failed too");
+    }
+    // The calls around this one ran in that transaction too: their writes are gone as well.
+    if let Some(enclosing) = lease::Held::enclosing() {
+        enclosing.abort();
     }
     lift(
         opts,

@@ -3,6 +3,7 @@
 
 pub(crate) mod layered;
 pub(crate) mod memory;
+pub(crate) mod ops;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub(crate) mod redis;
@@ -39,9 +40,6 @@ impl Token {
     /// system call).
     pub(crate) fn generate_in(pid: u32) -> Token {
         static NONCE: AtomicU64 = AtomicU64::new(0);
-        // The process the nonce was made in (0: none yet). A forked child inherits the parent's
-        // memory, nonce and counter included; its own pid tells it to make a nonce of its own.
-        static NONCE_PID: AtomicU32 = AtomicU32::new(0);
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         if NONCE_PID.load(Ordering::Acquire) != pid {
             NONCE.store(new_nonce(pid), Ordering::Release);
@@ -55,6 +53,18 @@ impl Token {
     /// The token as 32 lowercase hex digits (how text-based stores keep it).
     pub fn to_hex(self) -> String {
         format!("{:032x}", self.0)
+    }
+}
+
+/// The process the token nonce was made in (0: none yet). A forked child inherits the parent's
+/// memory, nonce and counter included; its own pid tells it to make a nonce of its own.
+static NONCE_PID: AtomicU32 = AtomicU32::new(0);
+
+/// This process's id as of its last token (no system call): who the leases it takes belong to.
+pub(crate) fn token_pid() -> u32 {
+    match NONCE_PID.load(Ordering::Acquire) {
+        0 => std::process::id(),
+        pid => pid,
     }
 }
 

@@ -6,6 +6,7 @@
 
 mod front;
 mod gate;
+mod ops;
 #[cfg(test)]
 mod tests;
 mod tx;

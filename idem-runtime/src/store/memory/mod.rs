@@ -9,6 +9,8 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+mod ops;
+
 use crate::store::{Begin, BeginRequest, Lease, Store, Token};
 use crate::{Fingerprint, Key, StoreError};
 
@@ -85,8 +87,19 @@ struct Entry {
 }
 
 enum State {
-    InFlight { token: Token, fence: u64 },
-    Done { token: Token, output: Arc<[u8]> },
+    InFlight {
+        token: Token,
+        fence: u64,
+        /// When the lease was taken (for `inspect`).
+        since: Instant,
+    },
+    Done {
+        token: Token,
+        output: Arc<[u8]>,
+        fence: u64,
+    },
+    /// Forgotten by an operator: claimable, and a late mark of the holder before is refused.
+    Forgotten { fence: u64 },
 }
 
 impl MemoryStore {
@@ -129,9 +142,11 @@ impl MemoryStore {
         }
         if let Some(e) = map.entries.get_mut(id)
             && e.expires > now
+            && !matches!(e.state, State::Forgotten { .. })
         {
             return Ok(match &e.state {
-                State::InFlight { token, fence } if *token == req.token => {
+                State::Forgotten { .. } => unreachable!("excluded above"),
+                State::InFlight { token, fence, .. } if *token == req.token => {
                     e.expires = now + req.ttl;
                     Begin::Acquired(req.lease(*fence))
                 }
@@ -154,6 +169,7 @@ impl MemoryStore {
                 state: State::InFlight {
                     token: req.token,
                     fence,
+                    since: now,
                 },
                 expires: now + req.ttl,
                 fingerprint: req.fingerprint,
@@ -175,6 +191,7 @@ impl MemoryStore {
         let done = State::Done {
             token: lease.token,
             output: output.into(),
+            fence: lease.fence,
         };
         match map.entries.get_mut(id) {
             Some(e) if e.expires > now => match &e.state {
@@ -324,7 +341,7 @@ impl Store for MemoryStore {
             // elsewhere (a layered store's durable layer holds it while the front does not):
             // returning at once would make the waiter ask again in a busy loop.
             let map = lock(&shard.map);
-            let settled = matches!(map.entries.get(&id), Some(e) if matches!(e.state, State::Done { .. }) || e.expires <= Instant::now());
+            let settled = matches!(map.entries.get(&id), Some(e) if matches!(e.state, State::Done { .. } | State::Forgotten { .. }) || e.expires <= Instant::now());
             if settled {
                 return;
             }

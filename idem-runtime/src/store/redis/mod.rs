@@ -57,6 +57,7 @@
 //! anything, so completions cost nothing extra when nobody waits.
 
 mod conn;
+mod ops;
 mod record;
 mod waiters;
 
@@ -95,6 +96,8 @@ struct Scripts {
     complete: Script,
     release: Script,
     extend: Script,
+    inspect: Script,
+    forget: Script,
 }
 
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
@@ -102,6 +105,8 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     complete: Script::new(include_str!("scripts/complete.lua")),
     release: Script::new(include_str!("scripts/release.lua")),
     extend: Script::new(include_str!("scripts/extend.lua")),
+    inspect: Script::new(include_str!("scripts/inspect.lua")),
+    forget: Script::new(include_str!("scripts/forget.lua")),
 });
 
 /// The Redis store: the whole contract of `protocol.md`, each phase one round trip.

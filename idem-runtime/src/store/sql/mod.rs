@@ -106,6 +106,7 @@
 #[macro_use]
 mod shared;
 
+mod ops;
 mod sealed;
 mod tx;
 
@@ -139,7 +140,7 @@ pub const MAX_TABLE_NAME_LEN: usize = 48;
 /// A database the SQL store runs on: [`sqlx::Postgres`], [`sqlx::MySql`] (MySQL and MariaDB) or
 /// [`sqlx::Sqlite`], each behind its feature. Sealed: the SQL of each database is part of this
 /// crate.
-pub trait Backend: sealed::Ops {}
+pub trait Backend: sealed::Ops + ops::Admin {}
 
 /// An idempotency store in a SQL table. Cheap to clone (the clones share the pool).
 ///
@@ -394,6 +395,7 @@ impl<DB: Backend> SqlStore<DB> {
 impl<DB: Backend> Store for SqlStore<DB> {
     async fn begin(&self, req: &BeginRequest<'_>) -> Result<Begin, StoreError> {
         let scope = stored_scope(req.scope);
+        let holder = crate::store::ops::this_holder();
         let claim = Claim {
             at: At {
                 scope: &scope,
@@ -403,6 +405,7 @@ impl<DB: Backend> Store for SqlStore<DB> {
             ttl_us: micros(req.ttl),
             fingerprint: req.fingerprint.map(|f| f.0),
             brief_lock_wait: self.inner.is_side,
+            holder: &holder,
         };
         let mut conn = self.acquire().await?;
         DB::begin(&mut conn, &self.inner.sql, &claim).await

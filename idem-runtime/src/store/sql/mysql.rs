@@ -29,15 +29,19 @@ LEFT JOIN {table} AS t ON t.scope = ? AND t.idem_key = ?";
 
 /// Claim an absent key. The fence is the clock read just before.
 const INSERT: &str = "INSERT INTO {table}
-    (scope, idem_key, state, token, fence, expires_at, fingerprint, output)
-VALUES (?, ?, 1, ?, ?, {now} + ?, ?, NULL)";
+    (scope, idem_key, state, token, fence, expires_at, fingerprint, output, claimed_at, holder)
+VALUES (?, ?, 1, ?, ?, {now} + ?, ?, NULL, {now}, ?)";
 
 /// Take over (or renew our own) lease, only if the row is still the one we read (same fence) and
 /// still claimable now.
+/// (MySQL assigns left to right, each assignment seeing the ones before: `claimed_at` comes first,
+/// while `state` and `token` are still the row's.)
 const TAKE_OVER: &str = "UPDATE {table}
-SET state = 1, token = ?, fence = ?, expires_at = {now} + ?, fingerprint = ?, output = NULL
+SET claimed_at = IF(?, claimed_at, {now}),
+    state = 1, token = ?, fence = ?, expires_at = {now} + ?, fingerprint = ?, output = NULL,
+    holder = ?
 WHERE scope = ? AND idem_key = ? AND fence = ?
-  AND (state = 0 OR expires_at <= {now} OR (state = 1 AND token = ?))";
+  AND (state IN (0, 3) OR expires_at <= {now} OR (state = 1 AND token = ?))";
 
 /// Mark done if the token holds the key or nobody else does, with the lease's fingerprint.
 const COMPLETE: &str = "UPDATE {table}
@@ -66,11 +70,18 @@ WHERE scope = ? AND idem_key = ? AND state = 1 AND token = ?";
 const PURGE: &str = "DELETE FROM {table} WHERE expires_at <= {now} AND fence < {now}
 ORDER BY expires_at LIMIT ?";
 
-const MIGRATIONS: Migrations = &[(
-    1,
-    "create idem_keys",
-    include_str!("../../../migrations/mysql/0001_create_idem_keys.sql"),
-)];
+const MIGRATIONS: Migrations = &[
+    (
+        1,
+        "create idem_keys",
+        include_str!("../../../migrations/mysql/0001_create_idem_keys.sql"),
+    ),
+    (
+        2,
+        "add holder",
+        include_str!("../../../migrations/mysql/0002_add_holder.sql"),
+    ),
+];
 
 const MIGRATIONS_TABLE: &str = "CREATE TABLE IF NOT EXISTS {table}_migrations (
     version BIGINT NOT NULL PRIMARY KEY,
@@ -117,6 +128,7 @@ async fn begin_claim(
                 .bind(now)
                 .bind(claim.ttl_us)
                 .bind(fingerprint)
+                .bind(claim.holder)
                 .execute(&mut *conn)
                 .await;
             match inserted {
@@ -149,10 +161,12 @@ async fn begin_claim(
         };
         let sent = std::time::Instant::now();
         let taken = sqlx::query(sql.take_over.clone())
+            .bind(ours_alive)
             .bind(&token[..])
             .bind(fence)
             .bind(claim.ttl_us)
             .bind(fingerprint)
+            .bind(claim.holder)
             .bind(claim.at.scope)
             .bind(claim.at.key)
             .bind(read_fence)
@@ -222,6 +236,18 @@ impl Ops for MySql {
     const CLAIM_LOCKS_DATABASE: bool = false;
     fn side_pool(pool: &Pool<MySql>) -> Option<Pool<MySql>> {
         Some(side_pool(pool))
+    }
+
+    async fn in_transaction(conn: &mut MySqlConnection) -> Result<Option<bool>, StoreError> {
+        // MariaDB has the variable; MySQL does not (an error: it cannot say).
+        match sqlx::query_scalar::<_, u64>("SELECT @@in_transaction")
+            .fetch_one(&mut *conn)
+            .await
+        {
+            Ok(v) => Ok(Some(v != 0)),
+            Err(sqlx::Error::Database(_)) => Ok(None),
+            Err(e) => Err(unavailable(e)),
+        }
     }
 
     async fn peek(
@@ -318,6 +344,13 @@ impl Ops for MySql {
             Err(StoreError::Unavailable(e))
                 if claim.brief_lock_wait && is_lock_wait_timeout(&*e) =>
             {
+                // The wait may have come after the claim was made (renewing it): give it back
+                // (token-checked, so harmless if it was not), as nobody will run it.
+                let at = At {
+                    scope: claim.at.scope,
+                    key: claim.at.key,
+                };
+                let _ = Self::release(conn, sql, &at, claim.token).await;
                 Ok(Begin::InFlight {
                     retry_after: claim.retry_hint(),
                 })

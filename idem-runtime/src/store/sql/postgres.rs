@@ -29,8 +29,9 @@ const FRESH_SHARE: (i64, i64) = (3, 4);
 /// claim committed after this statement's snapshot, the second half sees no row and the caller
 /// runs it again.
 const BEGIN: &str = "WITH claim AS (
-    INSERT INTO {table} (scope, idem_key, state, token, fence, expires_at, fingerprint, output)
-    VALUES ($1, $2, 1, $3, {now}, {now} + $4, $5, NULL)
+    INSERT INTO {table}
+        (scope, idem_key, state, token, fence, expires_at, fingerprint, output, claimed_at, holder)
+    VALUES ($1, $2, 1, $3, {now}, {now} + $4, $5, NULL, {now}, $6)
     ON CONFLICT (scope, idem_key) DO NOTHING
     RETURNING fence, expires_at - {clock} AS remaining
 )
@@ -49,11 +50,14 @@ const TAKE_OVER: &str = "UPDATE {table} SET
     token = $3,
     fence = CASE WHEN state = 1 AND token = $3 AND expires_at > {now}
                  THEN fence ELSE GREATEST(fence + 1, {now}) END,
+    claimed_at = CASE WHEN state = 1 AND token = $3 AND expires_at > {now}
+                 THEN claimed_at ELSE {now} END,
     expires_at = {now} + $4,
     fingerprint = $5,
-    output = NULL
+    output = NULL,
+    holder = $6
 WHERE scope = $1 AND idem_key = $2
-  AND (state = 0 OR expires_at <= {now} OR (state = 1 AND token = $3))
+  AND (state IN (0, 3) OR expires_at <= {now} OR (state = 1 AND token = $3))
 RETURNING fence, expires_at - {clock}";
 
 /// Renew a lease just granted, measured from the clock as it is now; what is left of it.
@@ -105,11 +109,18 @@ const PURGE: &str = "DELETE FROM {table} WHERE (scope, idem_key) IN (
     SELECT scope, idem_key FROM {table} WHERE expires_at <= {now} AND fence < {now}
     LIMIT $1 FOR UPDATE SKIP LOCKED)";
 
-const MIGRATIONS: Migrations = &[(
-    1,
-    "create idem_keys",
-    include_str!("../../../migrations/postgres/0001_create_idem_keys.sql"),
-)];
+const MIGRATIONS: Migrations = &[
+    (
+        1,
+        "create idem_keys",
+        include_str!("../../../migrations/postgres/0001_create_idem_keys.sql"),
+    ),
+    (
+        2,
+        "add holder",
+        include_str!("../../../migrations/postgres/0002_add_holder.sql"),
+    ),
+];
 
 const MIGRATIONS_TABLE: &str = "CREATE TABLE IF NOT EXISTS {table}_migrations (
     version BIGINT PRIMARY KEY,
@@ -226,6 +237,7 @@ impl Ops for Postgres, PgConnection {
                 .bind(&token_bytes(claim.token)[..])
                 .bind(claim.ttl_us)
                 .bind(claim.fingerprint.as_ref().map(|f| &f[..]))
+                .bind(claim.holder)
                 .fetch_optional(&mut *conn)
                 .await
                 .map_err(unavailable)?;
@@ -256,6 +268,7 @@ impl Ops for Postgres, PgConnection {
                 .bind(&token_bytes(claim.token)[..])
                 .bind(claim.ttl_us)
                 .bind(claim.fingerprint.as_ref().map(|f| &f[..]))
+                .bind(claim.holder)
                 .fetch_optional(&mut *conn)
                 .await
                 .map_err(unavailable)?;
@@ -277,7 +290,20 @@ impl Ops for Postgres, PgConnection {
         table: &Table,
         claim: &Claim<'_>,
     ) -> Result<Begin, StoreError> {
-        let lock = advisory_key(&table.qualified, claim.at.scope, claim.at.key);
+        let identity = match table.identity.get() {
+            Some(identity) => identity.clone(),
+            None => {
+                // The table's OID: the same whatever its spelling (schema-qualified or not).
+                let oid: Option<i64> = sqlx::query_scalar("SELECT to_regclass($1)::oid::bigint")
+                    .bind(&table.qualified)
+                    .fetch_one(&mut *conn)
+                    .await
+                    .map_err(unavailable)?;
+                let identity = oid.map_or_else(|| table.qualified.clone(), |o| format!("oid:{o}"));
+                table.identity.get_or_init(|| identity).clone()
+            }
+        };
+        let lock = advisory_key(&identity, claim.at.scope, claim.at.key);
         let got: bool = sqlx::query_scalar(TRY_LOCK)
             .bind(lock)
             .fetch_one(&mut *conn)

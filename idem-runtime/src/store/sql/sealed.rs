@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use sqlx::Pool;
 
-use super::{DONE, FREE, IN_FLIGHT, InvalidTableName, MAX_TABLE_NAME_LEN, token_of};
+use super::{DONE, FORGOTTEN, FREE, IN_FLIGHT, InvalidTableName, MAX_TABLE_NAME_LEN, token_of};
 use crate::StoreError;
 use crate::store::{Begin, Token};
 
@@ -21,6 +21,9 @@ pub struct Table {
     pub schema_prefix: String,
     /// The name without its schema.
     pub name: String,
+    /// What the table is to the database, whatever its spelling (PostgreSQL: its OID), once
+    /// looked up: two stores that spell one table differently take the same advisory locks.
+    pub identity: Arc<std::sync::OnceLock<String>>,
 }
 
 impl Table {
@@ -45,6 +48,7 @@ impl Table {
             qualified: table.to_owned(),
             schema_prefix: schema.map_or(String::new(), |s| format!("{s}.")),
             name: name.to_owned(),
+            identity: Arc::default(),
         })
     }
 
@@ -77,6 +81,8 @@ pub struct Claim<'a> {
     /// Wait at most briefly for a row lock, and answer "in flight" then: the claim is made for a
     /// transaction (on another connection) that may hold that lock itself.
     pub brief_lock_wait: bool,
+    /// Who takes the lease (`host:pid`), kept with it for `inspect`.
+    pub holder: &'a str,
 }
 
 impl Claim<'_> {
@@ -125,7 +131,7 @@ pub enum Seen {
 
 impl Current {
     pub fn judge(self, claim: &Claim<'_>) -> Result<Seen, StoreError> {
-        if self.remaining_us <= 0 || self.state == FREE {
+        if self.remaining_us <= 0 || self.state == FREE || self.state == FORGOTTEN {
             return Ok(Seen::Claimable);
         }
         match self.state {
@@ -202,6 +208,9 @@ pub trait Ops: sqlx::Database + Sized {
     /// `SqlStore::side`); `None` where another pool would reach another database (SQLite not in
     /// a file).
     fn side_pool(pool: &Pool<Self>) -> Option<Pool<Self>>;
+    /// Whether the connection is in a transaction, as the server sees it (`None`: it cannot say,
+    /// or would refuse a savepoint outside one anyway).
+    async fn in_transaction(conn: &mut Self::Connection) -> Result<Option<bool>, StoreError>;
     /// Run one statement of ours that takes no parameters (the savepoints; their names are the
     /// wrapper's own, checked before they get here).
     async fn raw(conn: &mut Self::Connection, sql: String) -> Result<(), sqlx::Error>;

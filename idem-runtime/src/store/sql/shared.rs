@@ -94,6 +94,11 @@ macro_rules! returning_ops {
             }
         }
 
+        async fn in_transaction(_conn: &mut $conn) -> Result<Option<bool>, StoreError> {
+            // PostgreSQL refuses a savepoint outside a transaction; SQLite begins one.
+            Ok(None)
+        }
+
         async fn peek(
             conn: &mut $conn,
             sql: &Sql,
@@ -131,6 +136,9 @@ macro_rules! returning_ops {
 pub(crate) const FREE: i16 = 0;
 pub(crate) const IN_FLIGHT: i16 = 1;
 pub(crate) const DONE: i16 = 2;
+/// Freed by an operator (`forget`, `release_stuck`): claimable like a free key, but a late done
+/// mark of the holder before is refused (see `store::ops`).
+pub(crate) const FORGOTTEN: i16 = 3;
 
 /// How many times `begin` re-runs when a concurrent claim changed the row between its statements.
 pub(crate) const MAX_RACES: usize = 32;
@@ -211,7 +219,7 @@ fn is_missing_table(d: &dyn sqlx::error::DatabaseError) -> bool {
 pub(crate) fn done_by(row: Option<(i16, Vec<u8>)>, token: Token) -> Result<(), StoreError> {
     match row {
         Some((DONE, t)) if token_of(&t)? == token => Ok(()),
-        Some((FREE | IN_FLIGHT | DONE, _)) | None => Err(StoreError::LeaseLost),
+        Some((FREE | IN_FLIGHT | DONE | FORGOTTEN, _)) | None => Err(StoreError::LeaseLost),
         Some((other, _)) => Err(StoreError::Corrupt(format!("unknown row state {other}"))),
     }
 }
@@ -242,15 +250,16 @@ pub(crate) fn watchdog_pool<DB: sqlx::Database>(pool: &sqlx::Pool<DB>, max: u32)
 }
 
 /// A pool with `pool`'s settings and size, connecting lazily, for the work the transactional form
-/// does outside the caller's transaction (see `SqlStore::side`). It keeps no minimum and runs no
-/// maintenance task, so it costs nothing until used.
+/// does outside the caller's transaction (see `SqlStore::side`). It keeps no minimum, so it
+/// costs nothing until used.
 pub(crate) fn side_pool<DB: sqlx::Database>(pool: &sqlx::Pool<DB>) -> sqlx::Pool<DB> {
     let options = pool.options().clone();
     let max = options.get_max_connections().max(1);
     options
         .max_connections(max)
         .min_connections(0)
-        .idle_timeout(None)
+        // Its connections close when idle: it is used by bursts of transactional calls.
+        .idle_timeout(Some(std::time::Duration::from_secs(60)))
         .max_lifetime(None)
         .connect_lazy_with((*pool.connect_options()).clone())
 }

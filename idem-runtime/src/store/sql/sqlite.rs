@@ -17,8 +17,8 @@ const NOW: &str = "(CAST(ROUND((julianday('now') - 2440587.5) * 86400000.0) AS I
 
 /// Claim an absent key. No row back: it exists (read it).
 const CLAIM: &str = "INSERT INTO {table}
-    (scope, idem_key, state, token, fence, expires_at, fingerprint, output)
-VALUES (?1, ?2, 1, ?3, {now}, {now} + ?4, ?5, NULL)
+    (scope, idem_key, state, token, fence, expires_at, fingerprint, output, claimed_at, holder)
+VALUES (?1, ?2, 1, ?3, {now}, {now} + ?4, ?5, NULL, {now}, ?6)
 ON CONFLICT (scope, idem_key) DO NOTHING
 RETURNING fence";
 
@@ -29,11 +29,14 @@ const TAKE_OVER: &str = "UPDATE {table} SET
     token = ?3,
     fence = CASE WHEN state = 1 AND token = ?3 AND expires_at > {now}
                  THEN fence ELSE max(fence + 1, {now}) END,
+    claimed_at = CASE WHEN state = 1 AND token = ?3 AND expires_at > {now}
+                 THEN claimed_at ELSE {now} END,
     expires_at = {now} + ?4,
     fingerprint = ?5,
-    output = NULL
+    output = NULL,
+    holder = ?6
 WHERE scope = ?1 AND idem_key = ?2
-  AND (state = 0 OR expires_at <= {now} OR (state = 1 AND token = ?3))
+  AND (state IN (0, 3) OR expires_at <= {now} OR (state = 1 AND token = ?3))
 RETURNING fence";
 
 /// The usual mark: our lease still holds the key.
@@ -75,11 +78,18 @@ WHERE scope = ?1 AND idem_key = ?2 AND state = 1 AND token = ?3";
 const PURGE: &str = "DELETE FROM {table} WHERE rowid IN (
     SELECT rowid FROM {table} WHERE expires_at <= {now} AND fence < {now} LIMIT ?1)";
 
-const MIGRATIONS: Migrations = &[(
-    1,
-    "create idem_keys",
-    include_str!("../../../migrations/sqlite/0001_create_idem_keys.sql"),
-)];
+const MIGRATIONS: Migrations = &[
+    (
+        1,
+        "create idem_keys",
+        include_str!("../../../migrations/sqlite/0001_create_idem_keys.sql"),
+    ),
+    (
+        2,
+        "add holder",
+        include_str!("../../../migrations/sqlite/0002_add_holder.sql"),
+    ),
+];
 
 const MIGRATIONS_TABLE: &str = "CREATE TABLE IF NOT EXISTS {table}_migrations (
     version INTEGER PRIMARY KEY,
@@ -193,6 +203,7 @@ impl Ops for Sqlite, SqliteConnection {
                 .bind(&token[..])
                 .bind(claim.ttl_us)
                 .bind(fingerprint)
+                .bind(claim.holder)
                 .fetch_optional(&mut *conn)
                 .await
                 .map_err(unavailable)?;
@@ -225,6 +236,7 @@ impl Ops for Sqlite, SqliteConnection {
                 .bind(&token[..])
                 .bind(claim.ttl_us)
                 .bind(fingerprint)
+                .bind(claim.holder)
         };
         if let Some(fence) = bind(sql.claim.clone())
             .fetch_optional(&mut *conn)

@@ -12,7 +12,7 @@ use sqlx::Transaction;
 
 use super::sealed::{At, Claim};
 use super::{Backend, DONE, SqlStore, db_error, micros, stored_scope};
-use crate::run::{Marked, TxConnection, claim_outside, execute_tx};
+use crate::run::{Marked, TxConnection, claim_outside, execute_tx, release, release_later};
 use crate::store::{Begin, BeginRequest, Lease, Store, TxStore};
 use crate::{
     AbsorbsIdemError, Call, Error, Fingerprint, Key, Options, Outcome, Phase, Replayable,
@@ -47,6 +47,7 @@ impl<DB: Backend> TxStore for SqlStore<DB> {
             return self.outside()?.begin(req).await;
         }
         let scope = stored_scope(req.scope);
+        let holder = crate::store::ops::this_holder();
         let claim = Claim {
             at: At {
                 scope: &scope,
@@ -56,6 +57,7 @@ impl<DB: Backend> TxStore for SqlStore<DB> {
             ttl_us: micros(req.ttl),
             fingerprint: req.fingerprint.map(|f| f.0),
             brief_lock_wait: false,
+            holder: &holder,
         };
         DB::begin_in(conn, &self.inner.sql, &self.inner.table, &claim).await
     }
@@ -90,12 +92,19 @@ impl<DB: Backend> TxStore for SqlStore<DB> {
     }
 
     async fn savepoint_in(&self, tx: &mut (dyn Any + Send), name: &str) -> Result<(), StoreError> {
-        DB::raw(
-            conn_of::<DB>(tx)?,
-            format!("SAVEPOINT {}", savepoint(name)?),
-        )
-        .await
-        .map_err(db_error)
+        let conn = conn_of::<DB>(tx)?;
+        DB::raw(conn, format!("SAVEPOINT {}", savepoint(name)?))
+            .await
+            .map_err(gone_or_db_error)?;
+        // MySQL and MariaDB accept a savepoint outside a transaction (a deadlock rolled the
+        // caller's back, and sqlx does not know): the handler's writes would then commit one by
+        // one. Where the server can tell, it is asked.
+        if let Some(false) = DB::in_transaction(conn).await? {
+            return Err(StoreError::TransactionGone(
+                "the server reports the connection in no transaction (rolled back: a deadlock, or an earlier TransactionAborted)".into(),
+            ));
+        }
+        Ok(())
     }
 
     async fn rollback_to_savepoint_in(
@@ -126,10 +135,23 @@ impl<DB: Backend> TxStore for SqlStore<DB> {
         .map_err(db_error)
     }
 
+    /// Roll back, then begin again at once, so that nothing written through this connection
+    /// afterwards commits by itself (sqlx still counts the transaction as open, and the caller
+    /// was told to roll it back). On PostgreSQL the new transaction is also made to fail, so
+    /// that every later statement on it fails and a commit rolls back.
     async fn abort_in(&self, tx: &mut (dyn Any + Send)) -> Result<(), StoreError> {
-        DB::raw(conn_of::<DB>(tx)?, "ROLLBACK".to_owned())
-            .await
-            .map_err(db_error)
+        let conn = conn_of::<DB>(tx)?;
+        // Fails when the server has no transaction any more (SQLite says so): no matter.
+        let _ = DB::raw(conn, "ROLLBACK".to_owned()).await;
+        DB::raw(conn, "BEGIN".to_owned()).await.map_err(db_error)?;
+        if DB::NAME == "PostgreSQL" {
+            let _ = DB::raw(
+                conn,
+                "DO $$ BEGIN RAISE EXCEPTION 'idem: this transaction was rolled back (TransactionAborted): roll it back'; END $$".to_owned(),
+            )
+            .await;
+        }
+        Ok(())
     }
 
     async fn committed_done(
@@ -189,6 +211,17 @@ impl<DB: Backend> SqlStore<DB> {
     }
 }
 
+/// A database error that says the transaction is not open any more (PostgreSQL: 25P01, no
+/// transaction; 25P02, a failed one) is [`StoreError::TransactionGone`].
+fn gone_or_db_error(e: sqlx::Error) -> StoreError {
+    if let sqlx::Error::Database(d) = &e
+        && matches!(d.code().as_deref(), Some("25P01" | "25P02"))
+    {
+        return StoreError::TransactionGone(d.message().to_owned());
+    }
+    db_error(e)
+}
+
 /// A savepoint name is spliced into SQL: only the wrapper's own (`[a-z0-9_]`) are accepted.
 fn savepoint(name: &str) -> Result<&str, StoreError> {
     if !name.is_empty()
@@ -225,8 +258,10 @@ where
 {
     let fail = |e: Error| R::from_result(Err(e.into()));
     // A claim made outside the transaction comes first, so that a duplicate that is refused or
-    // waits holds no connection for a transaction it will not use.
-    let claimed = if txs.claims_in_tx() {
+    // waits holds no connection for a transaction it will not use. Not when the caller began
+    // the transaction: it holds a connection of the pool already, and the claim goes through
+    // the store's own (in `execute_tx`).
+    let claimed = if txs.claims_in_tx() || tx.is_some() {
         None
     } else {
         match claim_outside::<R>(store, opts, &call).await {
@@ -234,6 +269,16 @@ where
             Err(answer) => return (answer, None),
         }
     };
+    // Until `execute_tx` takes the claim over (with its renewals and its guard), a drop of this
+    // call (cancelled while it waits for its transaction) gives it back.
+    let unrun = claimed.as_ref().map(|(key, granted)| Unrun {
+        store,
+        scope: opts.scope_str(),
+        key: key.clone(),
+        lease: granted.lease,
+        ttl: opts.ttl_duration(),
+        armed: true,
+    });
     let tx = match tx {
         Some(tx) => Ok(tx),
         // Deferred on SQLite too: the claim is the transaction's first statement, and a write.
@@ -242,9 +287,8 @@ where
     let mut tx = match tx {
         Ok(tx) => tx,
         Err(e) => {
-            if let Some((key, granted)) = &claimed {
-                let _ = store.release(opts.scope_str(), key, &granted.lease).await;
-            }
+            // `unrun` gives the claim back (retrying, as the store may be down).
+            drop(unrun);
             let e = Error::Unavailable {
                 phase: Phase::Begin,
                 source: Box::new(e),
@@ -252,6 +296,9 @@ where
             return (fail(e), None);
         }
     };
+    if let Some(mut unrun) = unrun {
+        unrun.armed = false;
+    }
     let mut marked = None;
     let out = execute_tx(
         store,
@@ -277,12 +324,39 @@ where
         Err(e) => {
             // Rolled back, unless the reply was lost after a commit: then the key is done, and
             // releasing it changes nothing. Either way a redelivery finds the truth.
-            let _ = store.release(&done.scope, &done.key, &done.lease).await;
+            let twin = store.for_watchdog();
+            let ttl = opts.ttl_duration();
+            release(store, Some(&twin), &done.scope, &done.key, &done.lease, ttl).await;
             let e = Error::Unavailable {
                 phase: Phase::Complete,
                 source: Box::new(e),
             };
             (fail(e), None)
+        }
+    }
+}
+
+/// A claim made outside the transaction that no handler has run on yet: given back (from the
+/// watchdog's thread, retrying while the store does not answer) if dropped armed.
+struct Unrun<'a> {
+    store: &'a dyn Store,
+    scope: &'a str,
+    key: Key,
+    lease: Lease,
+    ttl: Duration,
+    armed: bool,
+}
+
+impl Drop for Unrun<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            release_later(
+                self.store.for_watchdog(),
+                self.scope.to_owned(),
+                self.key.clone(),
+                self.lease,
+                self.ttl,
+            );
         }
     }
 }

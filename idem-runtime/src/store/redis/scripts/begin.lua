@@ -5,7 +5,7 @@
 -- string (done, or not a record this script knows: the client decodes it).
 --
 -- Records: 'I' token fplen fp fence(16 digits) expiry(ms, by Redis's clock) while in flight;
--- 'F' fence(16 digits) once released; 'D' token fplen fp output once done. In-flight and released
+-- 'F' fence(16 digits) once released; 'X' fence(16 digits) once forgotten by an operator; 'D' token fplen fp output once done. In-flight and released
 -- records outlive the lease by the fence retention, so the next lease's fence is the last one + 1
 -- whatever Redis's clock does.
 local v = redis.call('GET', KEYS[1])
@@ -27,7 +27,8 @@ if v then
       return {tonumber(string.sub(v, 35 + n)) - now}
     end
     last = tonumber(string.sub(v, 19 + n, 34 + n))
-  elseif tag == 70 then
+  elseif tag == 70 or tag == 88 then
+    -- Released ('F'), or forgotten by an operator ('X'): claimable, the fence goes on.
     last = tonumber(string.sub(v, 2, 17))
   else
     return v

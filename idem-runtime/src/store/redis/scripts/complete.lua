@@ -16,6 +16,9 @@ if v then
       local now = t[1] * 1000 + math.floor(t[2] / 1000)
       if tonumber(string.sub(v, 35 + n)) > now then return 0 end
     end
+  elseif tag == 88 then
+    -- Forgotten by an operator: the holder before it may not mark it.
+    return 0
   elseif tag ~= 70 then
     return -1
   end
