@@ -1,2 +1,3 @@
-//! The whole contract of `protocol.md`, proven on the in-memory store.
+//! The whole contract of `protocol.md`, and the operations, proven on the in-memory store.
 idem_runtime::store_conformance!(async { idem_runtime::MemoryStore::new() });
+idem_runtime::operations_conformance!(async { idem_runtime::MemoryStore::new() });

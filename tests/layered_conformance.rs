@@ -42,3 +42,4 @@ async fn layered() -> Option<LayeredStore<RedisStore, PgStore>> {
 }
 
 idem_runtime::store_conformance!(layered());
+idem_runtime::operations_conformance!(layered());

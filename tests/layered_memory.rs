@@ -7,3 +7,10 @@ idem_runtime::store_conformance!(async {
         idem_runtime::MemoryStore::new(),
     )
 });
+
+idem_runtime::operations_conformance!(async {
+    idem_runtime::LayeredStore::new(
+        idem_runtime::MemoryStore::new(),
+        idem_runtime::MemoryStore::new(),
+    )
+});

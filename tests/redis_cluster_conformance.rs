@@ -25,6 +25,7 @@ async fn make_store() -> Option<RedisStore> {
 }
 
 idem_runtime::store_conformance!(make_store());
+idem_runtime::operations_conformance!(make_store());
 
 /// Records spread over all three masters, and each record shares its slot with its fence key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,3 +4,4 @@ mod redis_support;
 mod support;
 
 idem_runtime::store_conformance!(redis_support::shared_store());
+idem_runtime::operations_conformance!(redis_support::shared_store());

@@ -353,6 +353,18 @@ macro_rules! sql_store_tests {
             });
         }
 
+        /// The operations (inspect, list, counts, forget, release_stuck), on this database.
+        mod operations {
+            ::idem_runtime::operations_conformance!({
+                let Some(pool) = super::$connect().await else {
+                    return;
+                };
+                let store = ::idem_runtime::SqlStore::new(pool);
+                store.migrate().await.unwrap();
+                ::std::future::ready(store)
+            });
+        }
+
         /// Concurrent start-ups all succeed, and a second round changes nothing.
         #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
         async fn migrate_is_idempotent_and_safe_concurrently() {

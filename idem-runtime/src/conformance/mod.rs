@@ -14,6 +14,7 @@
 //! all at once. Checks that need time to pass (expiry) use leases of a few hundred milliseconds and
 //! wait for the store's answer to change, bounded by a deadline, never for a fixed time.
 
+mod ops;
 mod store;
 mod wrapper;
 
@@ -80,6 +81,7 @@ fn lease_lost(r: Result<(), StoreError>) -> bool {
     matches!(r, Err(StoreError::LeaseLost))
 }
 
+pub use ops::*;
 pub use store::*;
 pub use wrapper::*;
 
@@ -152,6 +154,59 @@ macro_rules! store_conformance {
             async fn $check() {
                 let ::std::option::Option::Some(store) =
                     $crate::conformance::ConformanceStore::into_store($make.await)
+                else {
+                    return;
+                };
+                $crate::conformance::$check(store).await;
+            }
+        )*
+    };
+}
+
+/// What the factory given to [`operations_conformance!`](crate::operations_conformance) yields:
+/// a store with the operations, or an `Option` of one (`None` skips the check).
+pub trait ConformanceOperable {
+    /// The store to check, or `None` to skip.
+    fn into_operable(self) -> Option<Arc<dyn OperableStore>>;
+}
+
+impl<S: Store + crate::Operations> ConformanceOperable for S {
+    fn into_operable(self) -> Option<Arc<dyn OperableStore>> {
+        Some(Arc::new(self))
+    }
+}
+
+impl<S: Store + crate::Operations> ConformanceOperable for Option<S> {
+    fn into_operable(self) -> Option<Arc<dyn OperableStore>> {
+        self.map(|s| Arc::new(s) as Arc<dyn OperableStore>)
+    }
+}
+
+/// Runs the checks of the operations ([`Operations`](crate::Operations): inspect, list, counts,
+/// forget, release_stuck) against a store, one `#[tokio::test]` each; the argument as for
+/// [`store_conformance!`](crate::store_conformance).
+///
+/// ```
+/// idem_runtime::operations_conformance!(async { idem_runtime::MemoryStore::new() });
+/// # fn main() {}
+/// ```
+#[macro_export]
+macro_rules! operations_conformance {
+    ($make:expr) => {
+        $crate::operations_conformance!(@checks $make;
+            ops_inspect_tells_each_state,
+            ops_forget_lets_a_done_key_run_again,
+            ops_forced_forget_refuses_the_old_holders_mark,
+            ops_release_stuck_frees_only_leases,
+            ops_list_pages_and_counts,
+            ops_forced_forget_while_the_handler_runs);
+    };
+    (@checks $make:expr; $($check:ident),* $(,)?) => {
+        $(
+            #[::tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $check() {
+                let ::std::option::Option::Some(store) =
+                    $crate::conformance::ConformanceOperable::into_operable($make.await)
                 else {
                     return;
                 };

@@ -187,41 +187,57 @@ impl Operations for RedisStore {
         self.inspect_record(&self.key_of(scope, key)).await
     }
 
-    /// `SCAN` steps until a page is full or the scan is over; the cursor is `SCAN`'s (a
-    /// cluster's: `<node>:<cursor>`). Records come in Redis's order, and a record may come twice
-    /// (`SCAN`'s guarantee is every record at least once).
+    /// `SCAN` steps until a page is full or the scan is over. The cursor is the step's `SCAN`
+    /// cursor (a cluster's: `<node>:<cursor>`), and, when a page ended within a step, the last
+    /// record read of it: the next page runs that step again and goes on after that record.
+    /// Records come in Redis's order (by key within a step); `SCAN` may return a record twice.
     async fn list(&self, scope: &str, query: &ListQuery) -> Result<Page, StoreError> {
         let (head, pattern) = self.scope_head(scope);
         let count = query.limit.max(1).saturating_mul(SCAN_PER_RECORD);
-        let mut cursor = query.cursor.clone().unwrap_or_else(|| "0".to_owned());
+        let (mut cursor, mut resume) = match query.cursor.as_deref() {
+            Some(c) => match c.split_once('|') {
+                Some((at, after)) => (at.to_owned(), Some(after.to_owned())),
+                None => (c.to_owned(), None),
+            },
+            None => ("0".to_owned(), None),
+        };
         let mut records = Vec::new();
         loop {
-            let (next, keys) = self
+            let (next, mut keys) = self
                 .inner
                 .conn
                 .scan(&cursor, &pattern, count)
                 .await
                 .map_err(super::record::store_error)?;
+            keys.sort_unstable();
             for k in keys {
+                let text = key_text(&k, head.len());
+                if resume
+                    .as_deref()
+                    .is_some_and(|after| text.as_str() <= after)
+                {
+                    continue;
+                }
                 let state = self.inspect_record(&k).await?;
                 if wanted(&state, query) {
                     records.push(Listed {
-                        key: key_text(&k, head.len()),
+                        key: text.clone(),
                         state,
                     });
+                    if records.len() >= query.limit {
+                        return Ok(Page {
+                            records,
+                            next: Some(format!("{cursor}|{text}")),
+                        });
+                    }
                 }
             }
+            resume = None;
             cursor = next;
             if cursor == "0" {
                 return Ok(Page {
                     records,
                     next: None,
-                });
-            }
-            if records.len() >= query.limit {
-                return Ok(Page {
-                    records,
-                    next: Some(cursor),
                 });
             }
         }

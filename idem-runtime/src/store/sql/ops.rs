@@ -179,7 +179,8 @@ macro_rules! admin {
                 allowed: Allowed,
                 retention_us: i64,
             ) -> Result<Option<i64>, StoreError> {
-                // The fence first: MySQL assigns left to right. A zero token is nobody's.
+                // The fence first: MySQL assigns left to right. A zero token is nobody's. The
+                // placeholders are numbered in the order they appear (MySQL's are positional).
                 let sql = format!(
                     "UPDATE {{table}} SET fence = {greatest}(fence + 1, {{now}}), state = 3, \
                      token = {zero}, expires_at = {{now}} + {ret}, output = NULL, \
@@ -188,18 +189,18 @@ macro_rules! admin {
                      AND ((state = 2 AND expires_at > {{now}} AND {done} = 1) \
                        OR (state = 1 AND (expires_at <= {{now}} OR {live} = 1)))",
                     greatest = greatest::<$db>(),
-                    zero = $p(3),
-                    ret = $p(4),
-                    s = $p(1),
-                    k = $p(2),
+                    zero = $p(1),
+                    ret = $p(2),
+                    s = $p(3),
+                    k = $p(4),
                     done = $p(5),
                     live = $p(6),
                 );
                 let changed = sqlx::query(table.fill(&sql, $now))
-                    .bind(scope)
-                    .bind(key)
                     .bind(&[0u8; 16][..])
                     .bind(retention_us)
+                    .bind(scope)
+                    .bind(key)
                     .bind(i64::from(allowed.done))
                     .bind(i64::from(allowed.live))
                     .execute(&mut *conn)
