@@ -77,10 +77,10 @@ fn pause(seed: u64, max_ms: u64) -> Duration {
     Duration::from_millis(x % max_ms.max(1))
 }
 
-const KILL_ORDERS: usize = 100;
+const KILL_ORDERS: usize = 150;
 const KILL_COPIES: usize = 3;
 const KILL_WORKERS: usize = 3;
-const KILLS: usize = 30;
+const KILLS: usize = 40;
 
 /// 2. Consumer processes SIGKILLed at random moments (before, inside and after the handler,
 /// between its return and the commit, between the commit and the ack), restarted, until every
@@ -181,7 +181,7 @@ async fn kill_worker(s: &support::Servers, args: &[String]) {
         .unwrap();
     messages
         .for_each_concurrent(4, |msg| async {
-            let msg = msg.unwrap();
+            let Ok(msg) = msg else { return }; // the parent deleted the stream
             let seq = receipt(&s.pool, receipts, &msg, worker).await;
             let seed = (seq as u64) << 20 ^ (support::delivered(&msg) as u64) << 8 ^ worker as u64;
             let payload = msg.payload.clone();
@@ -298,8 +298,8 @@ async fn dups_worker(s: &support::Servers, args: &[String]) {
         s.js.get_stream(stream).await.unwrap().get_consumer("coupons").await.unwrap();
     let glue = Glue::new(&consumer);
     let mut messages = consumer.stream().max_messages_per_batch(1).messages().await.unwrap();
-    while let Some(msg) = messages.next().await {
-        let msg = msg.unwrap();
+    // Until the parent deletes the stream.
+    while let Some(Ok(msg)) = messages.next().await {
         let seq = receipt(&s.pool, receipts, &msg, worker).await;
         let payload = msg.payload.clone();
         let settled = glue
