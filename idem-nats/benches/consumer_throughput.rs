@@ -55,6 +55,8 @@ enum Mode {
     RedisSingleAck,
     Layered,
     PgTx,
+    /// The Redis handler called without the glue, then `message.ack()`: what the glue costs.
+    RedisDirect,
 }
 
 impl Mode {
@@ -65,6 +67,7 @@ impl Mode {
             Mode::RedisSingleAck => "redis-1ack",
             Mode::Layered => "layered",
             Mode::PgTx => "pg-tx",
+            Mode::RedisDirect => "redis-noglue",
         }
     }
 }
@@ -136,6 +139,10 @@ async fn run(e: &Env, mode: Mode, prefetch: usize, n: usize, base: i64) -> f64 {
                     Mode::Layered => {
                         glue.settle(msg, || handle(&e.layered, id)).await.unwrap();
                     }
+                    Mode::RedisDirect => {
+                        handle(&e.redis, id).await.unwrap();
+                        msg.ack().await.unwrap();
+                    }
                     Mode::PgTx => {
                         glue.settle(msg, || on_message_tx(&e.pg, id)).await.unwrap();
                     }
@@ -167,7 +174,10 @@ async fn main() {
     let layered = LayeredStore::new(redis.clone(), pg.clone());
     let e = Env { js, redis, layered, pg };
     let _: &PgPool = e.pg.pool();
-    let modes = [Mode::None, Mode::Redis, Mode::RedisSingleAck, Mode::Layered, Mode::PgTx];
+    let all = [Mode::None, Mode::Redis, Mode::RedisSingleAck, Mode::RedisDirect, Mode::Layered, Mode::PgTx];
+    // IDEM_BENCH_MODES=none,redis,...: a subset (the first is the baseline of the ratios).
+    let only = env("IDEM_BENCH_MODES", "none,redis,redis-1ack,redis-noglue,layered,pg-tx");
+    let modes: Vec<Mode> = only.split(',').filter_map(|n| all.iter().copied().find(|m| m.name() == n)).collect();
     let prefetches = [16usize, 64];
     let mut results: Vec<Vec<f64>> = vec![Vec::new(); modes.len() * prefetches.len()];
     // Ids never repeat across cells and rounds: every call is a first call.
