@@ -37,7 +37,11 @@ async fn handle<S: Store>(store: &S, id: i64) -> Result<i64, AppError> {
 }
 
 #[idempotent(key = "id", tx = "tx", store = "store", scope = "bench.nats.tx")]
-async fn handle_tx(store: &PgStore, tx: &mut Transaction<'_, Postgres>, id: i64) -> Result<i64, AppError> {
+async fn handle_tx(
+    store: &PgStore,
+    tx: &mut Transaction<'_, Postgres>,
+    id: i64,
+) -> Result<i64, AppError> {
     Ok(id)
 }
 
@@ -88,12 +92,20 @@ async fn fill(js: &jetstream::Context, name: &str, n: usize, base: i64) -> PullC
     let _ = js.delete_stream(name).await;
     let subject = format!("bench.{name}");
     let stream = js
-        .create_stream(jetstream::stream::Config { name: name.to_owned(), subjects: vec![subject.clone()], ..Default::default() })
+        .create_stream(jetstream::stream::Config {
+            name: name.to_owned(),
+            subjects: vec![subject.clone()],
+            ..Default::default()
+        })
         .await
         .unwrap();
     let mut acks = Vec::with_capacity(1024);
     for i in 0..n {
-        acks.push(js.publish(subject.clone(), (base + i as i64).to_string().into()).await.unwrap());
+        acks.push(
+            js.publish(subject.clone(), (base + i as i64).to_string().into())
+                .await
+                .unwrap(),
+        );
         if acks.len() == 1024 {
             for a in acks.drain(..) {
                 a.await.unwrap();
@@ -120,7 +132,12 @@ async fn run(e: &Env, mode: Mode, prefetch: usize, n: usize, base: i64) -> f64 {
     let consumer = fill(&e.js, &name, n, base).await;
     let glue = Glue::new(&consumer).double_ack(mode != Mode::RedisSingleAck);
     let started = Instant::now();
-    let messages = consumer.stream().max_messages_per_batch(prefetch).messages().await.unwrap();
+    let messages = consumer
+        .stream()
+        .max_messages_per_batch(prefetch)
+        .messages()
+        .await
+        .unwrap();
     messages
         .take(n)
         .for_each_concurrent(prefetch, |msg| {
@@ -161,33 +178,70 @@ async fn run(e: &Env, mode: Mode, prefetch: usize, n: usize, base: i64) -> f64 {
 async fn main() {
     let n: usize = env("IDEM_BENCH_MESSAGES", "10000").parse().unwrap();
     let rounds: usize = env("IDEM_BENCH_ROUNDS", "3").parse().unwrap();
-    let js = jetstream::new(async_nats::connect(env("NATS_URL", "127.0.0.1:4222")).await.unwrap());
+    let js = jetstream::new(
+        async_nats::connect(env("NATS_URL", "127.0.0.1:4222"))
+            .await
+            .unwrap(),
+    );
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(40)
-        .connect(&env("POSTGRES_URL", "postgres://postgres@127.0.0.1:5432/test"))
+        .connect(&env(
+            "POSTGRES_URL",
+            "postgres://postgres@127.0.0.1:5432/test",
+        ))
         .await
         .unwrap();
     let pg = PgStore::with_table(pool.clone(), "idem_bench_nats").unwrap();
     pg.migrate().await.unwrap();
-    sqlx::query("TRUNCATE idem_bench_nats").execute(&pool).await.unwrap();
-    let redis = RedisStore::from_url(&env("REDIS_URL", "redis://127.0.0.1:6379")).await.unwrap();
+    sqlx::query("TRUNCATE idem_bench_nats")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let redis = RedisStore::from_url(&env("REDIS_URL", "redis://127.0.0.1:6379"))
+        .await
+        .unwrap();
     let layered = LayeredStore::new(redis.clone(), pg.clone());
-    let e = Env { js, redis, layered, pg };
+    let e = Env {
+        js,
+        redis,
+        layered,
+        pg,
+    };
     let _: &PgPool = e.pg.pool();
-    let all = [Mode::None, Mode::Redis, Mode::RedisSingleAck, Mode::RedisDirect, Mode::Layered, Mode::PgTx];
+    let all = [
+        Mode::None,
+        Mode::Redis,
+        Mode::RedisSingleAck,
+        Mode::RedisDirect,
+        Mode::Layered,
+        Mode::PgTx,
+    ];
     // IDEM_BENCH_MODES=none,redis,...: a subset (the first is the baseline of the ratios).
-    let only = env("IDEM_BENCH_MODES", "none,redis,redis-1ack,redis-noglue,layered,pg-tx");
-    let modes: Vec<Mode> = only.split(',').filter_map(|n| all.iter().copied().find(|m| m.name() == n)).collect();
+    let only = env(
+        "IDEM_BENCH_MODES",
+        "none,redis,redis-1ack,redis-noglue,layered,pg-tx",
+    );
+    let modes: Vec<Mode> = only
+        .split(',')
+        .filter_map(|n| all.iter().copied().find(|m| m.name() == n))
+        .collect();
     let prefetches = [16usize, 64];
     let mut results: Vec<Vec<f64>> = vec![Vec::new(); modes.len() * prefetches.len()];
     // Ids never repeat across cells and rounds: every call is a first call.
-    let mut base = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64 * 1_000_000_000;
+    let mut base = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+        * 1_000_000_000;
     for round in 0..rounds {
         for (p, &prefetch) in prefetches.iter().enumerate() {
             for (m, &mode) in modes.iter().enumerate() {
                 let rate = run(&e, mode, prefetch, n, base).await;
                 base += n as i64;
-                eprintln!("round {round}: prefetch {prefetch:>2} {:<10} {rate:>9.0} msg/s", mode.name());
+                eprintln!(
+                    "round {round}: prefetch {prefetch:>2} {:<10} {rate:>9.0} msg/s",
+                    mode.name()
+                );
                 results[p * modes.len() + m].push(rate);
             }
         }

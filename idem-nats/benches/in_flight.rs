@@ -19,7 +19,12 @@ const HOLDER: Duration = Duration::from_secs(2);
 const DUPLICATES: usize = 4;
 const OTHERS: usize = 40;
 
-#[idempotent(key = "id", store = "store", scope = "bench.nats.in_flight", ttl = "10s")]
+#[idempotent(
+    key = "id",
+    store = "store",
+    scope = "bench.nats.in_flight",
+    ttl = "10s"
+)]
 async fn handle(store: &RedisStore, id: i64, pause: Duration) -> Result<i64, idem_runtime::Error> {
     tokio::time::sleep(pause).await;
     Ok(id)
@@ -35,12 +40,21 @@ struct Measured {
     lost: usize,
 }
 
-async fn one(js: &jetstream::Context, redis: &RedisStore, strategy: &str, max_deliver: i64) -> Measured {
+async fn one(
+    js: &jetstream::Context,
+    redis: &RedisStore,
+    strategy: &str,
+    max_deliver: i64,
+) -> Measured {
     let name = format!("BENCH_INFLIGHT_{}", strategy.to_uppercase());
     let _ = js.delete_stream(&name).await;
     let subject = format!("bench.inflight.{strategy}");
     let stream = js
-        .create_stream(jetstream::stream::Config { name: name.clone(), subjects: vec![subject.clone()], ..Default::default() })
+        .create_stream(jetstream::stream::Config {
+            name: name.clone(),
+            subjects: vec![subject.clone()],
+            ..Default::default()
+        })
         .await
         .unwrap();
     let consumer = stream
@@ -53,7 +67,10 @@ async fn one(js: &jetstream::Context, redis: &RedisStore, strategy: &str, max_de
         })
         .await
         .unwrap();
-    let base = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as i64;
+    let base = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as i64;
     let key = base;
     // The holder: the first delivery, already in its handler.
     let holder = {
@@ -65,21 +82,35 @@ async fn one(js: &jetstream::Context, redis: &RedisStore, strategy: &str, max_de
     };
     tokio::time::sleep(Duration::from_millis(50)).await; // the holder has claimed the key
     for _ in 0..DUPLICATES {
-        js.publish(subject.clone(), key.to_string().into()).await.unwrap().await.unwrap();
+        js.publish(subject.clone(), key.to_string().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
     }
     for i in 0..OTHERS {
-        js.publish(subject.clone(), (base + 1 + i as i64).to_string().into()).await.unwrap().await.unwrap();
+        js.publish(subject.clone(), (base + 1 + i as i64).to_string().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
     }
     let glue = Glue::new(&consumer);
     let policy = Policy::default();
     let mut m = Measured::default();
-    let mut messages = consumer.stream().expires(Duration::from_secs(1)).messages().await.unwrap();
+    let mut messages = consumer
+        .stream()
+        .expires(Duration::from_secs(1))
+        .messages()
+        .await
+        .unwrap();
     let started = Instant::now();
     let mut last_dup_ack = started;
     let mut handled_others = Vec::new();
     let mut done = 0;
     while done < DUPLICATES + OTHERS {
-        let Ok(Some(Ok(msg))) = tokio::time::timeout(Duration::from_secs(8), messages.next()).await else {
+        let Ok(Some(Ok(msg))) = tokio::time::timeout(Duration::from_secs(8), messages.next()).await
+        else {
             break; // nothing more comes: what is left was lost
         };
         let id: i64 = std::str::from_utf8(&msg.payload).unwrap().parse().unwrap();
@@ -89,7 +120,12 @@ async fn one(js: &jetstream::Context, redis: &RedisStore, strategy: &str, max_de
             m.max_deliveries = m.max_deliveries.max(delivered);
         }
         let acked = if strategy == "hold" {
-            matches!(glue.settle(msg, || handle(redis, id, Duration::ZERO)).await.unwrap(), Settled::Acked { .. })
+            matches!(
+                glue.settle(msg, || handle(redis, id, Duration::ZERO))
+                    .await
+                    .unwrap(),
+                Settled::Acked { .. }
+            )
         } else {
             // The alternative: -NAK with the policy's in-flight pause, the broker redelivering.
             let (_, report) = observe(handle(redis, id, Duration::ZERO)).await;
@@ -127,11 +163,15 @@ async fn one(js: &jetstream::Context, redis: &RedisStore, strategy: &str, max_de
 #[tokio::main]
 async fn main() {
     let js = jetstream::new(
-        async_nats::connect(std::env::var("NATS_URL").unwrap_or_else(|_| "127.0.0.1:4222".into())).await.unwrap(),
+        async_nats::connect(std::env::var("NATS_URL").unwrap_or_else(|_| "127.0.0.1:4222".into()))
+            .await
+            .unwrap(),
     );
-    let redis = RedisStore::from_url(&std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into()))
-        .await
-        .unwrap();
+    let redis = RedisStore::from_url(
+        &std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into()),
+    )
+    .await
+    .unwrap();
     println!(
         "| strategy | max_deliver | duplicates acked | lost | deliveries of the {DUPLICATES} duplicates | most deliveries of one | last duplicate acked after the holder | other orders handled while the holder ran (of {OTHERS}) |"
     );
@@ -140,7 +180,11 @@ async fn main() {
         let m = one(&js, &redis, strategy, max_deliver).await;
         println!(
             "| {strategy} | {} | {} | {} | {} | {} | {:?} | {} |",
-            if max_deliver < 0 { "unlimited".to_owned() } else { max_deliver.to_string() },
+            if max_deliver < 0 {
+                "unlimited".to_owned()
+            } else {
+                max_deliver.to_string()
+            },
             m.acked,
             m.lost,
             m.deliveries,

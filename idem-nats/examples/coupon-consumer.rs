@@ -47,7 +47,12 @@ async fn issue_coupon_unprotected(pool: &PgPool, order: &OrderPaid) -> Result<()
 }
 
 async fn consume_without_idem(consumer: &PullConsumer, pool: &PgPool) -> Result<(), BoxError> {
-    let mut messages = consumer.fetch().max_messages(100).expires(Duration::from_secs(1)).messages().await?;
+    let mut messages = consumer
+        .fetch()
+        .max_messages(100)
+        .expires(Duration::from_secs(1))
+        .messages()
+        .await?;
     while let Some(message) = messages.next().await {
         let message = message?;
         let order: OrderPaid = serde_json::from_slice(&message.payload)?;
@@ -61,8 +66,17 @@ async fn consume_without_idem(consumer: &PullConsumer, pool: &PgPool) -> Result<
 
 /// The coupon and idem's done mark are written in the caller's transaction: they commit
 /// together, so even a consumer killed between the commit and the ack issues one coupon.
-#[idempotent(key = "order.order_id", tx = "tx", store = "store", scope = "demo.issue_coupon")]
-async fn issue_coupon(store: &PgStore, tx: &mut Transaction<'_, Postgres>, order: &OrderPaid) -> Result<(), AppError> {
+#[idempotent(
+    key = "order.order_id",
+    tx = "tx",
+    store = "store",
+    scope = "demo.issue_coupon"
+)]
+async fn issue_coupon(
+    store: &PgStore,
+    tx: &mut Transaction<'_, Postgres>,
+    order: &OrderPaid,
+) -> Result<(), AppError> {
     sqlx::query("INSERT INTO demo_coupons_after (order_id, user_id) VALUES ($1, $2)")
         .bind(order.order_id)
         .bind(order.user)
@@ -82,8 +96,17 @@ async fn on_order_paid(store: &PgStore, body: &[u8]) -> Result<(), AppError> {
     Ok(())
 }
 
-async fn consume_with_idem(consumer: &PullConsumer, store: &PgStore, glue: &idem_nats::Glue) -> Result<(), BoxError> {
-    let mut messages = consumer.fetch().max_messages(100).expires(Duration::from_secs(1)).messages().await?;
+async fn consume_with_idem(
+    consumer: &PullConsumer,
+    store: &PgStore,
+    glue: &idem_nats::Glue,
+) -> Result<(), BoxError> {
+    let mut messages = consumer
+        .fetch()
+        .max_messages(100)
+        .expires(Duration::from_secs(1))
+        .messages()
+        .await?;
     while let Some(message) = messages.next().await {
         let message = message?;
         let body = message.payload.clone();
@@ -104,10 +127,18 @@ const ORDERS: &[(i64, usize, &str)] = &[
     (1006, 3, "producer retry, twice"),
 ];
 
-async fn new_consumer(js: &jetstream::Context, name: &str, subject: &str) -> Result<PullConsumer, BoxError> {
+async fn new_consumer(
+    js: &jetstream::Context,
+    name: &str,
+    subject: &str,
+) -> Result<PullConsumer, BoxError> {
     let _ = js.delete_stream(name).await;
     let stream = js
-        .create_stream(jetstream::stream::Config { name: name.to_owned(), subjects: vec![subject.to_owned()], ..Default::default() })
+        .create_stream(jetstream::stream::Config {
+            name: name.to_owned(),
+            subjects: vec![subject.to_owned()],
+            ..Default::default()
+        })
         .await?;
     let consumer = stream
         .create_consumer(jetstream::consumer::pull::Config {
@@ -123,7 +154,9 @@ async fn new_consumer(js: &jetstream::Context, name: &str, subject: &str) -> Res
             // Each copy a message of its own, as a producer's retry is: JetStream's duplicate
             // window (Nats-Msg-Id) cannot tell them apart; the business key can.
             headers.insert("Nats-Msg-Id", format!("{name}-{order_id}-{copy}").as_str());
-            js.publish_with_headers(subject.to_owned(), headers, body.into()).await?.await?;
+            js.publish_with_headers(subject.to_owned(), headers, body.into())
+                .await?
+                .await?;
         }
     }
     Ok(consumer)
@@ -131,13 +164,17 @@ async fn new_consumer(js: &jetstream::Context, name: &str, subject: &str) -> Res
 
 async fn coupons(pool: &PgPool, table: &str, order_id: i64) -> Result<i64, BoxError> {
     let sql = format!("SELECT count(*) FROM {table} WHERE order_id = $1");
-    Ok(sqlx::query_scalar(sqlx::AssertSqlSafe(sql)).bind(order_id).fetch_one(pool).await?)
+    Ok(sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+        .bind(order_id)
+        .fetch_one(pool)
+        .await?)
 }
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
     let nats_url = std::env::var("NATS_URL").unwrap_or_else(|_| "127.0.0.1:4222".to_owned());
-    let pg_url = std::env::var("POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+    let pg_url = std::env::var("POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
     let js = jetstream::new(async_nats::connect(&nats_url).await?);
     let pool = PgPool::connect(&pg_url).await?;
     for table in ["demo_coupons_before", "demo_coupons_after"] {
@@ -149,7 +186,9 @@ async fn main() -> Result<(), BoxError> {
     }
     let store = PgStore::with_table(pool.clone(), "demo_idem")?;
     store.migrate().await?;
-    sqlx::query("DELETE FROM demo_idem WHERE scope = 'demo.issue_coupon'").execute(&pool).await?;
+    sqlx::query("DELETE FROM demo_idem WHERE scope = 'demo.issue_coupon'")
+        .execute(&pool)
+        .await?;
 
     let before = new_consumer(&js, "DEMO_BEFORE", "demo.before.orders").await?;
     consume_without_idem(&before, &pool).await?;
@@ -159,14 +198,18 @@ async fn main() -> Result<(), BoxError> {
     glue.ensure_dead_letter_stream(&js).await?;
     consume_with_idem(&after, &store, &glue).await?;
 
-    println!("{:<6} {:<46} {:>10} {:>14} {:>12}", "order", "what happened", "deliveries", "coupons before", "coupons after");
+    println!(
+        "{:<6} {:<46} {:>10} {:>14} {:>12}",
+        "order", "what happened", "deliveries", "coupons before", "coupons after"
+    );
     println!("{}", "-".repeat(92));
     let (mut total_before, mut total_after, mut deliveries) = (0, 0, 0);
     for &(order_id, copies, what) in ORDERS {
         let b = coupons(&pool, "demo_coupons_before", order_id).await?;
         let a = coupons(&pool, "demo_coupons_after", order_id).await?;
         println!("{order_id:<6} {what:<46} {copies:>10} {b:>14} {a:>12}");
-        (total_before, total_after, deliveries) = (total_before + b, total_after + a, deliveries + copies);
+        (total_before, total_after, deliveries) =
+            (total_before + b, total_after + a, deliveries + copies);
     }
     println!("{}", "-".repeat(92));
     println!(

@@ -259,7 +259,9 @@ impl Glue {
                     if self.max_deliver.is_some_and(|max| delivered >= max) {
                         // JetStream will not deliver it again: a -NAK would drop it silently.
                         let reason = DeadLetterReason::HandlerFailed { attempts: attempt };
-                        return self.dead_letter(&msg, reason, report.as_ref(), &mut beat).await;
+                        return self
+                            .dead_letter(&msg, reason, report.as_ref(), &mut beat)
+                            .await;
                     }
                     telemetry::redelivery(RetryReason::HandlerFailed { attempt }, after, &report);
                     msg.ack_with(AckKind::Nak(Some(after)))
@@ -276,7 +278,9 @@ impl Glue {
                     beat.hold(&msg, after).await;
                 }
                 Decision::DeadLetter { reason } => {
-                    return self.dead_letter(&msg, reason, report.as_ref(), &mut beat).await;
+                    return self
+                        .dead_letter(&msg, reason, report.as_ref(), &mut beat)
+                        .await;
                 }
                 other => {
                     // A decision newer than this glue: redeliver it, the safe default.

@@ -32,7 +32,12 @@ impl Heartbeat {
     /// signals stop (a wedged caller is then redelivered after `ack_wait`, as idem stops renewing
     /// a wedged handler's lease after `max_lease`). No timer fires for a future that ends before
     /// the first signal is due: a fast handler costs one timer registration, no message.
-    pub(crate) async fn run<F: Future>(&mut self, msg: &Message, fut: F, until: Instant) -> F::Output {
+    pub(crate) async fn run<F: Future>(
+        &mut self,
+        msg: &Message,
+        fut: F,
+        until: Instant,
+    ) -> F::Output {
         let mut fut = pin!(fut);
         loop {
             tokio::select! {
@@ -64,7 +69,9 @@ impl Heartbeat {
         // which idem answers (in flight, or replayed): log it and go on.
         match msg.ack_with(AckKind::Progress).await {
             Ok(()) => self.sent += 1,
-            Err(e) => tracing::debug!(error = %e, "idem-nats: a progress signal (+WPI) was not sent"),
+            Err(e) => {
+                tracing::debug!(error = %e, "idem-nats: a progress signal (+WPI) was not sent")
+            }
         }
     }
 }

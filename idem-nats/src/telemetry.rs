@@ -51,7 +51,9 @@ fn names(report: Option<&Report>) -> (String, String) {
     match report {
         Some(r) => (
             r.scope.to_string(),
-            r.key.as_ref().map_or_else(|| "none".to_owned(), |k| k.to_string()),
+            r.key
+                .as_ref()
+                .map_or_else(|| "none".to_owned(), |k| k.to_string()),
         ),
         None => ("none".to_owned(), "none".to_owned()),
     }

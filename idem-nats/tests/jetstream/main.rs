@@ -39,7 +39,13 @@ fn insert_effect(effects: &str) -> String {
 
 /// The transactional handler: the effect row and the done mark commit together. Its output is
 /// the worker that ran it (a replay answers the first one's).
-#[idempotent(key = "order.id", tx = "tx", store = "store", scope = "nats.tests.coupon_tx", ttl = "10s")]
+#[idempotent(
+    key = "order.id",
+    tx = "tx",
+    store = "store",
+    scope = "nats.tests.coupon_tx",
+    ttl = "10s"
+)]
 pub async fn issue_coupon_tx(
     store: &PgStore,
     tx: &mut Transaction<'_, Postgres>,

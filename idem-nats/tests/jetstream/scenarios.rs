@@ -37,7 +37,9 @@ where
     let mut tally = Tally::default();
     let mut log = Vec::new();
     loop {
-        let left = limit.checked_sub(started.elapsed()).expect("the consumer loop timed out");
+        let left = limit
+            .checked_sub(started.elapsed())
+            .expect("the consumer loop timed out");
         let msg = tokio::time::timeout(left, messages.next())
             .await
             .expect("the consumer loop timed out")
@@ -71,11 +73,13 @@ fn order_id() -> i64 {
         % 1_000_000_000_000) as i64
 }
 
-/// 1. The producer publishes one order twice (a retry after a lost publish ack: a new message
+/// Scenario 1: The producer publishes one order twice (a retry after a lost publish ack: a new message
 /// id each time): one effect, both messages acked, the second as a replay.
 #[tokio::test]
 async fn producer_retry_with_a_new_message_id_has_one_effect() {
-    let Some(s) = support::servers().await else { return };
+    let Some(s) = support::servers().await else {
+        return;
+    };
     let orders = support::orders(&s.js, ConsumerSettings::default()).await;
     let store = support::pg_store(&s.pool).await;
     let effects = support::effects_table(&s.pool).await;
@@ -100,29 +104,47 @@ async fn producer_retry_with_a_new_message_id_has_one_effect() {
     assert_eq!(
         outcomes,
         vec![
-            Settled::Acked { outcome: Some(CallOutcome::Executed), held: 0 },
-            Settled::Acked { outcome: Some(CallOutcome::Replayed), held: 0 },
+            Settled::Acked {
+                outcome: Some(CallOutcome::Executed),
+                held: 0
+            },
+            Settled::Acked {
+                outcome: Some(CallOutcome::Replayed),
+                held: 0
+            },
         ]
     );
     assert_eq!(tally.effects, 1);
     let state = orders.state().await;
-    assert_eq!((state.num_pending, state.num_ack_pending), (0, 0), "everything acked");
-    tally.print("1. producer retry, new message id", "PostgreSQL (tx attribute)");
+    assert_eq!(
+        (state.num_pending, state.num_ack_pending),
+        (0, 0),
+        "everything acked"
+    );
+    tally.print(
+        "1. producer retry, new message id",
+        "PostgreSQL (tx attribute)",
+    );
     orders.delete(&s.js).await;
     support::drop_pg_store(&s.pool, &store).await;
     support::exec(&s.pool, format!("DROP TABLE {effects}")).await;
 }
 
-/// 4. A handler that fails twice, then succeeds: redelivered with back-off (-NAK with the
+/// Scenario 4: A handler that fails twice, then succeeds: redelivered with back-off (-NAK with the
 /// policy's delay, doubling), one effect, then acked.
 #[tokio::test]
 async fn a_handler_that_fails_then_succeeds_is_retried_with_backoff_and_has_one_effect() {
-    let Some(s) = support::servers().await else { return };
-    let Some(redis) = support::redis_store(&support::unique("idem_nats")).await else { return };
+    let Some(s) = support::servers().await else {
+        return;
+    };
+    let Some(redis) = support::redis_store(&support::unique("idem_nats")).await else {
+        return;
+    };
     let orders = support::orders(&s.js, ConsumerSettings::default()).await;
     let effects = support::effects_table(&s.pool).await;
     let backoff = Duration::from_millis(200);
-    let glue = Glue::new(&orders.consumer).policy(Policy::default().backoff(backoff, Duration::from_secs(5)));
+    let glue = Glue::new(&orders.consumer)
+        .policy(Policy::default().backoff(backoff, Duration::from_secs(5)));
     orders.publish(&s.js, &order(order_id(), 500)).await;
     let failures_left = AtomicU32::new(2);
 
@@ -142,14 +164,36 @@ async fn a_handler_that_fails_then_succeeds_is_retried_with_backoff_and_has_one_
     assert_eq!(
         settled,
         vec![
-            (Settled::Redelivering { after: backoff, attempt: 1 }, 1),
-            (Settled::Redelivering { after: backoff * 2, attempt: 2 }, 2),
-            (Settled::Acked { outcome: Some(CallOutcome::Executed), held: 0 }, 3),
+            (
+                Settled::Redelivering {
+                    after: backoff,
+                    attempt: 1
+                },
+                1
+            ),
+            (
+                Settled::Redelivering {
+                    after: backoff * 2,
+                    attempt: 2
+                },
+                2
+            ),
+            (
+                Settled::Acked {
+                    outcome: Some(CallOutcome::Executed),
+                    held: 0
+                },
+                3
+            ),
         ]
     );
     // The broker kept the delays: the redeliveries came no sooner than asked.
     assert!(log[1].2 - log[0].2 >= backoff, "{:?}", log[1].2 - log[0].2);
-    assert!(log[2].2 - log[1].2 >= backoff * 2, "{:?}", log[2].2 - log[1].2);
+    assert!(
+        log[2].2 - log[1].2 >= backoff * 2,
+        "{:?}",
+        log[2].2 - log[1].2
+    );
     assert_eq!(tally.effects, 1);
     let state = orders.state().await;
     assert_eq!((state.num_pending, state.num_ack_pending), (0, 0));
@@ -158,16 +202,23 @@ async fn a_handler_that_fails_then_succeeds_is_retried_with_backoff_and_has_one_
     support::exec(&s.pool, format!("DROP TABLE {effects}")).await;
 }
 
-/// 6. A handler that always fails: redelivered until `max_attempts` (3), then published to the
+/// Scenario 6: A handler that always fails: redelivered until `max_attempts` (3), then published to the
 /// dead-letter stream with its body, headers and reason, and terminated.
 #[tokio::test]
 async fn a_handler_that_always_fails_ends_in_the_dead_letter_stream_after_max_attempts() {
-    let Some(s) = support::servers().await else { return };
-    let Some(redis) = support::redis_store(&support::unique("idem_nats")).await else { return };
+    let Some(s) = support::servers().await else {
+        return;
+    };
+    let Some(redis) = support::redis_store(&support::unique("idem_nats")).await else {
+        return;
+    };
     let orders = support::orders(&s.js, ConsumerSettings::default()).await;
     let effects = support::effects_table(&s.pool).await;
-    let glue = Glue::new(&orders.consumer)
-        .policy(Policy::default().max_attempts(3).backoff(Duration::from_millis(100), Duration::from_secs(1)));
+    let glue = Glue::new(&orders.consumer).policy(
+        Policy::default()
+            .max_attempts(3)
+            .backoff(Duration::from_millis(100), Duration::from_secs(1)),
+    );
     glue.ensure_dead_letter_stream(&s.js).await.unwrap();
     let o = order(order_id(), 500);
     orders.publish(&s.js, &o).await;
@@ -188,7 +239,9 @@ async fn a_handler_that_always_fails_ends_in_the_dead_letter_stream_after_max_at
     assert_eq!(log.len(), 3, "{log:?}");
     assert_eq!(
         log[2].0,
-        Settled::DeadLettered { reason: DeadLetterReason::HandlerFailed { attempts: 3 } }
+        Settled::DeadLettered {
+            reason: DeadLetterReason::HandlerFailed { attempts: 3 }
+        }
     );
     let dead = orders.dead_letters(&s.js).await;
     assert_eq!(dead.len(), 1);
@@ -196,10 +249,20 @@ async fn a_handler_that_always_fails_ends_in_the_dead_letter_stream_after_max_at
     assert_eq!(serde_json::from_slice::<OrderPaid>(&dead[0].1).unwrap(), o);
     let h = &dead[0].2;
     assert_eq!(h.get(idem_nats::headers::DELIVERIES).unwrap().as_str(), "3");
-    assert_eq!(h.get(idem_nats::headers::SCOPE).unwrap().as_str(), "nats.tests.coupon");
-    assert!(h.get("Idem-Original-Nats-Msg-Id").is_some(), "the original's message id is kept");
+    assert_eq!(
+        h.get(idem_nats::headers::SCOPE).unwrap().as_str(),
+        "nats.tests.coupon"
+    );
+    assert!(
+        h.get("Idem-Original-Nats-Msg-Id").is_some(),
+        "the original's message id is kept"
+    );
     let state = orders.state().await;
-    assert_eq!((state.num_pending, state.num_ack_pending), (0, 0), "terminated, not pending");
+    assert_eq!(
+        (state.num_pending, state.num_ack_pending),
+        (0, 0),
+        "terminated, not pending"
+    );
     assert_eq!(tally.effects, 0);
     tally.print("6. always fails", "Redis (plain attribute)");
     orders.delete(&s.js).await;
@@ -220,7 +283,7 @@ impl std::io::Write for Captured {
     }
 }
 
-/// 5. A poison message: the same order id with another amount (the fingerprint differs, so
+/// Scenario 5: A poison message: the same order id with another amount (the fingerprint differs, so
 /// idem answers `Mismatch`). Dead-lettered at its first delivery, with a WARN line naming the
 /// scope, the redacted key and the reason, and kept in the dead-letter stream.
 #[test]
@@ -233,11 +296,16 @@ fn a_poison_message_is_dead_lettered_at_once_with_a_log_line() {
         .with_max_level(tracing::Level::WARN)
         .finish();
     // A current-thread runtime: every task of this test logs through this thread's subscriber.
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let id = 987_000_000_000 + order_id() % 1_000_000_000;
     let finished = tracing::subscriber::with_default(subscriber, || {
         rt.block_on(async {
-            let Some(s) = support::servers().await else { return false };
+            let Some(s) = support::servers().await else {
+                return false;
+            };
             let Some(redis) = support::redis_store(&support::unique("idem_nats")).await else {
                 return false;
             };
@@ -260,18 +328,36 @@ fn a_poison_message_is_dead_lettered_at_once_with_a_log_line() {
                 |t, _| t.deliveries == 2,
             )
             .await;
-            tally.effects = support::count(&s.pool, format!("SELECT count(*) FROM {effects}")).await;
-            assert_eq!(log[0].0, Settled::Acked { outcome: Some(CallOutcome::Executed), held: 0 });
-            assert_eq!(log[1].0, Settled::DeadLettered { reason: DeadLetterReason::Mismatch });
+            tally.effects =
+                support::count(&s.pool, format!("SELECT count(*) FROM {effects}")).await;
+            assert_eq!(
+                log[0].0,
+                Settled::Acked {
+                    outcome: Some(CallOutcome::Executed),
+                    held: 0
+                }
+            );
+            assert_eq!(
+                log[1].0,
+                Settled::DeadLettered {
+                    reason: DeadLetterReason::Mismatch
+                }
+            );
             assert_eq!(log[1].1, 1, "dead-lettered at its first delivery");
             let dead = orders.dead_letters(&s.js).await;
             assert_eq!(dead.len(), 1);
             assert_eq!(dead[0].0, "mismatch");
-            assert_eq!(serde_json::from_slice::<OrderPaid>(&dead[0].1).unwrap(), poison);
+            assert_eq!(
+                serde_json::from_slice::<OrderPaid>(&dead[0].1).unwrap(),
+                poison
+            );
             let state = orders.state().await;
             assert_eq!((state.num_pending, state.num_ack_pending), (0, 0));
             assert_eq!(tally.effects, 1);
-            tally.print("5. poison (same key, other payload)", "Redis (plain attribute)");
+            tally.print(
+                "5. poison (same key, other payload)",
+                "Redis (plain attribute)",
+            );
             orders.delete(&s.js).await;
             support::exec(&s.pool, format!("DROP TABLE {effects}")).await;
             true
@@ -288,17 +374,30 @@ fn a_poison_message_is_dead_lettered_at_once_with_a_log_line() {
     assert!(line.contains("WARN"), "{line}");
     assert!(line.contains("scope=nats.tests.coupon"), "{line}");
     assert!(line.contains("key=redacted:"), "{line}");
-    assert!(line.contains("reason=the key was already used with another payload"), "{line}");
-    assert!(!text.contains(&id.to_string()), "a key's text was logged:\n{text}");
+    assert!(
+        line.contains("reason=the key was already used with another payload"),
+        "{line}"
+    );
+    assert!(
+        !text.contains(&id.to_string()),
+        "a key's text was logged:\n{text}"
+    );
 }
 
 /// A handler slower than `ack_wait` (1 s) runs once: the glue's +WPI keeps JetStream from
 /// redelivering it to the consumer's other puller meanwhile.
 #[tokio::test]
 async fn a_slow_handler_is_kept_alive_with_progress_and_runs_once() {
-    let Some(s) = support::servers().await else { return };
-    let Some(redis) = support::redis_store(&support::unique("idem_nats")).await else { return };
-    let settings = ConsumerSettings { ack_wait: Duration::from_secs(1), ..Default::default() };
+    let Some(s) = support::servers().await else {
+        return;
+    };
+    let Some(redis) = support::redis_store(&support::unique("idem_nats")).await else {
+        return;
+    };
+    let settings = ConsumerSettings {
+        ack_wait: Duration::from_secs(1),
+        ..Default::default()
+    };
     let orders = support::orders(&s.js, settings).await;
     let effects = support::effects_table(&s.pool).await;
     let glue = Glue::new(&orders.consumer);
@@ -316,7 +415,12 @@ async fn a_slow_handler_is_kept_alive_with_progress_and_runs_once() {
             async move {
                 // The work takes 3.5 x ack_wait. Meanwhile a second puller on the same consumer
                 // waits for the redelivery there would be without progress signals.
-                let mut other = consumer.stream().expires(Duration::from_secs(1)).messages().await.unwrap();
+                let mut other = consumer
+                    .stream()
+                    .expires(Duration::from_secs(1))
+                    .messages()
+                    .await
+                    .unwrap();
                 let work = tokio::time::sleep(Duration::from_millis(3500));
                 tokio::select! {
                     () = work => {}

@@ -31,7 +31,8 @@ pub fn nats_url() -> String {
 }
 
 pub fn pg_url() -> String {
-    std::env::var("POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+    std::env::var("POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
 }
 
 pub fn redis_url() -> String {
@@ -79,10 +80,17 @@ pub async fn redis_store(prefix: &str) -> Option<RedisStore> {
     let client = idem_runtime::redis::Client::open(redis_url()).unwrap();
     let probe = async {
         let mut c = client.get_multiplexed_async_connection().await?;
-        idem_runtime::redis::cmd("PING").query_async::<String>(&mut c).await
+        idem_runtime::redis::cmd("PING")
+            .query_async::<String>(&mut c)
+            .await
     };
     match probe.await {
-        Ok(_) => Some(RedisStore::builder_from_client(client).unwrap().prefix(prefix).build()),
+        Ok(_) => Some(
+            RedisStore::builder_from_client(client)
+                .unwrap()
+                .prefix(prefix)
+                .build(),
+        ),
         Err(e) => {
             server_missing("Redis", &redis_url(), e);
             None
@@ -183,7 +191,10 @@ impl Orders {
     }
 
     /// The dead letters kept for this stream: (reason header, body).
-    pub async fn dead_letters(&self, js: &jetstream::Context) -> Vec<(String, Vec<u8>, async_nats::HeaderMap)> {
+    pub async fn dead_letters(
+        &self,
+        js: &jetstream::Context,
+    ) -> Vec<(String, Vec<u8>, async_nats::HeaderMap)> {
         let Ok(mut stream) = js.get_stream(format!("{}_DEAD", self.name)).await else {
             return Vec::new();
         };
@@ -233,7 +244,11 @@ pub async fn pg_store(pool: &PgPool) -> PgStore {
 
 pub async fn drop_pg_store(pool: &PgPool, store: &PgStore) {
     exec(pool, format!("DROP TABLE IF EXISTS {}", store.table())).await;
-    exec(pool, format!("DROP TABLE IF EXISTS {}_migrations", store.table())).await;
+    exec(
+        pool,
+        format!("DROP TABLE IF EXISTS {}_migrations", store.table()),
+    )
+    .await;
 }
 
 pub async fn exec(pool: &PgPool, sql: String) {
@@ -241,7 +256,10 @@ pub async fn exec(pool: &PgPool, sql: String) {
 }
 
 pub async fn count(pool: &PgPool, sql: String) -> i64 {
-    sqlx::query_scalar(AssertSqlSafe(sql)).fetch_one(pool).await.unwrap()
+    sqlx::query_scalar(AssertSqlSafe(sql))
+        .fetch_one(pool)
+        .await
+        .unwrap()
 }
 
 /// Effects per order id.
@@ -284,7 +302,12 @@ impl Tally {
     pub fn print(&self, scenario: &str, store: &str) {
         println!(
             "SCENARIO|{scenario}|NATS JetStream 2.9|{store}|{}|{}|{}|{}|{}|held {}",
-            self.deliveries, self.effects, self.acks, self.redeliveries, self.dead_letters, self.held
+            self.deliveries,
+            self.effects,
+            self.acks,
+            self.redeliveries,
+            self.dead_letters,
+            self.held
         );
     }
 }
@@ -308,7 +331,12 @@ pub fn worker_role() -> Option<(String, Vec<String>)> {
 /// Start this test binary as a worker process (`worker_process` runs the role).
 pub fn spawn_worker(role: &str, args: &[String]) -> std::process::Child {
     std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "worker_process", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "worker_process",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env("IDEM_NATS_WORKER", role)
         .env("IDEM_NATS_WORKER_ARGS", args.join(","))
         .stdout(std::process::Stdio::null())

@@ -1,4 +1,4 @@
-//! 7. Every row of the ack decision table (`idem_runtime::ack`), once, against the broker: the
+//! Scenario 7: Every row of the ack decision table (`idem_runtime::ack`), once, against the broker: the
 //! call's outcome, the glue's decision, and what JetStream then shows.
 
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -36,14 +36,25 @@ async fn no_store(id: i64) -> Result<i64, AppError> {
 }
 
 /// A handler whose output is over its `max_output`: done, but not replayable.
-#[idempotent(key = "id", store = "store", scope = "nats.tests.big", max_output = "16B")]
+#[idempotent(
+    key = "id",
+    store = "store",
+    scope = "nats.tests.big",
+    max_output = "16B"
+)]
 async fn big(store: &RedisStore, id: i64) -> Result<String, AppError> {
     Ok(format!("{id:>64}"))
 }
 
 /// The transactional handler that, on its first run, hands its own claim to another token as a
 /// holder that took over would have: its mark fails (the lease was lost), its writes are undone.
-#[idempotent(key = "order.id", tx = "tx", store = "store", scope = "nats.tests.stolen", ttl = "10s")]
+#[idempotent(
+    key = "order.id",
+    tx = "tx",
+    store = "store",
+    scope = "nats.tests.stolen",
+    ttl = "10s"
+)]
 async fn stolen_once(
     store: &PgStore,
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
@@ -57,11 +68,14 @@ async fn stolen_once(
         .execute(&mut **tx)
         .await?;
     if steal.fetch_add(1, Ordering::SeqCst) == 0 {
-        sqlx::query(AssertSqlSafe(format!("UPDATE {} SET token = $1 WHERE scope = $2", store.table())))
-            .bind(vec![0u8; 16])
-            .bind("nats.tests.stolen")
-            .execute(&mut **tx)
-            .await?;
+        sqlx::query(AssertSqlSafe(format!(
+            "UPDATE {} SET token = $1 WHERE scope = $2",
+            store.table()
+        )))
+        .bind(vec![0u8; 16])
+        .bind("nats.tests.stolen")
+        .execute(&mut **tx)
+        .await?;
     }
     Ok(order.id)
 }
@@ -79,7 +93,11 @@ struct Table<'a> {
 impl Table<'_> {
     fn order(&mut self) -> OrderPaid {
         self.next_id += 1;
-        OrderPaid { id: self.next_id, user: 1, amount: 100 }
+        OrderPaid {
+            id: self.next_id,
+            user: 1,
+            amount: 100,
+        }
     }
 
     async fn next(&mut self) -> Message {
@@ -102,29 +120,57 @@ impl Table<'_> {
         if let Settled::Acked { held, .. } = settled {
             self.held += u64::from(held);
         }
-        self.rows.push(format!("{row:<58} delivery {delivered}: {settled:?}"));
+        self.rows
+            .push(format!("{row:<58} delivery {delivered}: {settled:?}"));
         (settled, delivered)
     }
 
     async fn assert_settled_all(&self) {
         let state = self.orders.state().await;
-        assert_eq!((state.num_pending, state.num_ack_pending), (0, 0), "{:?}", self.rows);
+        assert_eq!(
+            (state.num_pending, state.num_ack_pending),
+            (0, 0),
+            "{:?}",
+            self.rows
+        );
     }
 }
 
 #[tokio::test]
 async fn each_row_of_the_decision_table_against_the_broker() {
-    let Some(s) = support::servers().await else { return };
-    let Some(redis) = support::redis_store(&support::unique("idem_nats")).await else { return };
-    let settings = ConsumerSettings { ack_wait: Duration::from_secs(1), max_deliver: 3, ..Default::default() };
+    let Some(s) = support::servers().await else {
+        return;
+    };
+    let Some(redis) = support::redis_store(&support::unique("idem_nats")).await else {
+        return;
+    };
+    let settings = ConsumerSettings {
+        ack_wait: Duration::from_secs(1),
+        max_deliver: 3,
+        ..Default::default()
+    };
     let orders = support::orders(&s.js, settings).await;
     let store = support::pg_store(&s.pool).await;
     let effects = support::effects_table(&s.pool).await;
     let policy = Policy::default().backoff(Duration::from_millis(100), Duration::from_secs(1));
     let glue = Glue::new(&orders.consumer).policy(policy);
     glue.ensure_dead_letter_stream(&s.js).await.unwrap();
-    let messages = orders.consumer.stream().expires(Duration::from_secs(2)).messages().await.unwrap();
-    let mut b = Table { orders: &orders, js: &s.js, messages, glue, rows: Vec::new(), held: 0, next_id: 1_000 };
+    let messages = orders
+        .consumer
+        .stream()
+        .expires(Duration::from_secs(2))
+        .messages()
+        .await
+        .unwrap();
+    let mut b = Table {
+        orders: &orders,
+        js: &s.js,
+        messages,
+        glue,
+        rows: Vec::new(),
+        held: 0,
+        next_id: 1_000,
+    };
     let pool = &s.pool;
     let no_fail = AtomicU32::new(0);
     let (store, effects, redis) = (&store, effects.as_str(), &redis);
@@ -134,8 +180,18 @@ async fn each_row_of_the_decision_table_against_the_broker() {
     b.orders.publish(b.js, &o).await;
     b.orders.publish(b.js, &o).await;
     for want in [CallOutcome::Executed, CallOutcome::Replayed] {
-        let (settled, _) = b.settle("done / replayed, Ok", || crate::issue_coupon(redis, pool, &o, effects, &no_fail)).await;
-        assert_eq!(settled, Settled::Acked { outcome: Some(want), held: 0 });
+        let (settled, _) = b
+            .settle("done / replayed, Ok", || {
+                crate::issue_coupon(redis, pool, &o, effects, &no_fail)
+            })
+            .await;
+        assert_eq!(
+            settled,
+            Settled::Acked {
+                outcome: Some(want),
+                held: 0
+            }
+        );
     }
     b.assert_settled_all().await;
 
@@ -156,9 +212,15 @@ async fn each_row_of_the_decision_table_against_the_broker() {
             })
             .await;
         let want = if commit {
-            Settled::Acked { outcome: Some(CallOutcome::Executed), held: 0 }
+            Settled::Acked {
+                outcome: Some(CallOutcome::Executed),
+                held: 0,
+            }
         } else {
-            Settled::Redelivering { after: Duration::from_millis(100), attempt: 1 }
+            Settled::Redelivering {
+                after: Duration::from_millis(100),
+                attempt: 1,
+            }
         };
         assert_eq!(settled, want);
     }
@@ -167,7 +229,9 @@ async fn each_row_of_the_decision_table_against_the_broker() {
     // acked as a replay once the holder commits.
     let o = b.order();
     let mut holder = store.pool().begin().await.unwrap();
-    issue_coupon_tx(store, &mut holder, &o, effects, 2).await.unwrap();
+    issue_coupon_tx(store, &mut holder, &o, effects, 2)
+        .await
+        .unwrap();
     b.orders.publish(b.js, &o).await;
     let calls = AtomicU32::new(0);
     let holder = tokio::sync::Mutex::new(Some(holder));
@@ -184,15 +248,31 @@ async fn each_row_of_the_decision_table_against_the_broker() {
             Ok(())
         })
         .await;
-    assert_eq!((settled, delivered), (Settled::Acked { outcome: Some(CallOutcome::Replayed), held: 4 }, 1));
-    assert_eq!(b.orders.state().await.num_redelivered, 0, "the hold cost a delivery");
+    assert_eq!(
+        (settled, delivered),
+        (
+            Settled::Acked {
+                outcome: Some(CallOutcome::Replayed),
+                held: 4
+            },
+            1
+        )
+    );
+    assert_eq!(
+        b.orders.state().await.num_redelivered,
+        0,
+        "the hold cost a delivery"
+    );
 
     // The store does not answer: held, tried again, run once it is back.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     drop(listener);
     let down = idem_runtime::redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
-    let down = RedisStore::builder_from_client(down).unwrap().prefix(support::unique("idem_nats")).build();
+    let down = RedisStore::builder_from_client(down)
+        .unwrap()
+        .prefix(support::unique("idem_nats"))
+        .build();
     let o = b.order();
     b.orders.publish(b.js, &o).await;
     let calls = AtomicU32::new(0);
@@ -202,7 +282,14 @@ async fn each_row_of_the_decision_table_against_the_broker() {
             if calls.fetch_add(1, Ordering::SeqCst) == 1 {
                 // Held once: now bring the store up.
                 let child = std::process::Command::new("redis-server")
-                    .args(["--port", &port.to_string(), "--save", "", "--appendonly", "no"])
+                    .args([
+                        "--port",
+                        &port.to_string(),
+                        "--save",
+                        "",
+                        "--appendonly",
+                        "no",
+                    ])
                     .stdout(std::process::Stdio::null())
                     .spawn()
                     .expect("redis-server");
@@ -232,20 +319,59 @@ async fn each_row_of_the_decision_table_against_the_broker() {
             Ok(())
         })
         .await;
-    assert_eq!(settled, Settled::Acked { outcome: Some(CallOutcome::Executed), held: 1 });
-    let rows = support::count(pool, format!("SELECT count(*) FROM {effects} WHERE order_id = {}", o.id)).await;
+    assert_eq!(
+        settled,
+        Settled::Acked {
+            outcome: Some(CallOutcome::Executed),
+            held: 1
+        }
+    );
+    let rows = support::count(
+        pool,
+        format!("SELECT count(*) FROM {effects} WHERE order_id = {}", o.id),
+    )
+    .await;
     assert_eq!(rows, 1, "the run that lost its lease was rolled back");
 
     // The handler fails, then panics: -NAK with back-off each time; then it succeeds.
     let o = b.order();
     b.orders.publish(b.js, &o).await;
     let fail_once = AtomicU32::new(1);
-    let (settled, _) = b.settle("handler Err", || crate::issue_coupon(redis, pool, &o, effects, &fail_once)).await;
-    assert_eq!(settled, Settled::Redelivering { after: Duration::from_millis(100), attempt: 1 });
+    let (settled, _) = b
+        .settle("handler Err", || {
+            crate::issue_coupon(redis, pool, &o, effects, &fail_once)
+        })
+        .await;
+    assert_eq!(
+        settled,
+        Settled::Redelivering {
+            after: Duration::from_millis(100),
+            attempt: 1
+        }
+    );
     let (settled, delivered) = b.settle("handler panicked", || panics(redis, o.id)).await;
-    assert_eq!((settled, delivered), (Settled::Redelivering { after: Duration::from_millis(200), attempt: 2 }, 2));
-    let (settled, _) = b.settle("handler Ok at last", || crate::issue_coupon(redis, pool, &o, effects, &no_fail)).await;
-    assert_eq!(settled, Settled::Acked { outcome: Some(CallOutcome::Executed), held: 0 });
+    assert_eq!(
+        (settled, delivered),
+        (
+            Settled::Redelivering {
+                after: Duration::from_millis(200),
+                attempt: 2
+            },
+            2
+        )
+    );
+    let (settled, _) = b
+        .settle("handler Ok at last", || {
+            crate::issue_coupon(redis, pool, &o, effects, &no_fail)
+        })
+        .await;
+    assert_eq!(
+        settled,
+        Settled::Acked {
+            outcome: Some(CallOutcome::Executed),
+            held: 0
+        }
+    );
     b.assert_settled_all().await;
 
     // An error before any idempotent call (the body does not parse): a failure each delivery;
@@ -254,41 +380,80 @@ async fn each_row_of_the_decision_table_against_the_broker() {
     b.orders.publish_raw(b.js, b"not an order").await;
     for attempt in 1..=3u32 {
         let (settled, _) = b
-            .settle("no idempotent call, Err (the body does not parse)", || async {
-                let order: OrderPaid = serde_json::from_slice(b"not an order")?;
-                Ok(order.id)
-            })
+            .settle(
+                "no idempotent call, Err (the body does not parse)",
+                || async {
+                    let order: OrderPaid = serde_json::from_slice(b"not an order")?;
+                    Ok(order.id)
+                },
+            )
             .await;
         let want = if attempt < 3 {
-            Settled::Redelivering { after: Duration::from_millis(100) * (1 << (attempt - 1)), attempt }
+            Settled::Redelivering {
+                after: Duration::from_millis(100) * (1 << (attempt - 1)),
+                attempt,
+            }
         } else {
-            Settled::DeadLettered { reason: DeadLetterReason::HandlerFailed { attempts: 3 } }
+            Settled::DeadLettered {
+                reason: DeadLetterReason::HandlerFailed { attempts: 3 },
+            }
         };
         assert_eq!(settled, want);
     }
 
     // No idempotent call, Ok: +ACK.
     b.orders.publish_raw(b.js, b"{}").await;
-    let (settled, _) = b.settle("no idempotent call, Ok", || async { Ok(()) }).await;
-    assert_eq!(settled, Settled::Acked { outcome: None, held: 0 });
+    let (settled, _) = b
+        .settle("no idempotent call, Ok", || async { Ok(()) })
+        .await;
+    assert_eq!(
+        settled,
+        Settled::Acked {
+            outcome: None,
+            held: 0
+        }
+    );
 
     // Done, but the output was not stored: +ACK (the effect happened once).
     let o = b.order();
     b.orders.publish(b.js, &o).await;
     b.orders.publish(b.js, &o).await;
     for want in [CallOutcome::Executed, CallOutcome::Unreplayable] {
-        let (settled, _) = b.settle("done, output over max_output", || big(redis, o.id)).await;
-        assert_eq!(settled, Settled::Acked { outcome: Some(want), held: 0 });
+        let (settled, _) = b
+            .settle("done, output over max_output", || big(redis, o.id))
+            .await;
+        assert_eq!(
+            settled,
+            Settled::Acked {
+                outcome: Some(want),
+                held: 0
+            }
+        );
     }
 
     // Dead-lettered at once: Mismatch, Corrupt, an invalid key, no store.
     let o = b.order();
     b.orders.publish(b.js, &o).await;
-    b.settle("(first run of the order below)", || crate::issue_coupon(redis, pool, &o, effects, &no_fail)).await;
-    let poison = OrderPaid { amount: 999, ..o.clone() };
+    b.settle("(first run of the order below)", || {
+        crate::issue_coupon(redis, pool, &o, effects, &no_fail)
+    })
+    .await;
+    let poison = OrderPaid {
+        amount: 999,
+        ..o.clone()
+    };
     b.orders.publish(b.js, &poison).await;
-    let (settled, _) = b.settle("same key, other payload", || crate::issue_coupon(redis, pool, &poison, effects, &no_fail)).await;
-    assert_eq!(settled, Settled::DeadLettered { reason: DeadLetterReason::Mismatch });
+    let (settled, _) = b
+        .settle("same key, other payload", || {
+            crate::issue_coupon(redis, pool, &poison, effects, &no_fail)
+        })
+        .await;
+    assert_eq!(
+        settled,
+        Settled::DeadLettered {
+            reason: DeadLetterReason::Mismatch
+        }
+    );
 
     let o = b.order();
     b.orders.publish(b.js, &o).await;
@@ -300,23 +465,65 @@ async fn each_row_of_the_decision_table_against_the_broker() {
         Ok(())
     };
     b.settle("(first run of the order below)", tx_call).await;
-    support::exec(pool, format!("UPDATE {} SET output = '\\xc1'::bytea WHERE state = 2", store.table())).await;
+    support::exec(
+        pool,
+        format!(
+            "UPDATE {} SET output = '\\xc1'::bytea WHERE state = 2",
+            store.table()
+        ),
+    )
+    .await;
     let (settled, _) = b.settle("stored record does not decode", tx_call).await;
-    assert_eq!(settled, Settled::DeadLettered { reason: DeadLetterReason::Corrupt });
+    assert_eq!(
+        settled,
+        Settled::DeadLettered {
+            reason: DeadLetterReason::Corrupt
+        }
+    );
 
     b.orders.publish_raw(b.js, b"{}").await;
     let (settled, _) = b.settle("empty key", || by_code(redis, "")).await;
-    assert_eq!(settled, Settled::DeadLettered { reason: DeadLetterReason::InvalidKey });
+    assert_eq!(
+        settled,
+        Settled::DeadLettered {
+            reason: DeadLetterReason::InvalidKey
+        }
+    );
 
     b.orders.publish_raw(b.js, b"{}").await;
     let (settled, _) = b.settle("no store installed", || no_store(7)).await;
-    assert_eq!(settled, Settled::DeadLettered { reason: DeadLetterReason::Misconfigured });
+    assert_eq!(
+        settled,
+        Settled::DeadLettered {
+            reason: DeadLetterReason::Misconfigured
+        }
+    );
 
     b.assert_settled_all().await;
-    let dead: Vec<String> = orders.dead_letters(&s.js).await.into_iter().map(|d| d.0).collect();
-    assert_eq!(dead, ["handler_failed", "mismatch", "corrupt", "invalid_key", "misconfigured"]);
-    println!("the decision table against JetStream:\n{}", b.rows.join("\n"));
-    let mut tally = support::Tally { deliveries: b.rows.len() as u64, ..Default::default() };
+    let dead: Vec<String> = orders
+        .dead_letters(&s.js)
+        .await
+        .into_iter()
+        .map(|d| d.0)
+        .collect();
+    assert_eq!(
+        dead,
+        [
+            "handler_failed",
+            "mismatch",
+            "corrupt",
+            "invalid_key",
+            "misconfigured"
+        ]
+    );
+    println!(
+        "the decision table against JetStream:\n{}",
+        b.rows.join("\n")
+    );
+    let mut tally = support::Tally {
+        deliveries: b.rows.len() as u64,
+        ..Default::default()
+    };
     tally.dead_letters = dead.len() as u64;
     tally.effects = support::count(pool, format!("SELECT count(*) FROM {effects}")).await;
     tally.acks = b.rows.iter().filter(|r| r.contains("Acked")).count() as u64;
