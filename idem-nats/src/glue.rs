@@ -69,10 +69,10 @@ impl Settled {
 ///
 /// ```no_run
 /// # async fn f(consumer: async_nats::jetstream::consumer::PullConsumer) {
-/// use std::time::Duration;
 /// let glue = idem_nats::Glue::new(&consumer)
 ///     .policy(idem_runtime::ack::Policy::default().max_attempts(3))
-///     .dead_letter_subject("orders.dead-letters");
+///     .dead_letter_subject_to("orders.dead-letters");
+/// assert_eq!(glue.dead_letter_subject(), "orders.dead-letters");
 /// # }
 /// ```
 #[derive(Debug, Clone)]
