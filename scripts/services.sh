@@ -14,10 +14,17 @@ if [ ${#need_install[@]} -gt 0 ]; then
   echo "installing: ${need_install[*]}"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_install[@]}"
 fi
-# The brokers apart: no test needs them yet, so a failed install must not cost the others.
+# NATS (JetStream): the idem-nats tests need it, so it is required. Installed apart, so a failed
+# install is reported as such.
+nats_ok=1
+if ! command -v nats-server >/dev/null && [ ! -x /usr/sbin/nats-server ]; then
+  echo "installing: nats-server"
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nats-server; } ||
+    { echo "could not install nats-server (the idem-nats tests need it)" >&2; nats_ok=0; }
+fi
+# The other brokers apart: no test needs them yet, so a failed install must not cost the others.
 brokers=()
 command -v rabbitmq-server >/dev/null || [ -x /usr/sbin/rabbitmq-server ] || brokers+=(rabbitmq-server)
-command -v nats-server >/dev/null || [ -x /usr/sbin/nats-server ] || brokers+=(nats-server)
 if [ ${#brokers[@]} -gt 0 ]; then
   echo "installing (optional): ${brokers[*]}"
   { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${brokers[@]}"; } ||
@@ -59,14 +66,16 @@ fi
 wait_for mariadb "mariadb -h 127.0.0.1 -uroot -e 'SELECT 1'" || status=1
 mariadb -h 127.0.0.1 -uroot -e 'CREATE DATABASE IF NOT EXISTS test' || true
 
-# The brokers. No test of the suite needs them yet, so they are started and reported, and their
-# absence does not fail the run.
-if ! port_open 127.0.0.1 4222; then
+# NATS with JetStream (required: the idem-nats tests); a run without it exits non-zero.
+nats_bin=$(command -v nats-server || echo /usr/sbin/nats-server)
+if [ "$nats_ok" = 1 ] && ! port_open 127.0.0.1 4222; then
   mkdir -p /var/lib/nats-server
-  start-stop-daemon --start --oknodo --background --exec /usr/sbin/nats-server -- \
+  start-stop-daemon --start --oknodo --background --exec "$nats_bin" -- \
     -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server -l /var/log/nats-server.log || true
 fi
-wait_for nats "port_open 127.0.0.1 4222" 20 || true
+wait_for nats "port_open 127.0.0.1 4222" 20 || status=1
+# The other brokers: no test of the suite needs them yet, so they are started and reported, and
+# their absence does not fail the run.
 if ! port_open 127.0.0.1 5672; then
   rabbitmq-server -detached >/dev/null 2>&1 || true
 fi

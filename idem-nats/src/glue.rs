@@ -1,0 +1,368 @@
+//! [`Glue`]: one JetStream message, one idempotent call, one decision carried out.
+
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::PullConsumer;
+use async_nats::jetstream::{self, AckKind, Message};
+use futures_util::FutureExt as _;
+use idem_runtime::ack::{DeadLetterReason, Decision, Policy, RetryReason};
+use idem_runtime::{CallOutcome, Report, observe};
+use tokio::time::Instant;
+
+use crate::dead_letter;
+use crate::error::Error;
+use crate::progress::Heartbeat;
+use crate::telemetry;
+
+/// What [`Glue::settle`] did with a message: log it or count it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Settled {
+    /// Acknowledged (`+ACK`): the effect happened once. `outcome` is how the idempotent call
+    /// ended (`Executed`, `Replayed`, `Unreplayable`; `None` when the caller's future made no
+    /// idempotent call), `held` how many times the message was held in-process first because
+    /// its key was in flight elsewhere (or the store did not answer, or the mark was unsettled).
+    Acked {
+        /// How the call ended.
+        outcome: Option<CallOutcome>,
+        /// In-process holds before the ack.
+        held: u32,
+    },
+    /// The handler failed (`attempt` failures so far): negatively acknowledged with a delay
+    /// (`-NAK {"delay": ...}`), so JetStream redelivers it after `after`.
+    Redelivering {
+        /// The delay asked for.
+        after: Duration,
+        /// The handler's failures on this message, this one included.
+        attempt: u32,
+    },
+    /// Published to the dead-letter subject (and kept by the stream that captures it), then
+    /// terminated (`+TERM`): JetStream never delivers it again.
+    DeadLettered {
+        /// Why.
+        reason: DeadLetterReason,
+    },
+}
+
+impl Settled {
+    /// A label for logs and metrics: `acked`, `redelivering` or `dead_lettered`.
+    ///
+    /// ```
+    /// use idem_nats::Settled;
+    /// let s = Settled::Acked { outcome: None, held: 0 };
+    /// assert_eq!(s.as_str(), "acked");
+    /// ```
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Settled::Acked { .. } => "acked",
+            Settled::Redelivering { .. } => "redelivering",
+            Settled::DeadLettered { .. } => "dead_lettered",
+        }
+    }
+}
+
+/// The glue between a JetStream pull consumer and idem: it runs the caller's future for one
+/// message, takes the [`Decision`] of [`Policy::decide`] from how its idempotent call ended,
+/// and carries it out with JetStream's verbs (see the [crate docs](crate) for the table).
+///
+/// ```no_run
+/// # async fn f(consumer: async_nats::jetstream::consumer::PullConsumer) {
+/// let glue = idem_nats::Glue::new(&consumer)
+///     .policy(idem_runtime::ack::Policy::default().max_attempts(3))
+///     .dead_letter_subject_to("orders.dead-letters");
+/// assert_eq!(glue.dead_letter_subject(), "orders.dead-letters");
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Glue {
+    policy: Policy,
+    stream: String,
+    max_deliver: Option<u32>,
+    ack_wait: Duration,
+    progress_every: Duration,
+    max_progress: Duration,
+    dead_letter_subject: String,
+    double_ack: bool,
+}
+
+impl Glue {
+    /// The glue for `consumer`'s messages, with the consumer's `ack_wait` and `max_deliver` (as
+    /// its cached info has them) and the default [`Policy`]. Dead letters go to
+    /// `idem.dead.<stream>`; progress is signalled every third of `ack_wait`.
+    ///
+    /// ```no_run
+    /// # async fn f(js: async_nats::jetstream::Context) -> Result<(), async_nats::Error> {
+    /// let consumer: async_nats::jetstream::consumer::PullConsumer =
+    ///     js.get_stream("ORDERS").await?.get_consumer("coupons").await?;
+    /// let glue = idem_nats::Glue::new(&consumer);
+    /// assert_eq!(glue.dead_letter_subject(), "idem.dead.ORDERS");
+    /// # Ok(()) }
+    /// ```
+    pub fn new(consumer: &PullConsumer) -> Glue {
+        let info = consumer.cached_info();
+        let ack_wait = match info.config.ack_wait {
+            Duration::ZERO => Duration::from_secs(30), // the server's default
+            d => d,
+        };
+        Glue {
+            policy: Policy::default(),
+            stream: info.stream_name.clone(),
+            max_deliver: u32::try_from(info.config.max_deliver)
+                .ok()
+                .filter(|&n| n > 0),
+            ack_wait,
+            progress_every: ack_wait / 3,
+            max_progress: Duration::from_secs(3600),
+            dead_letter_subject: format!("idem.dead.{}", info.stream_name),
+            double_ack: true,
+        }
+    }
+
+    /// The decision table's application part: attempts before the dead letter, back-off.
+    pub fn policy(mut self, policy: Policy) -> Glue {
+        self.policy = policy;
+        self
+    }
+
+    /// Where dead letters are published. A stream must capture it (see
+    /// [`ensure_dead_letter_stream`](Self::ensure_dead_letter_stream)); the consumed stream
+    /// must not.
+    pub fn dead_letter_subject(&self) -> &str {
+        &self.dead_letter_subject
+    }
+
+    /// Publish dead letters to `subject` instead of `idem.dead.<stream>`.
+    pub fn dead_letter_subject_to(mut self, subject: impl Into<String>) -> Glue {
+        self.dead_letter_subject = subject.into();
+        self
+    }
+
+    /// How often `+WPI` is sent while a message is in hand (default: a third of `ack_wait`).
+    pub fn progress_every(mut self, every: Duration) -> Glue {
+        self.progress_every = every.max(Duration::from_millis(10));
+        self
+    }
+
+    /// The longest one run of the caller's future is kept alive with progress signals (default
+    /// 1 h, idem's default `max_lease`): past it JetStream redelivers the message after
+    /// `ack_wait`, so a wedged caller does not hold it for ever.
+    pub fn max_progress(mut self, max: Duration) -> Glue {
+        self.max_progress = max;
+        self
+    }
+
+    /// Wait for the server to confirm every `+ACK` and `+TERM` (default `true`), so that
+    /// [`Settled::Acked`] means the server has it. `false` sends them without waiting: a lost
+    /// ack then costs a redelivery, which idem answers with a replay.
+    pub fn double_ack(mut self, yes: bool) -> Glue {
+        self.double_ack = yes;
+        self
+    }
+
+    /// The consumer's `ack_wait`, as the glue uses it.
+    pub fn ack_wait(&self) -> Duration {
+        self.ack_wait
+    }
+
+    /// Create the stream that keeps the dead letters, `<stream>_DEAD` capturing
+    /// [`dead_letter_subject`](Self::dead_letter_subject), unless a stream of that name exists.
+    ///
+    /// ```no_run
+    /// # async fn f(js: async_nats::jetstream::Context, glue: idem_nats::Glue) -> Result<(), async_nats::Error> {
+    /// glue.ensure_dead_letter_stream(&js).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn ensure_dead_letter_stream(
+        &self,
+        js: &jetstream::Context,
+    ) -> Result<jetstream::stream::Stream, async_nats::Error> {
+        let config = jetstream::stream::Config {
+            name: format!("{}_DEAD", self.stream),
+            subjects: vec![self.dead_letter_subject.clone()],
+            ..Default::default()
+        };
+        Ok(js.get_or_create_stream(config).await?)
+    }
+
+    /// Run `call` for `msg` and settle it: `+ACK` once the call is done (after the caller's own
+    /// commit, when it returns `Ok` only then), hold it in-process while its key is in flight
+    /// elsewhere, `-NAK` with a delay after a handler failure, dead-letter and `+TERM` it when
+    /// a redelivery cannot help. `call` makes the caller's future (the business key comes from
+    /// the message's body or headers, never its message id); it is called again only while the
+    /// message is held (the key was in flight, the store did not answer, the mark was
+    /// unsettled), never after it ran and failed. A panic in it counts as a handler failure.
+    ///
+    /// The caller's error is not logged (it may hold the key in plain text): log it inside
+    /// `call` if you want it.
+    ///
+    /// ```no_run
+    /// use futures_util::StreamExt as _;
+    /// use idem_runtime::idempotent;
+    ///
+    /// #[idempotent(key = "order_id", scope = "coupons.issue")]
+    /// async fn issue_coupon(order_id: u64) -> Result<u64, idem_runtime::Error> {
+    ///     Ok(order_id * 10)
+    /// }
+    ///
+    /// # async fn f(consumer: async_nats::jetstream::consumer::PullConsumer) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    /// let glue = idem_nats::Glue::new(&consumer);
+    /// let mut messages = consumer.messages().await?;
+    /// while let Some(message) = messages.next().await {
+    ///     let message = message?;
+    ///     let order_id: u64 = std::str::from_utf8(&message.payload)?.parse()?;
+    ///     glue.settle(message, || issue_coupon(order_id)).await?; // instead of message.ack()
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn settle<T, E, F, Fut>(&self, msg: Message, mut call: F) -> Result<Settled, Error>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let Some(delivered) = delivery_count(&msg) else {
+            tracing::warn!(
+                subject = %msg.subject,
+                "idem-nats: not a JetStream message (no ack subject): not run, not settled"
+            );
+            return Err(Error::NotJetStream);
+        };
+        // The glue sends -NAK only after a handler failure and holds every other retry
+        // in-process, so each earlier delivery of this message was a failure (or a crash, or
+        // an ack_wait that passed): JetStream's count is the attempt number, nothing to subtract.
+        let attempt = delivered;
+        let mut held = 0u32;
+        let mut beat = Heartbeat::new(self.progress_every);
+        loop {
+            let until = Instant::now() + self.max_progress;
+            let run = observe(AssertUnwindSafe(call()).catch_unwind());
+            let (result, report) = beat.run(&msg, run, until).await;
+            let handler_ok = match result {
+                Ok(Ok(_)) => true,
+                Ok(Err(_)) => false,
+                Err(_panic) => {
+                    tracing::warn!("idem-nats: the handler panicked: counted as a failure");
+                    false
+                }
+            };
+            let outcome = report.as_ref().map(|r| r.outcome);
+            match self.policy.decide(outcome, handler_ok, attempt, held) {
+                Decision::Ack => {
+                    self.confirm(&msg, AckKind::Ack, "ack").await?;
+                    return Ok(Settled::Acked { outcome, held });
+                }
+                Decision::Retry {
+                    after,
+                    reason: RetryReason::HandlerFailed { attempt },
+                } => {
+                    if self.max_deliver.is_some_and(|max| delivered >= max) {
+                        // JetStream will not deliver it again: a -NAK would drop it silently.
+                        let reason = DeadLetterReason::HandlerFailed { attempts: attempt };
+                        return self
+                            .dead_letter(&msg, reason, report.as_ref(), &mut beat)
+                            .await;
+                    }
+                    telemetry::redelivery(RetryReason::HandlerFailed { attempt }, after, &report);
+                    msg.ack_with(AckKind::Nak(Some(after)))
+                        .await
+                        .map_err(Error::broker("nak"))?;
+                    return Ok(Settled::Redelivering { after, attempt });
+                }
+                Decision::Retry { after, reason } => {
+                    // In flight elsewhere, store unavailable, or unsettled: not a failure of
+                    // this message. Held here (kept alive with +WPI), the claim tried again
+                    // after `after`: no delivery is spent (see the crate docs, "In flight").
+                    telemetry::redelivery(reason, after, &report);
+                    held += 1;
+                    beat.hold(&msg, after).await;
+                }
+                Decision::DeadLetter { reason } => {
+                    return self
+                        .dead_letter(&msg, reason, report.as_ref(), &mut beat)
+                        .await;
+                }
+                other => {
+                    // A decision newer than this glue: redeliver it, the safe default.
+                    let after = self.policy.backoff;
+                    tracing::warn!(decision = ?other, "idem-nats: unknown decision: redelivered");
+                    msg.ack_with(AckKind::Nak(Some(after)))
+                        .await
+                        .map_err(Error::broker("nak"))?;
+                    return Ok(Settled::Redelivering { after, attempt });
+                }
+            }
+        }
+    }
+
+    /// Publish the dead letter (trying again, the message held, until the dead-letter stream
+    /// takes it), then terminate the original.
+    async fn dead_letter(
+        &self,
+        msg: &Message,
+        reason: DeadLetterReason,
+        report: Option<&Report>,
+        beat: &mut Heartbeat,
+    ) -> Result<Settled, Error> {
+        let info = msg.info().map_err(|_| Error::NotJetStream)?;
+        let scope = report.map(|r| r.scope.as_ref());
+        let headers = dead_letter::dead_letter_headers(msg, &info, reason, scope);
+        let mut failures = 0u32;
+        let (stream, sequence) = loop {
+            match dead_letter::publish(msg, &self.dead_letter_subject, headers.clone()).await {
+                Ok(kept) => break kept,
+                Err(e) => {
+                    // Never +TERM what no stream kept: hold it and try again.
+                    let pause = self
+                        .policy
+                        .backoff
+                        .saturating_mul(1 << failures.min(16))
+                        .min(self.policy.max_backoff);
+                    failures += 1;
+                    tracing::warn!(
+                        subject = %self.dead_letter_subject,
+                        error = %e,
+                        retry_in = ?pause,
+                        "idem-nats: the dead letter was not kept (does a stream capture the subject?): held, trying again"
+                    );
+                    beat.hold(msg, pause).await;
+                }
+            }
+        };
+        if stream == info.stream {
+            tracing::error!(
+                subject = %self.dead_letter_subject,
+                stream = %stream,
+                "idem-nats: the dead-letter subject is captured by the consumed stream itself: the dead letter will be consumed again"
+            );
+        }
+        telemetry::dead_letter(reason, report, &self.dead_letter_subject, &stream, sequence);
+        self.confirm(msg, AckKind::Term, "term").await?;
+        Ok(Settled::DeadLettered { reason })
+    }
+
+    /// `+ACK` or `+TERM`, confirmed by the server when [`double_ack`](Self::double_ack) is on.
+    async fn confirm(&self, msg: &Message, kind: AckKind, verb: &'static str) -> Result<(), Error> {
+        let Some(reply) = msg.reply.clone() else {
+            return Err(Error::NotJetStream);
+        };
+        if self.double_ack {
+            // A request on the client's shared reply subscription: the server answers an ack
+            // that carries a reply subject once it has applied it.
+            msg.context
+                .client()
+                .request(reply, kind.into())
+                .await
+                .map(drop)
+                .map_err(|e| Error::broker(verb)(e.into()))
+        } else {
+            msg.ack_with(kind).await.map_err(Error::broker(verb))
+        }
+    }
+}
+
+/// How many times JetStream has delivered `msg` (1 the first time), from its ack subject.
+pub(crate) fn delivery_count(msg: &Message) -> Option<u32> {
+    let info = msg.info().ok()?;
+    u32::try_from(info.delivered).ok().filter(|&n| n > 0)
+}
