@@ -145,7 +145,7 @@ async fn producer_retry_with_a_new_message_id_has_one_effect() {
         ]
     );
     assert_eq!(effect_count(&s.pool, &effects).await, 1);
-    assert_eq!(ready(&channel, &queue).await, 0);
+    assert_eq!(ready(&s.conn, &queue).await, 0);
     row(
         "1 producer retry, new message id",
         "PostgreSQL tx",
@@ -240,7 +240,7 @@ async fn handler_that_fails_then_succeeds_is_retried_with_back_off_and_has_one_e
     assert_eq!(fails.runs(4), 3);
     assert_eq!(effect_count(&s.pool, &effects).await, 1);
     assert_eq!(
-        ready(&channel, &queue).await + delayed(&channel, &queue).await,
+        ready(&s.conn, &queue).await + delayed(&s.conn, &queue).await,
         0
     );
     row(
@@ -356,7 +356,7 @@ async fn poison_message_is_dead_lettered_at_once_with_a_log_line_and_kept() {
         "{line}"
     );
     assert_eq!(effect_count(&s.pool, &effects).await, 1);
-    assert_eq!(ready(&channel, &queue).await, 0);
+    assert_eq!(ready(&s.conn, &queue).await, 0);
     row(
         "5 poison (same key, other payload)",
         "Redis",
@@ -427,7 +427,7 @@ async fn handler_that_always_fails_ends_in_the_dead_letter_queue_after_max_attem
     assert_eq!(header_int(&dead[0], headers::FAILURES), Some(3));
     assert_eq!(effect_count(&s.pool, &effects).await, 0);
     assert_eq!(
-        ready(&channel, &queue).await + delayed(&channel, &queue).await,
+        ready(&s.conn, &queue).await + delayed(&s.conn, &queue).await,
         0
     );
     row(

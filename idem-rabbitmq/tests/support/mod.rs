@@ -163,19 +163,23 @@ pub async fn publish(channel: &Channel, queue: &str, message_id: &str, body: &[u
     assert!(confirm.is_ack(), "the broker refused a test message");
 }
 
-/// Messages ready in `queue` (0 if it does not exist).
-pub async fn ready(channel: &Channel, queue: &str) -> u32 {
+/// Messages ready in `queue` (0 if it does not exist). On a channel of its own: a passive
+/// declaration of a missing queue closes its channel.
+pub async fn ready(conn: &Connection, queue: &str) -> u32 {
     let passive = QueueDeclareOptions {
         passive: true,
         ..QueueDeclareOptions::default()
     };
-    match channel
+    let channel = conn.create_channel().await.unwrap();
+    let n = match channel
         .queue_declare(queue.into(), passive, FieldTable::default())
         .await
     {
         Ok(q) => q.message_count(),
-        Err(_) => 0,
-    }
+        Err(_) => return 0,
+    };
+    let _ = channel.close(200, "ok".into()).await;
+    n
 }
 
 /// Take every message of `queue` (acking them).
@@ -200,10 +204,10 @@ pub fn delay_queues(queue: &str) -> Vec<String> {
 }
 
 /// Messages waiting in all of `queue`'s delay queues.
-pub async fn delayed(channel: &Channel, queue: &str) -> u32 {
+pub async fn delayed(conn: &Connection, queue: &str) -> u32 {
     let mut n = 0;
     for q in delay_queues(queue) {
-        n += ready(channel, &q).await;
+        n += ready(conn, &q).await;
     }
     n
 }
