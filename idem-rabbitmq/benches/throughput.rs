@@ -60,6 +60,13 @@ enum Mode {
     Tx,
 }
 
+impl std::ops::Deref for Env {
+    type Target = EnvInner;
+    fn deref(&self) -> &EnvInner {
+        &self.inner
+    }
+}
+
 impl Mode {
     fn name(self) -> &'static str {
         match self {
@@ -71,7 +78,12 @@ impl Mode {
     }
 }
 
+#[derive(Clone)]
 struct Env {
+    inner: std::sync::Arc<EnvInner>,
+}
+
+struct EnvInner {
     conn: Connection,
     redis: RedisStore,
     layered: Layered,
@@ -95,7 +107,8 @@ async fn run_once(env: &Env, mode: Mode, prefetch: u16, n: u64, round: usize) ->
         .await
         .unwrap();
     for order in 0..n {
-        let _ = ch
+        // Not awaited one by one: `wait_for_confirms` below collects them.
+        let confirm = ch
             .basic_publish(
                 "".into(),
                 queue.as_str().into(),
@@ -105,6 +118,7 @@ async fn run_once(env: &Env, mode: Mode, prefetch: u16, n: u64, round: usize) ->
             )
             .await
             .unwrap();
+        drop(confirm);
     }
     ch.wait_for_confirms().await.unwrap();
     let cch = env.conn.create_channel().await.unwrap();
@@ -121,11 +135,16 @@ async fn run_once(env: &Env, mode: Mode, prefetch: u16, n: u64, round: usize) ->
         .await
         .unwrap();
     let start = Instant::now();
-    let (glue, run) = (&glue, run.as_str());
-    consumer
-        .take(n as usize)
-        .for_each_concurrent(usize::from(prefetch), |d| async move {
-            let d = d.unwrap();
+    // One task per delivery, at most `prefetch` at once, on the multi-thread runtime: the same
+    // for every consumer, so that the handler's work can use both cores.
+    let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(usize::from(prefetch)));
+    let mut consumer = consumer.take(n as usize);
+    let mut tasks = tokio::task::JoinSet::new();
+    while let Some(d) = consumer.next().await {
+        let d = d.unwrap();
+        let permit = permits.clone().acquire_owned().await.unwrap();
+        let (env, glue, run) = (env.clone(), glue.clone(), run.clone());
+        tasks.spawn(async move {
             let order = u64::from_be_bytes(d.data[..8].try_into().unwrap());
             match mode {
                 Mode::Plain => {
@@ -133,19 +152,19 @@ async fn run_once(env: &Env, mode: Mode, prefetch: u16, n: u64, round: usize) ->
                     d.ack(BasicAckOptions::default()).await.unwrap();
                 }
                 Mode::Redis => {
-                    glue.settle(&d, on_redis(&env.redis, run, order))
+                    glue.settle(&d, on_redis(&env.redis, &run, order))
                         .await
                         .unwrap();
                 }
                 Mode::Layered => {
-                    glue.settle(&d, on_layered(&env.layered, run, order))
+                    glue.settle(&d, on_layered(&env.layered, &run, order))
                         .await
                         .unwrap();
                 }
                 Mode::Tx => {
                     glue.settle(&d, async {
                         let mut tx = env.pool.begin().await?;
-                        let c = in_tx(&env.pg, &mut tx, run, order).await?;
+                        let c = in_tx(&env.pg, &mut tx, &run, order).await?;
                         tx.commit().await?;
                         Ok::<_, AppError>(c)
                     })
@@ -153,8 +172,11 @@ async fn run_once(env: &Env, mode: Mode, prefetch: u16, n: u64, round: usize) ->
                     .unwrap();
                 }
             }
-        })
-        .await;
+            drop(permit);
+        });
+        while tasks.try_join_next().is_some() {}
+    }
+    while tasks.join_next().await.is_some() {}
     let rate = n as f64 / start.elapsed().as_secs_f64();
     let _ = cch.close(200, "ok".into()).await;
     let _ = ch
@@ -194,11 +216,13 @@ async fn main() {
     pg.migrate().await.unwrap();
     let layered = LayeredStore::new(RedisStore::from_url(&redis_url).await.unwrap(), pg.clone());
     let env = Env {
-        conn,
-        redis,
-        layered,
-        pg,
-        pool: pool.clone(),
+        inner: std::sync::Arc::new(EnvInner {
+            conn,
+            redis,
+            layered,
+            pg,
+            pool: pool.clone(),
+        }),
     };
     let modes = [Mode::Plain, Mode::Redis, Mode::Layered, Mode::Tx];
     println!("{n} messages per run, medians of 3 interleaved rounds (msg/s)\n");

@@ -82,7 +82,13 @@
 //! RabbitMQ has no delayed requeue. The two ways around it, measured on this repository's
 //! machine (RabbitMQ 3.10, loopback, 2 cores; `cargo bench -p idem-rabbitmq --bench in_flight`):
 //!
-//! IN_FLIGHT_TABLE
+//! | strategy | 200 other orders done after | the consumer's time per deferral | redelivery later than asked (median / max) | broker operations per deferral |
+//! |---|---:|---:|---:|---|
+//! | hold the delivery, sleep, claim again | 3.13 s | the whole pause: the loop waits | 1.1 ms / 1.4 ms | none; one prefetch slot held |
+//! | delay queue (this crate) | 0.05 s | 1.25 ms | 17.6 ms / 26.2 ms | one confirmed publish, one ack |
+//!
+//! (One sequential consumer, prefetch 16, 200 orders and 8 duplicates of a key another task
+//! holds for 2 s; the default policy: 100 ms doubling.)
 //!
 //! Holding an unacked delivery in process and trying the claim again costs no broker round
 //! trip, but the loop above would wait out every pause in line (a duplicate of a slow handler

@@ -274,7 +274,7 @@ fn wait_for_log(log: &Path, limit: Duration, cond: impl Fn(&[Line]) -> bool) -> 
     }
 }
 
-/// 3. Duplicates arrive while the first delivery is being handled, across three consumer
+/// Scenario 3: Duplicates arrive while the first delivery is being handled, across three consumer
 /// processes: one effect; each duplicate is deferred (never acked before the holder commits)
 /// and then acked as a replay.
 #[test]
@@ -409,11 +409,11 @@ const KILLS: usize = 40;
 /// one delivery at a time gains nothing from more than a few.
 const KILL_PREFETCH: u16 = 4;
 
-/// 2. Consumer processes killed with SIGKILL at random moments (after the effect and before the
+/// Scenario 2: Consumer processes killed with SIGKILL at random moments (after the effect and before the
 /// ack among them) and restarted, many times, until every message is acked: one effect row per
 /// order, none missing, nothing left in the broker (ready or unacked, in the queue, its delay
-/// queues or its dead-letter queue), and no message delivered more than 11 times (at most 10
-/// redeliveries), on a quorum queue with RabbitMQ 4's default delivery limit of 20.
+/// queues or its dead-letter queue), and at most 10 redeliveries of any one message (the broker's returns and the glue's copies
+/// together), on a quorum queue with RabbitMQ 4's default delivery limit of 20.
 #[test]
 fn consumers_killed_at_random_apply_each_effect_once_with_few_redeliveries() {
     let rt = tokio::runtime::Runtime::new().unwrap();

@@ -98,7 +98,7 @@ async fn servers() -> Option<Servers> {
     })
 }
 
-/// 1. A producer publishes one order twice, each time with a new message id: one effect; the
+/// Scenario 1: A producer publishes one order twice, each time with a new message id: one effect; the
 /// second delivery is acked as a replay.
 #[tokio::test]
 async fn producer_retry_with_a_new_message_id_has_one_effect() {
@@ -176,7 +176,7 @@ impl FailFirst {
     }
 }
 
-/// 4. A handler that fails twice, then succeeds: redelivered through the delay queue with the
+/// Scenario 4: A handler that fails twice, then succeeds: redelivered through the delay queue with the
 /// policy's back-off (100 ms, then 200 ms), the failure count carried on the copies; one effect.
 #[tokio::test]
 async fn handler_that_fails_then_succeeds_is_retried_with_back_off_and_has_one_effect() {
@@ -270,7 +270,7 @@ impl std::io::Write for Captured {
     }
 }
 
-/// 5. A poison message: the same order again with another amount (`Mismatch`). Dead-lettered at
+/// Scenario 5: A poison message: the same order again with another amount (`Mismatch`). Dead-lettered at
 /// once (the handler does not run), with the WARN line (the key redacted), and kept in the
 /// dead-letter queue with its body and reason headers.
 #[tokio::test]
@@ -370,7 +370,7 @@ async fn poison_message_is_dead_lettered_at_once_with_a_log_line_and_kept() {
     drop_table(&s.pool, &effects).await;
 }
 
-/// 6. A handler that always fails is tried `max_attempts` (3) times, with back-off, then
+/// Scenario 6: A handler that always fails is tried `max_attempts` (3) times, with back-off, then
 /// dead-lettered with its body, the reason and the failure count.
 #[tokio::test]
 async fn handler_that_always_fails_ends_in_the_dead_letter_queue_after_max_attempts() {
