@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Start (if not running) the servers the test suite talks to: Redis, PostgreSQL, MariaDB, and the
-# brokers (RabbitMQ, NATS with JetStream) for the message-queue examples and tests. Idempotent: a
-# running service is left alone. Installs what is missing from Debian's packages.
+# brokers the adapters' tests need (NATS with JetStream, RabbitMQ). Idempotent: a running service
+# is left alone. Installs what is missing from Debian's packages. Exits non-zero if one of them
+# cannot be reached.
 set -uo pipefail
 
 need_install=()
@@ -14,21 +15,21 @@ if [ ${#need_install[@]} -gt 0 ]; then
   echo "installing: ${need_install[*]}"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_install[@]}"
 fi
-# NATS (JetStream): the idem-nats tests need it, so it is required. Installed apart, so a failed
-# install is reported as such.
-nats_ok=1
-if ! command -v nats-server >/dev/null && [ ! -x /usr/sbin/nats-server ]; then
-  echo "installing: nats-server"
-  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nats-server; } ||
-    { echo "could not install nats-server (the idem-nats tests need it)" >&2; nats_ok=0; }
-fi
-# The other brokers apart: no test needs them yet, so a failed install must not cost the others.
+# The brokers the adapters' tests need (NATS with JetStream for idem-nats, RabbitMQ and its
+# rabbitmqctl for idem-rabbitmq), installed apart, so that a failed install is reported as such.
 brokers=()
-command -v rabbitmq-server >/dev/null || [ -x /usr/sbin/rabbitmq-server ] || brokers+=(rabbitmq-server)
+command -v nats-server >/dev/null || [ -x /usr/sbin/nats-server ] || brokers+=(nats-server)
+if ! command -v rabbitmq-server >/dev/null && [ ! -x /usr/sbin/rabbitmq-server ]; then
+  brokers+=(rabbitmq-server)
+  # Loopback only, before the package's first start.
+  if [ ! -e /etc/rabbitmq/rabbitmq.conf ]; then
+    mkdir -p /etc/rabbitmq && echo "listeners.tcp.local = 127.0.0.1:5672" >/etc/rabbitmq/rabbitmq.conf
+  fi
+fi
 if [ ${#brokers[@]} -gt 0 ]; then
-  echo "installing (optional): ${brokers[*]}"
+  echo "installing: ${brokers[*]}"
   { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${brokers[@]}"; } ||
-    echo "could not install ${brokers[*]}: the brokers are not started" >&2
+    echo "could not install ${brokers[*]} (the adapters' tests need them)" >&2
 fi
 
 wait_for() { # name, command, [tries of 0.5 s]
@@ -66,19 +67,18 @@ fi
 wait_for mariadb "mariadb -h 127.0.0.1 -uroot -e 'SELECT 1'" || status=1
 mariadb -h 127.0.0.1 -uroot -e 'CREATE DATABASE IF NOT EXISTS test' || true
 
-# NATS with JetStream (required: the idem-nats tests); a run without it exits non-zero.
+# NATS with JetStream (required: idem-nats); a run without it exits non-zero.
 nats_bin=$(command -v nats-server || echo /usr/sbin/nats-server)
-if [ "$nats_ok" = 1 ] && ! port_open 127.0.0.1 4222; then
+if ! port_open 127.0.0.1 4222 && [ -x "$nats_bin" ]; then
   mkdir -p /var/lib/nats-server
   start-stop-daemon --start --oknodo --background --exec "$nats_bin" -- \
     -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server -l /var/log/nats-server.log || true
 fi
 wait_for nats "port_open 127.0.0.1 4222" 20 || status=1
-# The other brokers: no test of the suite needs them yet, so they are started and reported, and
-# their absence does not fail the run.
+# RabbitMQ (required: idem-rabbitmq): started if it is not running; the run fails without it.
 if ! port_open 127.0.0.1 5672; then
   rabbitmq-server -detached >/dev/null 2>&1 || true
 fi
-wait_for rabbitmq "port_open 127.0.0.1 5672" 60 || true
+wait_for rabbitmq "port_open 127.0.0.1 5672 && rabbitmqctl -q await_startup" 120 || status=1
 
 exit "$status"

@@ -1,0 +1,43 @@
+//! What can go wrong while the glue carries out a decision.
+
+/// A decision the glue could not carry out. The delivery is never acked in that case: it stays
+/// with the broker, which redelivers it (a copy that did reach its queue meanwhile is a duplicate,
+/// and idem answers it).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The broker (or the connection to it) failed: declaring a queue, publishing a copy, or the
+    /// ack. A delivery that was not acked is redelivered when its channel closes.
+    #[error("RabbitMQ operation `{op}` failed: {source}")]
+    Broker {
+        /// What the glue was doing.
+        op: &'static str,
+        /// lapin's error.
+        #[source]
+        source: lapin::Error,
+    },
+    /// The broker did not take the copy the decision needed (a publisher nack, or the copy was
+    /// returned as unroutable: its queue does not exist). The original was not acked; it was
+    /// handed back to the queue (`basic.nack` with requeue) so that it is not held forever.
+    #[error("RabbitMQ did not confirm the copy for `{queue}` ({why}); the original was requeued")]
+    NotConfirmed {
+        /// The queue the copy was meant for.
+        queue: String,
+        /// `"nack"` or `"returned"`.
+        why: &'static str,
+    },
+    /// The delivery could not be acked: its channel closed meanwhile (the broker redelivers it;
+    /// a copy the glue published before is then a duplicate, which idem answers), or it had been
+    /// acked, nacked or rejected already.
+    #[error("the delivery could not be acked: its channel is closed, or it was settled already")]
+    NotAcked,
+    /// A queue name the glue would derive is not a valid AMQP short string (over 255 bytes).
+    #[error("queue name `{0}` is longer than 255 bytes")]
+    InvalidName(String),
+}
+
+impl Error {
+    pub(crate) fn broker(op: &'static str) -> impl FnOnce(lapin::Error) -> Error {
+        move |source| Error::Broker { op, source }
+    }
+}

@@ -1,0 +1,300 @@
+//! Carrying out one decision with RabbitMQ's verbs.
+
+use std::future::Future;
+use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
+use std::task::Poll;
+use std::time::Duration;
+
+use idem_runtime::ack::{DeadLetterReason, Decision, RetryReason};
+use idem_runtime::{Report, observe};
+use lapin::Confirmation;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicNackOptions, BasicPublishOptions};
+use lapin::types::AMQPValue;
+
+use crate::headers::{self, Counts};
+use crate::{Error, Glue, Settled};
+
+impl Glue {
+    /// Run `work` (the consumer's handling of `delivery`: decode the body, call the idempotent
+    /// handler, commit its transaction) and settle the delivery from how it ended, instead of
+    /// `delivery.ack()`:
+    ///
+    /// - **ack** when the idempotent call ran or replayed and `work` returned `Ok` (in the
+    ///   transactional form, `work` returns `Ok` only after its commit, so nothing is acked that
+    ///   did not commit);
+    /// - **redeliver later** (in flight elsewhere, store outage, unsettled run, a failed attempt
+    ///   below [`Policy::max_attempts`](idem_runtime::ack::Policy::max_attempts)): a copy goes to
+    ///   the delay queue for the policy's pause, confirmed by the broker, then the original is
+    ///   acked; the copy carries the failure count (`x-idem-failures`), and an in-flight deferral
+    ///   only raises `x-idem-deferrals`, never the failure count nor the queue's delivery count;
+    /// - **dead-letter** (another payload under a done key, a handler out of attempts, ...): a
+    ///   copy with `x-idem-reason` goes to the dead-letter queue, confirmed, then the original is
+    ///   acked; logged at WARN with the scope, the redacted key and the reason.
+    ///
+    /// `work`'s `Err` counts as a failure of the handler, also when it happened before the
+    /// handler ran (a body that does not decode): such a message ends in the dead-letter queue
+    /// after `max_attempts`, never dropped. Its error is not printed (it may quote the key).
+    ///
+    /// A panic in `work` counts as a failure too: the delivery is settled as one, then the panic
+    /// goes on to the caller.
+    ///
+    /// ```no_run
+    /// # async fn example(glue: idem_rabbitmq::Glue, delivery: lapin::message::Delivery) -> Result<(), idem_rabbitmq::Error> {
+    /// #[derive(serde::Deserialize)]
+    /// struct OrderPaid { id: u64 }
+    ///
+    /// #[idem_runtime::idempotent(key = "order_id")]
+    /// async fn issue_coupon(order_id: u64) -> Result<u64, AppError> { Ok(order_id) }
+    ///
+    /// #[derive(Debug, thiserror::Error)]
+    /// enum AppError {
+    ///     #[error(transparent)] Idem(#[from] idem_runtime::Error),
+    ///     #[error(transparent)] Body(#[from] serde_json::Error),
+    /// }
+    ///
+    /// let settled = glue
+    ///     .settle(&delivery, async {
+    ///         let order: OrderPaid = serde_json::from_slice(&delivery.data)?;
+    ///         issue_coupon(order.id).await
+    ///     })
+    ///     .await?;
+    /// tracing::info!(?settled, "delivery settled");
+    /// # Ok(()) }
+    /// ```
+    pub async fn settle<F, T, E>(&self, delivery: &Delivery, work: F) -> Result<Settled, Error>
+    where
+        F: Future<Output = Result<T, E>>,
+    {
+        let counts = Counts::read(&delivery.properties);
+        let mut work = std::pin::pin!(work);
+        // Catch a panic inside `observe`, so that the report of the call that panicked is kept.
+        let caught = std::future::poll_fn(|cx| {
+            match catch_unwind(AssertUnwindSafe(|| work.as_mut().poll(cx))) {
+                Ok(Poll::Ready(out)) => Poll::Ready(Ok(out)),
+                Ok(Poll::Pending) => Poll::Pending,
+                Err(panic) => Poll::Ready(Err(panic)),
+            }
+        });
+        let (out, report) = observe(caught).await;
+        let handler_ok = matches!(out, Ok(Ok(_)));
+        let outcome = report.as_ref().map(|r| r.outcome);
+        let attempt = counts.failures.saturating_add(1);
+        let decision = self
+            .inner
+            .policy
+            .decide(outcome, handler_ok, attempt, counts.deferrals);
+        let settled = self
+            .carry_out(delivery, decision, counts, report.as_ref())
+            .await;
+        if let Err(panic) = out {
+            resume_unwind(panic);
+        }
+        settled
+    }
+
+    async fn carry_out(
+        &self,
+        delivery: &Delivery,
+        decision: Decision,
+        counts: Counts,
+        report: Option<&Report>,
+    ) -> Result<Settled, Error> {
+        let outcome = report.map(|r| r.outcome);
+        let (scope, key) = match report {
+            Some(r) => (
+                r.scope.as_ref(),
+                r.key
+                    .as_ref()
+                    .map_or_else(|| "-".to_owned(), |k| k.to_string()),
+            ),
+            None => ("-", "-".to_owned()),
+        };
+        match decision {
+            Decision::Ack => {
+                ack(delivery).await?;
+                Ok(Settled::Acked { outcome })
+            }
+            Decision::DeadLetter { reason } => {
+                let mut extra = vec![
+                    (headers::REASON, headers::text(reason.as_str())),
+                    (headers::REASON_TEXT, headers::text(&reason.to_string())),
+                    (headers::QUEUE, headers::text(self.inner.topology.queue())),
+                    (
+                        headers::FAILURES,
+                        headers::count(failures_now(reason, counts)),
+                    ),
+                ];
+                if let Some(r) = report {
+                    extra.push((headers::SCOPE, headers::text(&r.scope)));
+                    if r.key.is_some() {
+                        extra.push((headers::KEY, headers::text(&key)));
+                    }
+                }
+                let dlq = self.inner.topology.dead_letter_queue().to_owned();
+                self.publish_copy(delivery, &dlq, true, &extra).await?;
+                ack(delivery).await?;
+                tracing::warn!(
+                    broker = "rabbitmq",
+                    queue = self.inner.topology.queue(),
+                    scope,
+                    key = %key,
+                    reason = %reason,
+                    outcome = outcome.map_or("-", |o| o.as_str()),
+                    dead_letter_queue = %dlq,
+                    "dead-lettered a delivery"
+                );
+                #[cfg(feature = "metrics")]
+                metrics::counter!(
+                    "idem_dead_letters_total",
+                    "broker" => "rabbitmq",
+                    "reason" => reason.as_str()
+                )
+                .increment(1);
+                Ok(Settled::DeadLettered { reason })
+            }
+            Decision::Retry { after, reason } => {
+                self.redeliver(delivery, after, reason, counts).await?;
+                tracing::debug!(
+                    broker = "rabbitmq",
+                    queue = self.inner.topology.queue(),
+                    scope,
+                    key = %key,
+                    reason = reason.as_str(),
+                    after_ms = u64::try_from(after.as_millis()).unwrap_or(u64::MAX),
+                    failures = counts.failures,
+                    deferrals = counts.deferrals,
+                    returns = counts.returns,
+                    "redelivering later"
+                );
+                Ok(Settled::Redelivered { after, reason })
+            }
+            // A decision this version does not know: keep the message, retry it after the
+            // policy's first pause, as the safe choice.
+            _ => {
+                let (after, reason) = (self.inner.policy.backoff, RetryReason::Unsettled);
+                self.redeliver(delivery, after, reason, counts).await?;
+                Ok(Settled::Redelivered { after, reason })
+            }
+        }
+    }
+
+    /// A copy to the delay queue for `after`, then the original's ack.
+    async fn redeliver(
+        &self,
+        delivery: &Delivery,
+        after: Duration,
+        reason: RetryReason,
+        counts: Counts,
+    ) -> Result<(), Error> {
+        let (failures, deferrals) = match reason {
+            RetryReason::HandlerFailed { attempt } => (attempt, counts.deferrals),
+            // In flight elsewhere, store outage, unsettled: not a failure of this message.
+            _ => (counts.failures, counts.deferrals.saturating_add(1)),
+        };
+        let (queue, ttl) = self.inner.topology.delay_queue(after);
+        self.ensure_delay_queue(&queue, ttl).await?;
+        let extra = [
+            (headers::FAILURES, headers::count(failures)),
+            (headers::DEFERRALS, headers::count(deferrals)),
+        ];
+        self.publish_copy(delivery, &queue, false, &extra).await?;
+        ack(delivery).await?;
+        #[cfg(feature = "metrics")]
+        metrics::counter!(
+            "idem_redeliveries_total",
+            "broker" => "rabbitmq",
+            "reason" => reason.as_str()
+        )
+        .increment(1);
+        Ok(())
+    }
+
+    async fn ensure_delay_queue(&self, queue: &str, ttl: Duration) -> Result<(), Error> {
+        if self.inner.declared.lock().is_ok_and(|d| d.contains(queue)) {
+            return Ok(());
+        }
+        // Two tasks may both declare it: a second declaration with the same arguments is a no-op.
+        self.inner
+            .topology
+            .declare_delay(&self.inner.channel, queue, ttl)
+            .await?;
+        if let Ok(mut d) = self.inner.declared.lock() {
+            d.insert(queue.to_owned());
+        }
+        Ok(())
+    }
+
+    /// Publish a copy of `delivery` to `queue` through the default exchange and wait for the
+    /// broker's confirm. Unconfirmed (nack, or returned as unroutable): the original is requeued,
+    /// so it is neither lost nor held by this channel forever.
+    async fn publish_copy(
+        &self,
+        delivery: &Delivery,
+        queue: &str,
+        keep_death: bool,
+        extra: &[(&str, AMQPValue)],
+    ) -> Result<(), Error> {
+        let properties = headers::copy_properties(&delivery.properties, keep_death, extra);
+        let confirm = self
+            .inner
+            .channel
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                &delivery.data,
+                properties,
+            )
+            .await
+            .map_err(Error::broker("basic.publish"))?
+            .await
+            .map_err(Error::broker("publisher confirm"))?;
+        let why = match confirm {
+            Confirmation::Ack(None) => return Ok(()),
+            Confirmation::Ack(Some(_)) => "returned",
+            Confirmation::Nack(_) => "nack",
+            // The glue's channel is in confirm mode; if it were not, nothing proves the copy
+            // arrived.
+            Confirmation::NotRequested => "not confirmed",
+        };
+        let requeue = BasicNackOptions {
+            requeue: true,
+            ..BasicNackOptions::default()
+        };
+        let _ = delivery.acker.nack(requeue).await;
+        tracing::warn!(
+            broker = "rabbitmq",
+            queue = self.inner.topology.queue(),
+            copy_for = queue,
+            why,
+            "the broker did not take a copy: the original was requeued"
+        );
+        Err(Error::NotConfirmed {
+            queue: queue.to_owned(),
+            why,
+        })
+    }
+}
+
+/// The failures to record on a dead letter.
+fn failures_now(reason: DeadLetterReason, counts: Counts) -> u32 {
+    match reason {
+        DeadLetterReason::HandlerFailed { attempts } => attempts,
+        _ => counts.failures,
+    }
+}
+
+async fn ack(delivery: &Delivery) -> Result<(), Error> {
+    match delivery.acker.ack(BasicAckOptions::default()).await {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(Error::NotAcked),
+        Err(source) => Err(Error::Broker {
+            op: "basic.ack",
+            source,
+        }),
+    }
+}
