@@ -210,6 +210,11 @@ pub use idem_macros::idempotent;
 #[doc = include_str!("../../README.md")]
 mod readme {}
 
+// And the adoption guide's.
+#[cfg(all(doctest, feature = "sqlite", feature = "postgres"))]
+#[doc = include_str!("../../docs/adopting.md")]
+mod adopting {}
+
 /// Support for the code `#[idempotent]` generates. Not public API: may change in any release.
 #[doc(hidden)]
 pub mod __private {
