@@ -9,6 +9,7 @@
 //! with `IDEM_NATS_WORKER` set); in a normal run `worker_process` returns at once.
 
 mod processes;
+mod review;
 mod scenarios;
 mod support;
 mod table;
