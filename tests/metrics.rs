@@ -132,3 +132,116 @@ async fn phases_are_timed_and_renewals_and_lost_leases_counted() {
     assert!(renewed >= 1, "no renewal was counted");
     assert_eq!(lost, 1);
 }
+
+/// A memory store whose renewals fail (the store is down while a handler runs).
+#[derive(Clone)]
+struct ExtendFails(MemoryStore);
+
+#[async_trait::async_trait]
+impl idem_runtime::Store for ExtendFails {
+    async fn begin(
+        &self,
+        req: &idem_runtime::BeginRequest<'_>,
+    ) -> Result<idem_runtime::Begin, idem_runtime::StoreError> {
+        idem_runtime::Store::begin(&self.0, req).await
+    }
+    async fn complete(
+        &self,
+        scope: &str,
+        key: &idem_runtime::Key,
+        lease: &idem_runtime::Lease,
+        output: &[u8],
+        keep: Duration,
+    ) -> Result<(), idem_runtime::StoreError> {
+        idem_runtime::Store::complete(&self.0, scope, key, lease, output, keep).await
+    }
+    async fn release(
+        &self,
+        scope: &str,
+        key: &idem_runtime::Key,
+        lease: &idem_runtime::Lease,
+    ) -> Result<(), idem_runtime::StoreError> {
+        idem_runtime::Store::release(&self.0, scope, key, lease).await
+    }
+    async fn extend(
+        &self,
+        _: &str,
+        _: &idem_runtime::Key,
+        _: &idem_runtime::Lease,
+        _: Duration,
+    ) -> Result<(), idem_runtime::StoreError> {
+        Err(idem_runtime::StoreError::unavailable("connection refused (injected)"))
+    }
+    fn for_watchdog(&self) -> std::sync::Arc<dyn idem_runtime::Store> {
+        std::sync::Arc::new(self.clone())
+    }
+}
+
+/// `idem_store_errors_total{scope, phase}` documents the phases `begin`, `complete`, `release`
+/// and `extend`. A renewal that fails is counted under `idem_renewals_total{result="failed"}`
+/// only: the store-error counter never shows `extend`, so an operator alerting on store errors
+/// by phase does not see a store that fails every renewal under running handlers.
+#[tokio::test]
+async fn a_failed_renewal_is_counted_as_a_store_error_in_the_extend_phase() {
+    let _turn = SERIAL.lock().await;
+    let snapshotter = snapshotter();
+    let store = ExtendFails(MemoryStore::new());
+    let opts = Options::new("metrics-extend").ttl(Duration::from_millis(150));
+    let out: Result<u32, Error> = run(&store, &opts, Call::new("slow"), || async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        Ok(1)
+    })
+    .await;
+    let _ = out;
+    let (mut failed_renewals, mut extend_errors) = (0, 0);
+    for (key, _, _, value) in snapshotter.snapshot().into_vec() {
+        let key = key.key();
+        let labels: HashMap<_, _> = key.labels().map(|l| (l.key(), l.value())).collect();
+        match (key.name(), value) {
+            ("idem_renewals_total", DebugValue::Counter(n)) if labels["result"] == "failed" => {
+                failed_renewals = n
+            }
+            ("idem_store_errors_total", DebugValue::Counter(n))
+                if labels.get("scope") == Some(&"metrics-extend")
+                    && labels.get("phase") == Some(&"extend") =>
+            {
+                extend_errors = n
+            }
+            _ => {}
+        }
+    }
+    assert!(failed_renewals >= 1, "no failed renewal was counted");
+    assert!(
+        extend_errors >= 1,
+        "{failed_renewals} renewal(s) failed; idem_store_errors_total{{phase=\"extend\"}} = {extend_errors}"
+    );
+}
+
+/// `idem_phase_seconds{phase="claim"}` is documented as the time "until the lease or the
+/// answer". A replay (an answer) is never timed: the claim timer is only stopped once a lease is
+/// granted, so the claim histogram shows first runs only, and a store that answers replays
+/// slowly is invisible in it.
+#[tokio::test]
+async fn a_replay_is_timed_in_the_claim_phase() {
+    let _turn = SERIAL.lock().await;
+    let snapshotter = snapshotter();
+    let _ = snapshotter.snapshot(); // drain
+    let store = MemoryStore::new();
+    let opts = Options::new("metrics-claim-replay");
+    for _ in 0..2 {
+        let out: Result<u32, Error> = run(&store, &opts, Call::new("k"), || async { Ok(1) }).await;
+        out.unwrap();
+    }
+    let mut claims = 0;
+    for (key, _, _, value) in snapshotter.snapshot().into_vec() {
+        let key = key.key();
+        let labels: HashMap<_, _> = key.labels().map(|l| (l.key(), l.value())).collect();
+        if let ("idem_phase_seconds", DebugValue::Histogram(values)) = (key.name(), value)
+            && labels.get("scope") == Some(&"metrics-claim-replay")
+            && labels.get("phase") == Some(&"claim")
+        {
+            claims = values.len();
+        }
+    }
+    assert_eq!(claims, 2, "a first run and a replay: {claims} claim(s) timed");
+}

@@ -148,3 +148,20 @@ async fn a_store_outage_is_told_apart_from_a_refusal() {
         }
     );
 }
+
+/// The broker glue runs the consumer's future inside an `observe` of its own. A consumer that
+/// observes its call too (to log a first run apart from a replay, as the README shows) takes the
+/// report away from it: the enclosing `observe` gets `None`, and the glue decides as if no
+/// idempotent call had been made (an in-flight refusal becomes a handler failure).
+#[tokio::test]
+async fn an_enclosing_observe_gets_the_report_that_an_inner_observe_also_saw() {
+    let store = MemoryStore::new();
+    let ((out, inner), outer) = observe(observe(charge(&store, 10, 500, None))).await;
+    assert_eq!(out.unwrap(), 500);
+    assert_eq!(inner.map(|r| r.outcome), Some(CallOutcome::Executed));
+    assert_eq!(
+        outer.map(|r| r.outcome),
+        Some(CallOutcome::Executed),
+        "the enclosing observe (the broker glue's) saw no call"
+    );
+}
