@@ -170,7 +170,9 @@ impl idem_runtime::Store for ExtendFails {
         _: &idem_runtime::Lease,
         _: Duration,
     ) -> Result<(), idem_runtime::StoreError> {
-        Err(idem_runtime::StoreError::unavailable("connection refused (injected)"))
+        Err(idem_runtime::StoreError::unavailable(
+            "connection refused (injected)",
+        ))
     }
     fn for_watchdog(&self) -> std::sync::Arc<dyn idem_runtime::Store> {
         std::sync::Arc::new(self.clone())
@@ -243,5 +245,8 @@ async fn a_replay_is_timed_in_the_claim_phase() {
             claims = values.len();
         }
     }
-    assert_eq!(claims, 2, "a first run and a replay: {claims} claim(s) timed");
+    assert_eq!(
+        claims, 2,
+        "a first run and a replay: {claims} claim(s) timed"
+    );
 }

@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use idem_runtime::{
-    Begin, BeginRequest, Call, Error, Key, Lease, MemoryStore, Options, Store, StoreError,
-    observe, run, set_shadow,
+    Begin, BeginRequest, Call, Error, Key, Lease, MemoryStore, Options, Store, StoreError, observe,
+    run, set_shadow,
 };
 
 /// A memory store whose done marks never land (the store went away between claim and mark).
@@ -50,8 +50,7 @@ impl Store for MarkFails {
 }
 
 #[tokio::test]
-async fn shadow_mode_runs_a_handler_twice_when_its_mark_fails_although_without_idem_it_runs_once()
-{
+async fn shadow_mode_runs_a_handler_twice_when_its_mark_fails_although_without_idem_it_runs_once() {
     set_shadow(true);
     let store = MarkFails(MemoryStore::new());
     let opts = Options::new("shadow.mark").ttl(Duration::from_secs(1));

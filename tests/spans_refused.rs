@@ -108,8 +108,14 @@ fn a_refused_nested_call_has_a_span_of_its_own_and_leaves_the_outer_calls_outcom
     assert_eq!(
         calls,
         [
-            ("spans_refused.inner".to_owned(), vec!["invalid_key".to_owned()]),
-            ("spans_refused.outer".to_owned(), vec!["executed".to_owned()]),
+            (
+                "spans_refused.inner".to_owned(),
+                vec!["invalid_key".to_owned()]
+            ),
+            (
+                "spans_refused.outer".to_owned(),
+                vec!["executed".to_owned()]
+            ),
         ],
         "the idem.call spans and the outcomes recorded on them"
     );

@@ -11,9 +11,7 @@ use futures_util::StreamExt;
 use idem_rabbitmq::{QueueKind, Settled};
 use idem_runtime::ack::{Policy, RetryReason};
 use idem_runtime::{CallOutcome, MemoryStore, idempotent, observe};
-use lapin::options::{
-    BasicConsumeOptions, BasicGetOptions, BasicQosOptions, QueueDeleteOptions,
-};
+use lapin::options::{BasicConsumeOptions, BasicGetOptions, BasicQosOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Consumer};
 use tokio::sync::{Notify, oneshot};
@@ -277,7 +275,10 @@ async fn a_copy_in_a_classic_delay_queue_is_transient_and_does_not_survive_a_bro
     // The original is acked; the only copy left is in the delay queue.
     let (delay_queue, _) = glue.topology().delay_queue(Duration::from_secs(60));
     let copy = channel
-        .basic_get(delay_queue.as_str().into(), BasicGetOptions { no_ack: true })
+        .basic_get(
+            delay_queue.as_str().into(),
+            BasicGetOptions { no_ack: true },
+        )
         .await
         .unwrap()
         .expect("the copy in the delay queue");

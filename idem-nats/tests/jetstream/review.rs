@@ -122,15 +122,14 @@ async fn a_failing_message_is_dropped_without_a_dead_letter_when_max_deliver_is_
         .await
         .unwrap();
     assert_eq!(updated.cached_info().config.max_deliver, 2);
-    let mut advisories = s
-        .js
-        .client()
-        .subscribe(format!(
-            "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{}.coupons",
-            orders.name
-        ))
-        .await
-        .unwrap();
+    let mut advisories =
+        s.js.client()
+            .subscribe(format!(
+                "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{}.coupons",
+                orders.name
+            ))
+            .await
+            .unwrap();
     s.js.client().flush().await.unwrap();
     orders
         .publish(
@@ -221,7 +220,9 @@ async fn a_message_returned_by_a_dead_consumer_is_counted_as_a_failure_it_never_
         client.drain().await.unwrap();
     }
     // Redelivered once its ack_wait has passed; its handler runs for the first time and fails.
-    let msg = next(&orders.consumer, Duration::from_secs(20)).await.unwrap();
+    let msg = next(&orders.consumer, Duration::from_secs(20))
+        .await
+        .unwrap();
     let delivered = support::delivered(&msg);
     let settled = glue
         .settle(msg, || async { Err::<(), _>(AppError::Failed) })
