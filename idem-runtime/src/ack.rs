@@ -11,7 +11,9 @@
 //! | the store did not answer (`StoreUnavailable`), the mark was not written, the lease was lost (`LeaseLost`), the transaction was rolled back (`TransactionAborted`) | [`Decision::Retry`], backed off | nothing is lost by waiting; the redelivery finds the truth (a replay, or a run) |
 //! | the handler failed (its own `Err`, or a panic), attempt `n` | [`Decision::Retry`] after [`Policy::backoff`] × 2<sup>n-1</sup> while `n` < [`Policy::max_attempts`], then [`Decision::DeadLetter`] | the application's policy |
 //! | the key was done with another payload (`Mismatch`), a record does not decode (`Corrupt`), the key or fingerprint is invalid, the store cannot do the transactional form, no store is installed | [`Decision::DeadLetter`] at once | a redelivery would be answered the same way |
-//! | done, but the output was not stored (`Unreplayable`) | [`Decision::Ack`] (or dead letter, [`Policy::dead_letter_unreplayable`]) | the effect happened once; only the output is missing |
+//! | `run_in_tx` ran the handler and wrote its mark, but the commit failed (`CommitFailed`) | as a failed handler | neither the effect nor the mark exists |
+//! | done, but the output was not stored (`Unreplayable`), and the consumer's future returned `Ok` | [`Decision::Ack`] (or dead letter, [`Policy::dead_letter_unreplayable`]) | the effect happened once; only the output is missing |
+//! | `Unreplayable`, and the consumer's future returned `Err` | as a failed handler (dead letter at once with [`Policy::dead_letter_unreplayable`]) | the consumer said it failed: what it did after the call is retried |
 //!
 //! ```
 //! use idem_runtime::ack::{Decision, DeadLetterReason, Policy};
@@ -189,6 +191,9 @@ impl Policy {
 
     /// The first pause between redeliveries, and the longest.
     pub fn backoff(mut self, first: Duration, max: Duration) -> Self {
+        // A zero pause would redeliver at once, every time: the busy loop this module exists
+        // to prevent.
+        let first = first.max(Duration::from_millis(1));
         self.backoff = first;
         self.max_backoff = max.max(first);
         self
@@ -196,6 +201,7 @@ impl Policy {
 
     /// Bounds on the pause before an in-flight duplicate is tried again.
     pub fn in_flight(mut self, min: Duration, max: Duration) -> Self {
+        let min = min.max(Duration::from_millis(1));
         self.in_flight_min = min;
         self.in_flight_max = max.max(min);
         self
@@ -270,7 +276,13 @@ impl Policy {
                     reason: DeadLetterReason::Unreplayable,
                 }
             }
-            Some(CallOutcome::Unreplayable) => Decision::Ack,
+            // Done once, only its output is missing: the consumer went on (ack), or what it
+            // did next failed, which is retried as any failure is.
+            Some(CallOutcome::Unreplayable) if handler_ok => Decision::Ack,
+            Some(CallOutcome::Unreplayable) => failed(attempt),
+            // The handler's writes and its mark were rolled back together: run it again, and
+            // dead-letter a commit that keeps failing as a handler that keeps failing.
+            Some(CallOutcome::CommitFailed) => failed(attempt),
             Some(CallOutcome::Mismatch) => Decision::DeadLetter {
                 reason: DeadLetterReason::Mismatch,
             },
@@ -466,9 +478,17 @@ mod tests {
     #[test]
     fn unreplayable_is_acked_unless_the_policy_dead_letters_it() {
         assert_eq!(
-            p().decide(Some(CallOutcome::Unreplayable), false, 1, 0),
+            p().decide(Some(CallOutcome::Unreplayable), true, 1, 0),
             Decision::Ack
         );
+        // The consumer went on and failed after the call: retried, never acked.
+        assert!(matches!(
+            p().decide(Some(CallOutcome::Unreplayable), false, 1, 0),
+            Decision::Retry {
+                reason: RetryReason::HandlerFailed { attempt: 1 },
+                ..
+            }
+        ));
         assert_eq!(
             p().dead_letter_unreplayable(true)
                 .decide(Some(CallOutcome::Unreplayable), false, 1, 0),

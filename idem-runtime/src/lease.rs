@@ -537,6 +537,7 @@ impl Watchdog {
             }
             Ok(Ok(Err(e))) => {
                 crate::metrics::renewal("failed");
+                crate::metrics::store_error_in(&held.scope, crate::Phase::Extend);
                 tracing::warn!(scope = %held.scope, key = %held.key, error = %e, "lease renewal failed; retrying");
                 period / 4
             }
@@ -544,6 +545,7 @@ impl Watchdog {
             // ones after it, or the lease lapses under a live handler.
             Err(_) => {
                 crate::metrics::renewal("failed");
+                crate::metrics::store_error_in(&held.scope, crate::Phase::Extend);
                 tracing::warn!(scope = %held.scope, key = %held.key, "lease renewal timed out; retrying");
                 Duration::ZERO
             }

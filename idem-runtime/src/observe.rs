@@ -58,6 +58,11 @@ pub enum CallOutcome {
     TransactionAborted,
     /// No store was installed.
     NoStore,
+    /// The transactional form owned the commit ([`SqlStore::run_in_tx`](crate::SqlStore::run_in_tx)):
+    /// the handler ran and its mark was written in the transaction, but the commit failed, so
+    /// neither the effect nor the mark exists. The caller gets
+    /// [`Error::Unavailable`] in [`Phase::Complete`]; a redelivery runs the handler again.
+    CommitFailed,
     /// Shadow mode ([`set_shadow`](crate::set_shadow)): the handler ran although idem would have
     /// answered otherwise (`would`); nothing was refused or replayed.
     Shadowed {
@@ -78,6 +83,10 @@ pub enum Would {
     RefuseMismatch,
     /// Refused the call: the store did not answer (fail closed).
     FailClosed,
+    /// Answered with idem's error although the handler succeeded: its done mark could not be
+    /// written (the store failed after the handler ran). In shadow mode the caller gets the
+    /// handler's `Ok`, as it would without idem.
+    MarkFailed,
 }
 
 impl Would {
@@ -92,6 +101,7 @@ impl Would {
             Would::RefuseInFlight => "refuse_in_flight",
             Would::RefuseMismatch => "refuse_mismatch",
             Would::FailClosed => "fail_closed",
+            Would::MarkFailed => "mark_failed",
         }
     }
 }
@@ -119,6 +129,7 @@ impl CallOutcome {
             CallOutcome::NotTransactional => "not_transactional",
             CallOutcome::TransactionAborted => "transaction_aborted",
             CallOutcome::NoStore => "no_store",
+            CallOutcome::CommitFailed => "commit_failed",
             CallOutcome::Shadowed { .. } => "shadowed",
         }
     }
@@ -162,6 +173,7 @@ impl CallOutcome {
                 | CallOutcome::Panicked
                 | CallOutcome::LeaseLost
                 | CallOutcome::Shadowed { .. }
+                | CallOutcome::CommitFailed
                 | CallOutcome::StoreUnavailable {
                     phase: Phase::Complete
                 }
@@ -188,7 +200,8 @@ tokio::task_local! {
 }
 
 /// Run `fut` and return, beside its output, the [`Report`] of the last idempotent call that
-/// finished inside it (the outermost one when calls nest; `None` if none did). The handler and
+/// finished inside it (the outermost one when calls nest; `None` if none did). An enclosing
+/// `observe` gets the same report. The handler and
 /// its signature stay as they are: this is how a consumer loop, a log line or a metric tells a
 /// first run from a replay, or an in-flight refusal from a store outage.
 ///
@@ -209,12 +222,19 @@ tokio::task_local! {
 /// # });
 /// ```
 pub async fn observe<F: Future>(fut: F) -> (F::Output, Option<Report>) {
-    SLOT.scope(RefCell::new(None), async move {
-        let out = fut.await;
-        let report = SLOT.with(|slot| slot.borrow_mut().take());
-        (out, report)
-    })
-    .await
+    let (out, report) = SLOT
+        .scope(RefCell::new(None), async move {
+            let out = fut.await;
+            let report = SLOT.with(|slot| slot.borrow_mut().take());
+            (out, report)
+        })
+        .await;
+    // An enclosing `observe` (the broker glue's, around a consumer that observes its own call)
+    // sees the same report: an inner one must not take it away.
+    if let Some(r) = &report {
+        let _ = SLOT.try_with(|slot| *slot.borrow_mut() = Some(r.clone()));
+    }
+    (out, report)
 }
 
 /// Hand the report of a call that just ended to an enclosing [`observe`], if any.
