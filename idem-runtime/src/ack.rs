@@ -343,6 +343,32 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_commit_is_retried_as_a_failure() {
+        assert!(matches!(
+            p().decide(Some(CallOutcome::CommitFailed), false, 1, 0),
+            Decision::Retry {
+                reason: RetryReason::HandlerFailed { attempt: 1 },
+                ..
+            }
+        ));
+        assert!(matches!(
+            p().decide(Some(CallOutcome::CommitFailed), false, 5, 0),
+            Decision::DeadLetter {
+                reason: DeadLetterReason::HandlerFailed { attempts: 5 }
+            }
+        ));
+    }
+
+    #[test]
+    fn zero_pauses_are_raised_to_a_millisecond() {
+        let policy = Policy::default()
+            .backoff(Duration::ZERO, Duration::ZERO)
+            .in_flight(Duration::ZERO, Duration::ZERO);
+        assert_eq!(policy.backoff, Duration::from_millis(1));
+        assert_eq!(policy.in_flight_min, Duration::from_millis(1));
+    }
+
+    #[test]
     fn in_flight_is_retried_after_retry_after_bounded_and_backed_off_never_a_failure() {
         let d = |retry_after, deferrals| {
             p().decide(

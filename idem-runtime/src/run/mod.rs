@@ -30,7 +30,7 @@ pub(crate) use finish::{Finish, release, release_later};
 use tracing::Instrument;
 
 #[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
-pub(crate) use tx::{Marked, claim_outside, execute_tx};
+pub(crate) use tx::{Marked, Owned, claim_outside, execute_tx};
 pub use tx::{TxConnection, run_tx_future, tx_access};
 
 /// The return type of an idempotent handler: `Result<T, E>`, where `T` is stored and replayed and
@@ -179,12 +179,17 @@ where
     F: FnOnce() -> Fut,
     Fut: Future<Output = R>,
 {
-    let store = match store.store() {
-        Ok(s) => s,
-        Err(e) => return lift(opts, e),
-    };
-    // Laziness matters here: `handler` is only called once the key is ours.
-    execute(store, opts, call, handler).await
+    // The span first: a call refused before the store is asked has one too.
+    async move {
+        let store = match store.store() {
+            Ok(s) => s,
+            Err(e) => return lift(opts, e),
+        };
+        // Laziness matters here: `handler` is only called once the key is ours.
+        execute(store, opts, call, handler).await
+    }
+    .instrument(call_span(opts))
+    .await
 }
 
 /// What the macro calls: `fut` is the user's body, not yet polled.
@@ -197,15 +202,19 @@ where
     R::Err: AbsorbsIdemError,
     Fut: Future<Output = R>,
 {
-    let store = match store.store() {
-        Ok(s) => s,
-        Err(e) => return lift(opts, e),
-    };
-    execute(store, opts, call, move || fut).await
+    async move {
+        let store = match store.store() {
+            Ok(s) => s,
+            Err(e) => return lift(opts, e),
+        };
+        execute(store, opts, call, move || fut).await
+    }
+    .instrument(call_span(opts))
+    .await
 }
 
 /// Return one of idem's errors through the handler's error type, counting it.
-fn lift<R: Outcome>(opts: &Options, e: Error) -> R
+pub(crate) fn lift<R: Outcome>(opts: &Options, e: Error) -> R
 where
     R::Err: From<Error>,
 {
@@ -449,17 +458,27 @@ pub(crate) async fn confirm(
     ))
 }
 
-/// The span of one call: `idem.call`, with its scope and (redacted) key; the outcome and the
-/// fence are recorded on it as they are known. At `DEBUG`: an operator who wants a line per call
-/// turns it on; the store's own errors are warnings either way.
-pub(crate) fn call_span(opts: &Options, key: &Key) -> tracing::Span {
+/// The span of one call: `idem.call`, with its scope; the (redacted) key, the outcome and the
+/// fence are recorded on it as they are known (a call refused for its key has none). Opened
+/// before anything can refuse the call, so no refusal is recorded on an enclosing call's span.
+/// At `DEBUG`: an operator who wants a line per call turns it on; the store's own errors are
+/// warnings either way.
+pub(crate) fn call_span(opts: &Options) -> tracing::Span {
     tracing::debug_span!(
         "idem.call",
         scope = %opts.scope,
-        key = %key,
+        key = tracing::field::Empty,
         outcome = tracing::field::Empty,
         fence = tracing::field::Empty,
     )
+}
+
+/// Record the call's key on its span, once it is known to be valid.
+pub(crate) fn record_key(key: &Key) {
+    let span = tracing::Span::current();
+    if !span.is_disabled() {
+        span.record("key", tracing::field::display(key));
+    }
 }
 
 /// The plain form: lock, check, run `handler` while the watchdog renews the lease, then mark (or
@@ -476,10 +495,8 @@ where
         Ok(parts) => parts,
         Err(e) => return lift(opts, e),
     };
-    let span = call_span(opts, &key);
-    execute_keyed(store, opts, key, fingerprint, handler)
-        .instrument(span)
-        .await
+    record_key(&key);
+    execute_keyed(store, opts, key, fingerprint, handler).await
 }
 
 async fn execute_keyed<R, F, Fut>(
@@ -504,8 +521,15 @@ where
     let (held, twin, mut guard) = loop {
         let granted = match claim::<R>(store, Claimant::Store(store), opts, &req).await {
             Ok(granted) => granted,
-            Err(Refusal::Answer(answer)) => return answer,
-            Err(Refusal::Shadow(would)) => return shadowed(opts, &key, would, handler()).await,
+            Err(Refusal::Answer(answer)) => {
+                // A replay or a refusal is the claim's answer: timed as a claim too.
+                claiming.stop(opts, "claim");
+                return answer;
+            }
+            Err(Refusal::Shadow(would)) => {
+                claiming.stop(opts, "claim");
+                return shadowed(opts, &key, would, handler()).await;
+            }
         };
         // Renewed from the watchdog's thread from the moment the store granted it (as far as
         // the caller can tell: when it asked), until the mark or the release is written; a drop
@@ -532,10 +556,21 @@ where
             }
             Err(StoreError::LeaseLost) => {
                 guard.done();
+                claiming.stop(opts, "claim");
+                if crate::shadow() {
+                    return shadowed(opts, &key, Would::RefuseInFlight, handler()).await;
+                }
                 return lift(opts, taken_over(opts, &key));
             }
             // The guard releases the claim in the background.
-            Err(e) => return lift(opts, store_error(e, Phase::Begin, &opts.scope, &key)),
+            Err(e) => {
+                claiming.stop(opts, "claim");
+                drop(guard);
+                if crate::shadow() {
+                    return shadowed(opts, &key, Would::FailClosed, handler()).await;
+                }
+                return lift(opts, store_error(e, Phase::Begin, &opts.scope, &key));
+            }
         }
     };
     claiming.stop(opts, "claim");
@@ -581,6 +616,17 @@ where
                         metrics::record(opts, CallOutcome::Executed, Some(key), fence);
                         R::from_result(Ok(value))
                     }
+                    Err(StoreError::Unavailable(e)) if crate::shadow() => {
+                        // The guard goes on trying in the background; the caller gets what it
+                        // would have got without idem.
+                        tracing::error!(scope, key = %key, error = %e, "handler ran but its done mark was not written; retrying in the background");
+                        mark_shadowed(opts, key, fence, value)
+                    }
+                    Err(e) if crate::shadow() => {
+                        guard.done();
+                        tracing::error!(scope, key = %key, error = %e, "handler ran but its done mark was refused");
+                        mark_shadowed(opts, key, fence, value)
+                    }
                     Err(StoreError::Unavailable(e)) => {
                         // The guard goes on trying in the background as this returns.
                         tracing::error!(scope, key = %key, error = %e, "handler ran but its done mark was not written; retrying in the background");
@@ -615,6 +661,26 @@ pub(crate) async fn shadowed<R: Outcome, Fut: Future<Output = R>>(
     let out = handler.await;
     metrics::record(opts, CallOutcome::Shadowed { would }, Some(key), None);
     out
+}
+
+/// Shadow mode, after a handler that succeeded but whose mark failed: without idem the caller
+/// would have had the handler's `Ok`, and so it does (an error here would have the message
+/// redelivered and the handler run again).
+pub(crate) fn mark_shadowed<R: Outcome>(
+    opts: &Options,
+    key: &Key,
+    fence: Option<u64>,
+    value: R::Ok,
+) -> R {
+    metrics::record(
+        opts,
+        CallOutcome::Shadowed {
+            would: Would::MarkFailed,
+        },
+        Some(key),
+        fence,
+    );
+    R::from_result(Ok(value))
 }
 
 /// The output as stored. Once the handler succeeded its key must never be released, so a

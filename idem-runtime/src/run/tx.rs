@@ -42,7 +42,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::{
     CatchUnwind, Claimant, Finish, Granted, Refusal, call_span, claim, confirm, encode_output,
-    lift, release_later, request, shadowed, store_error, taken_over,
+    lift, mark_shadowed, record_key, release_later, request, shadowed, store_error, taken_over,
 };
 use crate::lease::{self, Held, Outside};
 use crate::observe::CallOutcome;
@@ -83,21 +83,24 @@ where
     F: FnOnce(&'c mut C) -> Fut,
     Fut: Future<Output = (R, &'c mut C)>,
 {
-    let store = match store.store() {
-        Ok(s) => s,
-        Err(e) => return lift(opts, e),
-    };
-    let Some(txs) = store.transactional() else {
-        return lift(
-            opts,
-            Error::NotTransactional {
-                reason: "this store keeps no SQL table: use a SqlStore, or a LayeredStore over one"
-                    .into(),
-            },
-        );
-    };
-    if !as_tx(tx).1 {
-        return lift(
+    // The span first: a call refused before the store is asked has one too.
+    async move {
+        let store = match store.store() {
+            Ok(s) => s,
+            Err(e) => return lift(opts, e),
+        };
+        let Some(txs) = store.transactional() else {
+            return lift(
+                opts,
+                Error::NotTransactional {
+                    reason:
+                        "this store keeps no SQL table: use a SqlStore, or a LayeredStore over one"
+                            .into(),
+                },
+            );
+        };
+        if !as_tx(tx).1 {
+            return lift(
             opts,
             Error::NotTransactional {
                 reason:
@@ -105,8 +108,11 @@ where
                         .into(),
             },
         );
+        }
+        execute_tx(store, txs, opts, call, None, tx, as_tx, body, None).await
     }
-    execute_tx(store, txs, opts, call, None, tx, as_tx, body, &mut None).await
+    .instrument(call_span(opts))
+    .await
 }
 
 /// How the wrapper reaches the connection inside the transaction parameter. A function pointer
@@ -136,10 +142,16 @@ where
         Ok(parts) => parts,
         Err(e) => return Err(lift(opts, e)),
     };
+    record_key(&key);
     let req = request(std::process::id(), opts, &key, fingerprint);
+    let claiming = metrics::Timer::start();
     match claim::<R>(store, Claimant::Store(store), opts, &req).await {
         Ok(granted) => Ok(Some((key, granted))),
-        Err(Refusal::Answer(answer)) => Err(answer),
+        Err(Refusal::Answer(answer)) => {
+            // Timed here: no handler runs, so `execute_tx` never times this claim.
+            claiming.stop(opts, "claim");
+            Err(answer)
+        }
         // Shadow mode: the transactional call claims again, and runs anyway.
         Err(Refusal::Shadow(_)) => Ok(None),
     }
@@ -157,6 +169,17 @@ pub(crate) struct Marked {
     pub(crate) lease: Lease,
     pub(crate) output: Arc<[u8]>,
     pub(crate) keep: std::time::Duration,
+}
+
+/// What `execute_tx` tells a caller that owns the commit (`run_in_tx`): the mark to copy once
+/// committed, and whether there is anything to commit at all. Such a caller records the outcome
+/// (`Executed`, or `CommitFailed`) once its commit is known, not `execute_tx` at the mark.
+#[derive(Default)]
+pub(crate) struct Owned {
+    pub(crate) marked: Option<Marked>,
+    /// Shadow mode let the handler run (or its mark failed) and it returned `Ok`: its writes
+    /// are committed, as they would be without idem.
+    pub(crate) commit: bool,
 }
 
 /// A savepoint name no other call uses: nested calls on one transaction must not share one
@@ -180,7 +203,7 @@ pub(crate) async fn execute_tx<'c, C, R, F, Fut>(
     tx: &'c mut C,
     as_tx: AsTx<C>,
     body: F,
-    marked: &mut Option<Marked>,
+    mut owner: Option<&mut Owned>,
 ) -> R
 where
     C: ?Sized,
@@ -194,8 +217,7 @@ where
         Ok(parts) => parts,
         Err(e) => return lift(opts, e),
     };
-    let span = call_span(opts, &key);
-    async move {
+    record_key(&key);
     let pid = std::process::id();
     let req = request(pid, opts, &key, fingerprint);
     let in_tx = txs.claims_in_tx();
@@ -213,6 +235,7 @@ where
         None => match claim::<R>(store, Claimant::Tx(txs, as_tx(tx).0), opts, &req).await {
             Ok(granted) => granted,
             Err(refusal) => {
+                claiming.stop(opts, "claim");
                 // Replayed or refused: give back what the claim took in the transaction.
                 if in_tx && let Err(e) = txs.rollback_to_savepoint_in(as_tx(tx).0, &savepoint).await
                 {
@@ -222,7 +245,11 @@ where
                     Refusal::Answer(answer) => answer,
                     Refusal::Shadow(would) => {
                         let run = async { body(tx).await.0 };
-                        shadowed(opts, &key, would, run).await
+                        let out = shadowed(opts, &key, would, run).await.into_result();
+                        if let Some(owner) = owner.as_deref_mut() {
+                            owner.commit = out.is_ok();
+                        }
+                        R::from_result(out)
                     }
                 };
             }
@@ -331,15 +358,38 @@ where
             }
             txs.marked_in(scope, key, &lease).await;
             adopt_nested(&held, renewer.as_ref(), opts);
-            metrics::record(opts, CallOutcome::Executed, Some(key), fence);
-            *marked = Some(Marked {
+            let marked = Marked {
                 scope: scope.to_owned(),
                 key: key.clone(),
                 lease,
                 output,
                 keep: opts.keep,
-            });
+            };
+            match owner {
+                // The outcome is the commit's, recorded by the owner.
+                Some(owner) => owner.marked = Some(marked),
+                None => metrics::record(opts, CallOutcome::Executed, Some(key), fence),
+            }
             R::from_result(Ok(value))
+        }
+        Err(e) if crate::shadow() => {
+            // Shadow mode: the handler's writes stay, as they would without idem; only the
+            // key is given back.
+            tracing::error!(scope, key = %key, error = %e, "the done mark could not be written in the handler's transaction (shadow mode: its writes are kept)");
+            if let Err(e) = txs.release_savepoint_in(as_tx(tx).0, &savepoint).await {
+                tracing::debug!(scope, key = %key, error = %e, "savepoint not released");
+            }
+            if !matches!(e, crate::StoreError::LeaseLost) {
+                if let Some(renewer) = &renewer {
+                    release_in(txs, as_tx(tx).0, renewer, scope, key, &lease, opts.ttl).await;
+                } else if let Err(e) = txs.release_in(as_tx(tx).0, scope, key, &lease).await {
+                    tracing::debug!(scope, key = %key, error = %e, "release failed");
+                }
+            }
+            if let Some(owner) = owner {
+                owner.commit = true;
+            }
+            mark_shadowed(opts, key, fence, value)
         }
         Err(e) => {
             tracing::error!(scope, key = %key, error = %e, "the done mark could not be written in the handler's transaction: its writes are rolled back");
@@ -359,9 +409,6 @@ where
             lift(opts, store_error(e, Phase::Complete, scope, key))
         }
     }
-    }
-    .instrument(span)
-    .await
 }
 
 /// Undoing to the savepoint failed: roll the whole transaction back on the server, so nothing of

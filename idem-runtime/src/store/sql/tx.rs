@@ -12,12 +12,16 @@ use sqlx::Transaction;
 
 use super::sealed::{At, Claim};
 use super::{Backend, DONE, SqlStore, db_error, micros, stored_scope};
-use crate::run::{Marked, TxConnection, claim_outside, execute_tx, release, release_later};
+use crate::observe::CallOutcome;
+use crate::run::{
+    Marked, Owned, TxConnection, claim_outside, execute_tx, lift, release, release_later,
+};
 use crate::store::{Begin, BeginRequest, Lease, Store, TxStore};
 use crate::{
     AbsorbsIdemError, Call, Error, Fingerprint, Key, Options, Outcome, Phase, Replayable,
     StoreError,
 };
+use tracing::Instrument;
 
 /// The future a handler given to [`SqlStore::run_in_tx`] returns: boxed, because it borrows the
 /// transaction it was given.
@@ -256,7 +260,28 @@ where
     R::Err: AbsorbsIdemError,
     F: for<'t> FnOnce(&'t mut Transaction<'static, DB>) -> TxFuture<'t, R>,
 {
-    let fail = |e: Error| R::from_result(Err(e.into()));
+    // One span for the whole call, its claim and its commit included.
+    run_owned_spanned(store, txs, tx, pool, opts, call, handler)
+        .instrument(crate::run::call_span(opts))
+        .await
+}
+
+async fn run_owned_spanned<DB, R, F>(
+    store: &dyn Store,
+    txs: &dyn TxStore,
+    tx: Option<Transaction<'static, DB>>,
+    pool: &sqlx::Pool<DB>,
+    opts: &Options,
+    call: Call,
+    handler: F,
+) -> (R, Option<Marked>)
+where
+    DB: Backend,
+    R: Outcome,
+    R::Ok: Replayable,
+    R::Err: AbsorbsIdemError,
+    F: for<'t> FnOnce(&'t mut Transaction<'static, DB>) -> TxFuture<'t, R>,
+{
     // A claim made outside the transaction comes first, so that a duplicate that is refused or
     // waits holds no connection for a transaction it will not use. Not when the caller began
     // the transaction: it holds a connection of the pool already, and the claim goes through
@@ -293,13 +318,13 @@ where
                 phase: Phase::Begin,
                 source: Box::new(e),
             };
-            return (fail(e), None);
+            return (lift(opts, e), None);
         }
     };
     if let Some(mut unrun) = unrun {
         unrun.armed = false;
     }
-    let mut marked = None;
+    let mut owned = Owned::default();
     let out = execute_tx(
         store,
         txs,
@@ -309,29 +334,48 @@ where
         &mut tx,
         <Transaction<'static, DB> as TxConnection>::as_tx,
         move |tx| async move { (handler(&mut *tx).await, tx) },
-        &mut marked,
+        Some(&mut owned),
     )
     .await;
-    let Some(done) = marked else {
+    let Some(done) = owned.marked else {
+        if owned.commit {
+            // Shadow mode, and the handler returned `Ok`: its writes commit, as without idem.
+            return match tx.commit().await {
+                Ok(()) => (out, None),
+                Err(e) => {
+                    let e = Error::Unavailable {
+                        phase: Phase::Complete,
+                        source: Box::new(e),
+                    };
+                    (R::from_result(Err(e.into())), None)
+                }
+            };
+        }
         // Replayed, refused, failed: nothing of ours to keep.
         if let Err(e) = tx.rollback().await {
             tracing::debug!(error = %e, "rollback failed; the database rolls back on its side");
         }
         return (out, None);
     };
+    let fence = Some(done.lease.fence);
     match tx.commit().await {
-        Ok(()) => (out, Some(done)),
+        Ok(()) => {
+            crate::metrics::record(opts, CallOutcome::Executed, Some(&done.key), fence);
+            (out, Some(done))
+        }
         Err(e) => {
             // Rolled back, unless the reply was lost after a commit: then the key is done, and
             // releasing it changes nothing. Either way a redelivery finds the truth.
             let twin = store.for_watchdog();
             let ttl = opts.ttl_duration();
             release(store, Some(&twin), &done.scope, &done.key, &done.lease, ttl).await;
+            tracing::error!(scope = %done.scope, key = %done.key, error = %e, "the commit of the handler's transaction failed: its writes and its mark are rolled back");
+            crate::metrics::record(opts, CallOutcome::CommitFailed, Some(&done.key), fence);
             let e = Error::Unavailable {
                 phase: Phase::Complete,
                 source: Box::new(e),
             };
-            (fail(e), None)
+            (R::from_result(Err(e.into())), None)
         }
     }
 }
