@@ -328,11 +328,16 @@ where
             metrics::record(opts, CallOutcome::HandlerError, Some(key), fence);
             let undone = txs.rollback_to_savepoint_in(as_tx(tx).0, &savepoint).await;
             release_nested(&held);
-            if let Some(renewer) = &renewer {
-                release_in(txs, as_tx(tx).0, renewer, scope, key, &lease, opts.ttl).await;
-            } else if let Err(e) = txs.release_in(as_tx(tx).0, scope, key, &lease).await {
-                tracing::debug!(scope, key = %key, error = %e, "release after the savepoint failed");
-            }
+            free_key(
+                txs,
+                as_tx(tx).0,
+                renewer.as_ref(),
+                scope,
+                key,
+                &lease,
+                opts.ttl,
+            )
+            .await;
             guard.done();
             if let Err(e) = undone {
                 return aborted(txs, as_tx(tx).0, opts, key, e).await;
@@ -380,11 +385,16 @@ where
                 tracing::debug!(scope, key = %key, error = %e, "savepoint not released");
             }
             if !matches!(e, crate::StoreError::LeaseLost) {
-                if let Some(renewer) = &renewer {
-                    release_in(txs, as_tx(tx).0, renewer, scope, key, &lease, opts.ttl).await;
-                } else if let Err(e) = txs.release_in(as_tx(tx).0, scope, key, &lease).await {
-                    tracing::debug!(scope, key = %key, error = %e, "release failed");
-                }
+                free_key(
+                    txs,
+                    as_tx(tx).0,
+                    renewer.as_ref(),
+                    scope,
+                    key,
+                    &lease,
+                    opts.ttl,
+                )
+                .await;
             }
             if let Some(owner) = owner {
                 owner.commit = true;
@@ -397,11 +407,16 @@ where
             release_nested(&held);
             // Free the key for a redelivery, unless another holder has it.
             if !matches!(e, crate::StoreError::LeaseLost) {
-                if let Some(renewer) = &renewer {
-                    release_in(txs, as_tx(tx).0, renewer, scope, key, &lease, opts.ttl).await;
-                } else if let Err(e) = txs.release_in(as_tx(tx).0, scope, key, &lease).await {
-                    tracing::debug!(scope, key = %key, error = %e, "release after the savepoint failed");
-                }
+                free_key(
+                    txs,
+                    as_tx(tx).0,
+                    renewer.as_ref(),
+                    scope,
+                    key,
+                    &lease,
+                    opts.ttl,
+                )
+                .await;
             }
             if let Err(undo) = undone {
                 return aborted(txs, as_tx(tx).0, opts, key, undo).await;
@@ -442,6 +457,27 @@ where
             reason: e.to_string(),
         },
     )
+}
+
+/// Free the key after this call undid (or, in shadow mode, kept) its writes: a claim made
+/// outside the transaction through [`release_in`], one made in it in the transaction.
+async fn free_key(
+    txs: &dyn TxStore,
+    tx: &mut (dyn Any + Send),
+    renewer: Option<&Arc<dyn crate::Store>>,
+    scope: &str,
+    key: &Key,
+    lease: &Lease,
+    ttl: std::time::Duration,
+) {
+    match renewer {
+        Some(renewer) => release_in(txs, tx, renewer, scope, key, lease, ttl).await,
+        None => {
+            if let Err(e) = txs.release_in(tx, scope, key, lease).await {
+                tracing::debug!(scope, key = %key, error = %e, "release in the transaction failed");
+            }
+        }
+    }
 }
 
 /// Free a claim made outside the transaction (the caller's transaction holds nothing of it):

@@ -261,27 +261,7 @@ where
     F: for<'t> FnOnce(&'t mut Transaction<'static, DB>) -> TxFuture<'t, R>,
 {
     // One span for the whole call, its claim and its commit included.
-    run_owned_spanned(store, txs, tx, pool, opts, call, handler)
-        .instrument(crate::run::call_span(opts))
-        .await
-}
-
-async fn run_owned_spanned<DB, R, F>(
-    store: &dyn Store,
-    txs: &dyn TxStore,
-    tx: Option<Transaction<'static, DB>>,
-    pool: &sqlx::Pool<DB>,
-    opts: &Options,
-    call: Call,
-    handler: F,
-) -> (R, Option<Marked>)
-where
-    DB: Backend,
-    R: Outcome,
-    R::Ok: Replayable,
-    R::Err: AbsorbsIdemError,
-    F: for<'t> FnOnce(&'t mut Transaction<'static, DB>) -> TxFuture<'t, R>,
-{
+    async move {
     // A claim made outside the transaction comes first, so that a duplicate that is refused or
     // waits holds no connection for a transaction it will not use. Not when the caller began
     // the transaction: it holds a connection of the pool already, and the claim goes through
@@ -378,6 +358,9 @@ where
             (R::from_result(Err(e.into())), None)
         }
     }
+    }
+    .instrument(crate::run::call_span(opts))
+    .await
 }
 
 /// A claim made outside the transaction that no handler has run on yet: given back (from the
