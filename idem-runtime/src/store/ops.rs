@@ -2,23 +2,7 @@
 //! without a stale holder's late mark winning. The `idem` command line is built on this; so can
 //! an admin endpoint of yours.
 //!
-//! # The rules (`protocol.md`, "Operations")
-//!
-//! - [`inspect`](Operations::inspect), [`list`](Operations::list) and
-//!   [`counts`](Operations::counts) never change anything.
-//! - [`forget`](Operations::forget) makes a done key run again on its next delivery. A key in
-//!   flight (a live lease) is refused unless forced.
-//! - [`release_stuck`](Operations::release_stuck) frees a key in flight whose holder is known to be
-//!   dead (or stuck), so the next delivery runs. A live lease is refused unless forced; a lapsed
-//!   one needs no force.
-//! - Both leave a *forgotten* record behind, with the key's fence advanced: the next claim gets a
-//!   greater fence, and a late done mark (or renewal) of the old holder is refused with
-//!   `LeaseLost` instead of overwriting anything. The record is kept for a day (Redis: the
-//!   store's fence retention), then purged like any expired row.
-//! - On a [`LayeredStore`](crate::LayeredStore) each operation acts on the durable store first,
-//!   then on the front: since every claim that runs a handler is also a claim in the durable
-//!   store, a duplicate arriving between the two is answered by the durable record (replayed, or
-//!   refused as in flight), never let through twice.
+//! The rules every store keeps are on [`Operations`].
 
 use std::time::Duration;
 
@@ -207,8 +191,26 @@ pub enum Changed {
     },
 }
 
-/// The operations on a store's records for the people who run it: see the [module docs](self).
-/// Implemented by every store of this crate.
+/// The operations on a store's records for the people who run it. Implemented by every store
+/// of this crate.
+///
+/// # The rules (`protocol.md`, "Operations")
+///
+/// - [`inspect`](Operations::inspect), [`list`](Operations::list) and
+///   [`counts`](Operations::counts) never change anything.
+/// - [`forget`](Operations::forget) makes a done key run again on its next delivery. A key in
+///   flight (a live lease) is refused unless forced.
+/// - [`release_stuck`](Operations::release_stuck) frees a key in flight whose holder is known to be
+///   dead (or stuck), so the next delivery runs. A live lease is refused unless forced; a lapsed
+///   one needs no force.
+/// - Both leave a *forgotten* record behind, with the key's fence advanced: the next claim gets a
+///   greater fence, and a late done mark (or renewal) of the old holder is refused with
+///   `LeaseLost` instead of overwriting anything. The record is kept for a day (Redis: the
+///   store's fence retention), then purged like any expired row.
+/// - On a [`LayeredStore`](crate::LayeredStore) each operation acts on the durable store first,
+///   then on the front: since every claim that runs a handler is also a claim in the durable
+///   store, a duplicate arriving between the two is answered by the durable record (replayed, or
+///   refused as in flight), never let through twice.
 ///
 /// ```
 /// use idem_runtime::{Call, Changed, KeyState, MemoryStore, Operations, Options, run};
