@@ -144,9 +144,10 @@
 //! not capture it), with the [`headers`] saying why, where from and after how many deliveries
 //! (never the key), waits for that stream's acknowledgement, and only then sends `+TERM`. A
 //! dead letter no stream takes is not terminated: the message is held and the publish retried
-//! with back-off, logged at WARN each time. Its `Nats-Msg-Id` is `idem-dead:<stream>:<seq>`, so
-//! a dead letter published twice (a lost `+TERM`) is kept once within the dead-letter stream's
-//! duplicate window. Each dead letter is logged at WARN with the scope, the redacted key and the
+//! with back-off, logged at WARN each time. Its `Nats-Msg-Id` is
+//! `idem-dead:<stream>:<consumer>:<seq>`, so a dead letter published twice by one consumer (a
+//! lost `+TERM`) is kept once within the dead-letter stream's duplicate window, while two
+//! consumers of one stream that give up on the same message each keep theirs. Each dead letter is logged at WARN with the scope, the redacted key and the
 //! reason; each retry at DEBUG.
 //!
 //! ## Metrics
