@@ -458,3 +458,28 @@ pub(crate) fn delivery_count(msg: &Message) -> Option<(u32, (String, String, u64
         ),
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failures_are_remembered_per_message_forgotten_once_settled_and_bounded() {
+        let f = Failures::default();
+        let id = |seq| ("S".to_owned(), "c".to_owned(), seq);
+        assert_eq!(f.get(&id(1)), 0);
+        f.record(id(1), 2);
+        assert_eq!(f.get(&id(1)), 2);
+        assert_eq!(f.get(&("S".to_owned(), "other".to_owned(), 1)), 0);
+        f.forget(&id(1));
+        assert_eq!(f.get(&id(1)), 0);
+        for seq in 0..MAX_REMEMBERED as u64 {
+            f.record(id(seq), 1);
+        }
+        f.record(id(u64::MAX), 1);
+        let seen = f.seen.lock().unwrap();
+        assert!(seen.len() <= MAX_REMEMBERED / 2 + 1, "{}", seen.len());
+        assert_eq!(seen.get(&id(u64::MAX)), Some(&1));
+        assert_eq!(seen.get(&id(0)), None);
+    }
+}
