@@ -60,10 +60,15 @@ pub(crate) fn dead_letter_headers(
         }
     }
     // Its own message id: a dead letter published again (the +TERM was lost, or the process died
-    // between the two) is dropped by the dead-letter stream's duplicate window.
+    // between the two) is dropped by the dead-letter stream's duplicate window. The consumer is
+    // part of it: two consumers of one stream that give up on the same message each keep theirs.
     out.insert(
         "Nats-Msg-Id",
-        format!("idem-dead:{}:{}", info.stream, info.stream_sequence).as_str(),
+        format!(
+            "idem-dead:{}:{}:{}",
+            info.stream, info.consumer, info.stream_sequence
+        )
+        .as_str(),
     );
     out.insert(headers::REASON, reason.as_str());
     out.insert(headers::DETAIL, reason.to_string().as_str());

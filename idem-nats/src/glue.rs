@@ -1,7 +1,9 @@
 //! [`Glue`]: one JetStream message, one idempotent call, one decision carried out.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::PullConsumer;
@@ -85,11 +87,52 @@ pub struct Glue {
     max_progress: Duration,
     dead_letter_subject: String,
     double_ack: bool,
+    failures: Arc<Failures>,
+}
+
+/// The handler failures this glue (and its clones) saw per message, keyed by stream, consumer
+/// and stream sequence: JetStream's `num_delivered` also counts the deliveries a consumer that
+/// died (or closed) returned unstarted after `ack_wait`, which are no failures.
+#[derive(Debug, Default)]
+struct Failures {
+    seen: Mutex<HashMap<(String, String, u64), u32>>,
+}
+
+/// At most this many messages are remembered (a message that failed here and was then delivered
+/// to another process is never settled here): past it, the oldest half is forgotten.
+const MAX_REMEMBERED: usize = 65_536;
+
+impl Failures {
+    fn get(&self, key: &(String, String, u64)) -> u32 {
+        self.seen
+            .lock()
+            .map_or(0, |seen| seen.get(key).copied().unwrap_or(0))
+    }
+
+    fn record(&self, key: (String, String, u64), failures: u32) {
+        if let Ok(mut seen) = self.seen.lock() {
+            if seen.len() >= MAX_REMEMBERED && !seen.contains_key(&key) {
+                // The lowest stream sequences are the oldest messages.
+                let mut seqs: Vec<u64> = seen.keys().map(|k| k.2).collect();
+                seqs.sort_unstable();
+                let cut = seqs[seqs.len() / 2];
+                seen.retain(|k, _| k.2 > cut);
+            }
+            seen.insert(key, failures);
+        }
+    }
+
+    fn forget(&self, key: &(String, String, u64)) {
+        if let Ok(mut seen) = self.seen.lock() {
+            seen.remove(key);
+        }
+    }
 }
 
 impl Glue {
-    /// The glue for `consumer`'s messages, with the consumer's `ack_wait` and `max_deliver` (as
-    /// its cached info has them) and the default [`Policy`]. Dead letters go to
+    /// The glue for `consumer`'s messages, with the consumer's `ack_wait` (as its cached info has
+    /// it; `max_deliver` is asked of the server again after each failure) and the default
+    /// [`Policy`]. Dead letters go to
     /// `idem.dead.<stream>`; progress is signalled every third of `ack_wait`.
     ///
     /// ```no_run
@@ -117,6 +160,7 @@ impl Glue {
             max_progress: Duration::from_secs(3600),
             dead_letter_subject: format!("idem.dead.{}", info.stream_name),
             double_ack: true,
+            failures: Arc::default(),
         }
     }
 
@@ -221,17 +265,17 @@ impl Glue {
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
-        let Some(delivered) = delivery_count(&msg) else {
+        let Some((delivered, id)) = delivery_count(&msg) else {
             tracing::warn!(
                 subject = %msg.subject,
                 "idem-nats: not a JetStream message (no ack subject): not run, not settled"
             );
             return Err(Error::NotJetStream);
         };
-        // The glue sends -NAK only after a handler failure and holds every other retry
-        // in-process, so each earlier delivery of this message was a failure (or a crash, or
-        // an ack_wait that passed): JetStream's count is the attempt number, nothing to subtract.
-        let attempt = delivered;
+        // JetStream's `num_delivered` also counts deliveries returned unstarted (a consumer that
+        // died holding its pull batch or a held duplicate): the failures are the ones the glue
+        // saw and `-NAK`ed, never more than the deliveries.
+        let attempt = self.failures.get(&id).saturating_add(1).min(delivered);
         let mut held = 0u32;
         let mut beat = Heartbeat::new(self.progress_every);
         loop {
@@ -250,13 +294,18 @@ impl Glue {
             match self.policy.decide(outcome, handler_ok, attempt, held) {
                 Decision::Ack => {
                     self.confirm(&msg, AckKind::Ack, "ack").await?;
+                    self.failures.forget(&id);
                     return Ok(Settled::Acked { outcome, held });
                 }
                 Decision::Retry {
                     after,
                     reason: RetryReason::HandlerFailed { attempt },
                 } => {
-                    if self.max_deliver.is_some_and(|max| delivered >= max) {
+                    if self
+                        .max_deliver(&msg)
+                        .await
+                        .is_some_and(|max| delivered >= max)
+                    {
                         // JetStream will not deliver it again: a -NAK would drop it silently.
                         let reason = DeadLetterReason::HandlerFailed { attempts: attempt };
                         return self
@@ -267,6 +316,7 @@ impl Glue {
                     msg.ack_with(AckKind::Nak(Some(after)))
                         .await
                         .map_err(Error::broker("nak"))?;
+                    self.failures.record(id, attempt);
                     return Ok(Settled::Redelivering { after, attempt });
                 }
                 Decision::Retry { after, reason } => {
@@ -338,7 +388,40 @@ impl Glue {
         }
         telemetry::dead_letter(reason, report, &self.dead_letter_subject, &stream, sequence);
         self.confirm(msg, AckKind::Term, "term").await?;
+        self.failures.forget(&(
+            info.stream.to_owned(),
+            info.consumer.to_owned(),
+            info.stream_sequence,
+        ));
         Ok(Settled::DeadLettered { reason })
+    }
+
+    /// The consumer's `max_deliver` as the server has it now (it may have been lowered since
+    /// [`Glue::new`]: the cached value would `-NAK` a last delivery, which JetStream then drops).
+    /// Asked only after a handler failure; when the server does not answer, the value known
+    /// last is used.
+    async fn max_deliver(&self, msg: &Message) -> Option<u32> {
+        let limit = |n: i64| u32::try_from(n).ok().filter(|&n| n > 0);
+        let Ok(info) = msg.info() else {
+            return self.max_deliver;
+        };
+        match msg
+            .context
+            .get_consumer_from_stream::<jetstream::consumer::Config, _, _>(
+                info.consumer,
+                info.stream,
+            )
+            .await
+        {
+            Ok(consumer) => limit(consumer.cached_info().config.max_deliver),
+            Err(e) => {
+                tracing::debug!(
+                    error = %e,
+                    "idem-nats: the consumer's info did not come: using its max_deliver known last"
+                );
+                self.max_deliver
+            }
+        }
     }
 
     /// `+ACK` or `+TERM`, confirmed by the server when [`double_ack`](Self::double_ack) is on.
@@ -361,8 +444,42 @@ impl Glue {
     }
 }
 
-/// How many times JetStream has delivered `msg` (1 the first time), from its ack subject.
-pub(crate) fn delivery_count(msg: &Message) -> Option<u32> {
+/// How many times JetStream has delivered `msg` (1 the first time), from its ack subject, and
+/// which message it is (stream, consumer, stream sequence).
+pub(crate) fn delivery_count(msg: &Message) -> Option<(u32, (String, String, u64))> {
     let info = msg.info().ok()?;
-    u32::try_from(info.delivered).ok().filter(|&n| n > 0)
+    let delivered = u32::try_from(info.delivered).ok().filter(|&n| n > 0)?;
+    Some((
+        delivered,
+        (
+            info.stream.to_owned(),
+            info.consumer.to_owned(),
+            info.stream_sequence,
+        ),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failures_are_remembered_per_message_forgotten_once_settled_and_bounded() {
+        let f = Failures::default();
+        let id = |seq| ("S".to_owned(), "c".to_owned(), seq);
+        assert_eq!(f.get(&id(1)), 0);
+        f.record(id(1), 2);
+        assert_eq!(f.get(&id(1)), 2);
+        assert_eq!(f.get(&("S".to_owned(), "other".to_owned(), 1)), 0);
+        f.forget(&id(1));
+        assert_eq!(f.get(&id(1)), 0);
+        for seq in 0..MAX_REMEMBERED as u64 {
+            f.record(id(seq), 1);
+        }
+        f.record(id(u64::MAX), 1);
+        let seen = f.seen.lock().unwrap();
+        assert!(seen.len() <= MAX_REMEMBERED / 2 + 1, "{}", seen.len());
+        assert_eq!(seen.get(&id(u64::MAX)), Some(&1));
+        assert_eq!(seen.get(&id(0)), None);
+    }
 }

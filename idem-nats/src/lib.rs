@@ -79,7 +79,7 @@
 //! |---|---|---|
 //! | `Executed` or `Replayed`, the future `Ok` (after the caller's commit); `Unreplayable`; no idempotent call and `Ok` | ack | `+ACK`, confirmed by the server (a double ack; [`Glue::double_ack`]) |
 //! | the future `Err` (the handler's, a commit that failed, a body that does not parse) or a panic, failure `n` | retry | `-NAK {"delay": backoff x 2^(n-1)}` |
-//! | failure `n` = `max_attempts`, or on the last delivery `max_deliver` allows | dead letter | published to the dead-letter subject, then `+TERM` |
+//! | failure `n` = `max_attempts`, or on the last delivery `max_deliver` allows (as the server has it now) | dead letter | published to the dead-letter subject, then `+TERM` |
 //! | in flight elsewhere; the store did not answer; the mark unsettled (lease lost, transaction aborted) | retry | **held in-process** with `+WPI`, the claim tried again after the policy's pause |
 //! | `Mismatch`, `Corrupt`, invalid key, not transactional, no store | dead letter | published to the dead-letter subject, then `+TERM` |
 //!
@@ -103,9 +103,8 @@
 //! With `-NAK`, a 2 s holder burned 5-6 deliveries per duplicate, and with `max_deliver = 5` it
 //! **lost all four** silently; the deliveries it spends would also have to be told apart from
 //! handler failures, which JetStream's count (`num_delivered`) cannot do and which would need
-//! state kept outside the message. Holding spends no delivery, so `num_delivered - 1` is
-//! exactly the number of earlier deliveries that failed (or crashed, or outlived `ack_wait`),
-//! with nothing to subtract. The cost of holding: the held message occupies a place of the
+//! state kept outside the message. Holding spends no delivery: the glue's own `-NAK`s are its
+//! failures only (see "Failures and `max_deliver`" for how they are counted). The cost of holding: the held message occupies a place of the
 //! consumer's concurrency (and of `max_ack_pending`) while it waits, so a strictly sequential
 //! loop stalls behind it (0 of 40 other orders meanwhile, above); settle concurrently and only
 //! one slot waits. The same latency either way (the policy's back-off). A combination (hold
@@ -127,14 +126,21 @@
 //!
 //! ## Failures and `max_deliver`
 //!
-//! The handler-failure count given to the policy is the message's `num_delivered` from its ack
-//! subject ([`Message::info`](async_nats::jetstream::Message::info)): the glue causes no
-//! deliveries of its own (it never `-NAK`s a deferral), so there is nothing to subtract. A
-//! redelivery after a crash or an `ack_wait` that passed counts as a failure (its run may have
-//! failed). `max_deliver` is read from the consumer's info: on the last delivery it allows, a
+//! The handler-failure count given to the policy is the number of failures the glue (or a clone
+//! of it) saw and `-NAK`ed for that message (stream, consumer, stream sequence), plus this one;
+//! never more than the message's `num_delivered`. `num_delivered` alone is not the count: it
+//! also counts the deliveries a consumer that died or closed returned unstarted once `ack_wait`
+//! passed (its pull batch, a duplicate it held), and a message whose handler never ran would
+//! be dead-lettered as if it had failed `max_attempts` times (the RabbitMQ glue does not count
+//! such returns either). The count is kept in the process (at most 65,536 messages, the oldest
+//! half forgotten past it): a failure seen by another process, or before a restart, is not
+//! counted here, so a message that fails on several processes can run up to `max_attempts`
+//! times on each, and a message that kills every process it reaches is bounded only by
+//! `max_deliver`. `max_deliver` is asked of the server (the consumer's info) after each
+//! failure, so a limit lowered under a running glue is seen; on the last delivery it allows, a
 //! failure is dead-lettered instead of `-NAK`ed (JetStream would drop it). Give the consumer
-//! `max_deliver` = -1 (unlimited, the default) or at least the policy's `max_attempts`, and let
-//! the policy dead-letter.
+//! `max_deliver` = -1 (unlimited) or at least the policy's `max_attempts`, and let the policy
+//! dead-letter; a finite `max_deliver` bounds a message that crashes its consumers.
 //!
 //! ## Dead letters
 //!
@@ -144,9 +150,10 @@
 //! not capture it), with the [`headers`] saying why, where from and after how many deliveries
 //! (never the key), waits for that stream's acknowledgement, and only then sends `+TERM`. A
 //! dead letter no stream takes is not terminated: the message is held and the publish retried
-//! with back-off, logged at WARN each time. Its `Nats-Msg-Id` is `idem-dead:<stream>:<seq>`, so
-//! a dead letter published twice (a lost `+TERM`) is kept once within the dead-letter stream's
-//! duplicate window. Each dead letter is logged at WARN with the scope, the redacted key and the
+//! with back-off, logged at WARN each time. Its `Nats-Msg-Id` is
+//! `idem-dead:<stream>:<consumer>:<seq>`, so a dead letter published twice by one consumer (a
+//! lost `+TERM`) is kept once within the dead-letter stream's duplicate window, while two
+//! consumers of one stream that give up on the same message each keep theirs. Each dead letter is logged at WARN with the scope, the redacted key and the
 //! reason; each retry at DEBUG.
 //!
 //! ## Metrics

@@ -17,8 +17,9 @@ pub enum Error {
         source: lapin::Error,
     },
     /// The broker did not take the copy the decision needed (a publisher nack, or the copy was
-    /// returned as unroutable: its queue does not exist). The original was not acked; it was
-    /// handed back to the queue (`basic.nack` with requeue) so that it is not held forever.
+    /// returned as unroutable again after the glue had declared its queue anew). The original was
+    /// not acked; it was handed back to the queue (`basic.nack` with requeue) so that it is not
+    /// held forever.
     #[error("RabbitMQ did not confirm the copy for `{queue}` ({why}); the original was requeued")]
     NotConfirmed {
         /// The queue the copy was meant for.

@@ -65,8 +65,9 @@ fn as_u32(v: &AMQPValue) -> Option<u32> {
 }
 
 /// The properties of a copy: the original's, with the broker's per-copy headers removed (they
-/// describe the original's trips, and a quorum queue would read a stale `x-delivery-count`) and
-/// `extra` set.
+/// describe the original's trips, and a quorum queue would read a stale `x-delivery-count`),
+/// `extra` set, and always persistent (`delivery_mode` 2): once the original is acked the copy
+/// is the only one, and a transient message in a classic queue does not survive a restart.
 pub(crate) fn copy_properties(
     original: &BasicProperties,
     keep_death: bool,
@@ -88,8 +89,14 @@ pub(crate) fn copy_properties(
     for (name, value) in extra {
         headers.insert((*name).into(), value.clone());
     }
-    original.clone().with_headers(FieldTable::from(headers))
+    original
+        .clone()
+        .with_headers(FieldTable::from(headers))
+        .with_delivery_mode(PERSISTENT)
 }
+
+/// AMQP's `delivery_mode` of a persistent message.
+const PERSISTENT: u8 = 2;
 
 pub(crate) fn count(n: u32) -> AMQPValue {
     AMQPValue::LongLongInt(n.into())
@@ -135,6 +142,7 @@ mod tests {
         let names: Vec<_> = headers.inner().keys().map(|k| k.as_str()).collect();
         assert_eq!(names, ["order", FAILURES]);
         assert_eq!(copy.message_id().as_ref().unwrap().as_str(), "m-1");
+        assert_eq!(*copy.delivery_mode(), Some(PERSISTENT));
         let dead = copy_properties(&original, true, &[]);
         assert!(dead.headers().as_ref().unwrap().contains_key("x-death"));
     }

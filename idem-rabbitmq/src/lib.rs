@@ -62,7 +62,18 @@
 //! | dead letter (mismatch, corrupt record, invalid key, misconfigured store, out of attempts) | publish a copy with `x-idem-reason` to `q.dead-letter`, wait for the confirm, then `basic.ack` the original; one WARN line |
 //!
 //! The copy is confirmed before the original is acked, so a crash between the two leaves both
-//! (a duplicate, which idem answers), never neither.
+//! (a duplicate, which idem answers), never neither. Every copy is published persistent
+//! (`delivery_mode` 2) whatever the original was: once the original is acked the copy is the only
+//! one, and a transient message in a classic delay or dead-letter queue would not survive a broker
+//! restart.
+//!
+//! **A delay or dead-letter queue that is gone** (deleted by an operator, or by an `expires`
+//! policy on idle queues: the delay queues are idle most of the time) returns the copy as
+//! unroutable. The glue then declares that queue again and publishes the copy once more; only
+//! that second copy's confirm lets it ack the original. Should the broker still not take it, the
+//! original is never acked: it is handed back (`basic.nack` with requeue) and `settle` returns
+//! [`Error::NotConfirmed`], so nothing is dropped and no deferral bounces without its pause while
+//! the queue can be declared.
 //!
 //! **Counting failures.** The handler's failures travel on the copies, in the glue's own header
 //! `x-idem-failures`, on classic and quorum queues alike (a copy is a new message for the broker:

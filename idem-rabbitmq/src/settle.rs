@@ -132,7 +132,8 @@ impl Glue {
                     }
                 }
                 let dlq = self.inner.topology.dead_letter_queue().to_owned();
-                self.publish_copy(delivery, &dlq, true, &extra).await?;
+                self.publish_copy(delivery, &dlq, Target::DeadLetter, &extra)
+                    .await?;
                 ack(delivery).await?;
                 tracing::warn!(
                     broker = "rabbitmq",
@@ -198,7 +199,8 @@ impl Glue {
             (headers::FAILURES, headers::count(failures)),
             (headers::DEFERRALS, headers::count(deferrals)),
         ];
-        self.publish_copy(delivery, &queue, false, &extra).await?;
+        self.publish_copy(delivery, &queue, Target::Delay(ttl), &extra)
+            .await?;
         ack(delivery).await?;
         #[cfg(feature = "metrics")]
         metrics::counter!(
@@ -226,41 +228,34 @@ impl Glue {
     }
 
     /// Publish a copy of `delivery` to `queue` through the default exchange and wait for the
-    /// broker's confirm. Unconfirmed (nack, or returned as unroutable): the original is requeued,
-    /// so it is neither lost nor held by this channel forever.
+    /// broker's confirm. A copy returned as unroutable means its queue is gone (deleted by an
+    /// operator, or by an `expires` policy on idle queues): the glue declares the queue again and
+    /// publishes once more. Still unconfirmed (a nack, or returned again): the original is
+    /// requeued, so it is neither lost nor held by this channel forever, and never acked.
     async fn publish_copy(
         &self,
         delivery: &Delivery,
         queue: &str,
-        keep_death: bool,
+        target: Target,
         extra: &[(&str, AMQPValue)],
     ) -> Result<(), Error> {
-        let properties = headers::copy_properties(&delivery.properties, keep_death, extra);
-        let confirm = self
-            .inner
-            .channel
-            .basic_publish(
-                "".into(),
-                queue.into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..BasicPublishOptions::default()
-                },
-                &delivery.data,
-                properties,
-            )
-            .await
-            .map_err(Error::broker("basic.publish"))?
-            .await
-            .map_err(Error::broker("publisher confirm"))?;
-        let why = match confirm {
-            Confirmation::Ack(None) => return Ok(()),
-            Confirmation::Ack(Some(_)) => "returned",
-            Confirmation::Nack(_) => "nack",
-            // The glue's channel is in confirm mode; if it were not, nothing proves the copy
-            // arrived.
-            Confirmation::NotRequested => "not confirmed",
-        };
+        let properties = headers::copy_properties(
+            &delivery.properties,
+            matches!(target, Target::DeadLetter),
+            extra,
+        );
+        let mut why = self.try_publish(delivery, queue, &properties).await?;
+        if why == Some("returned") {
+            tracing::warn!(
+                broker = "rabbitmq",
+                queue = self.inner.topology.queue(),
+                copy_for = queue,
+                "the copy was returned as unroutable: declaring its queue again"
+            );
+            self.declare_again(queue, target).await?;
+            why = self.try_publish(delivery, queue, &properties).await?;
+        }
+        let Some(why) = why else { return Ok(()) };
         let requeue = BasicNackOptions {
             requeue: true,
             ..BasicNackOptions::default()
@@ -278,6 +273,67 @@ impl Glue {
             why,
         })
     }
+
+    /// One confirmed publish: `None` once the broker has the copy, else why not.
+    async fn try_publish(
+        &self,
+        delivery: &Delivery,
+        queue: &str,
+        properties: &lapin::BasicProperties,
+    ) -> Result<Option<&'static str>, Error> {
+        let confirm = self
+            .inner
+            .channel
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                &delivery.data,
+                properties.clone(),
+            )
+            .await
+            .map_err(Error::broker("basic.publish"))?
+            .await
+            .map_err(Error::broker("publisher confirm"))?;
+        Ok(match confirm {
+            Confirmation::Ack(None) => None,
+            Confirmation::Ack(Some(_)) => Some("returned"),
+            Confirmation::Nack(_) => Some("nack"),
+            // The glue's channel is in confirm mode; if it were not, nothing proves the copy
+            // arrived.
+            Confirmation::NotRequested => Some("not confirmed"),
+        })
+    }
+
+    /// Declare the queue of a copy that came back unroutable: it was deleted after the glue
+    /// declared it.
+    async fn declare_again(&self, queue: &str, target: Target) -> Result<(), Error> {
+        match target {
+            Target::DeadLetter => {
+                self.inner
+                    .topology
+                    .declare_dead_letter(&self.inner.channel)
+                    .await
+            }
+            Target::Delay(ttl) => {
+                if let Ok(mut d) = self.inner.declared.lock() {
+                    d.remove(queue);
+                }
+                self.ensure_delay_queue(queue, ttl).await
+            }
+        }
+    }
+}
+
+/// Where a copy goes: a delay queue of that TTL, or the dead-letter queue (which keeps the
+/// broker's `x-death` history).
+#[derive(Debug, Clone, Copy)]
+enum Target {
+    Delay(Duration),
+    DeadLetter,
 }
 
 /// The failures to record on a dead letter.
