@@ -355,7 +355,7 @@ async fn list(
             .collect();
         println!("{}", json!({"scope": scope, "keys": keys, "next": cursor}));
     } else {
-        println!("{:<10} {:>7}  KEY", "STATE", "FENCE");
+        println!("{:<10} {:>16}  KEY", "STATE", "FENCE");
         for r in &records {
             let fence = match &r.state {
                 KeyState::InFlight { fence, .. } | KeyState::Free { fence, .. } => {
@@ -364,7 +364,7 @@ async fn list(
                 KeyState::Done { fence, .. } => fence.map_or("-".to_owned(), |f| f.to_string()),
                 _ => "-".to_owned(),
             };
-            println!("{:<10} {:>7}  {}", r.state.name(), fence, r.key);
+            println!("{:<10} {:>16}  {}", r.state.name(), fence, r.key);
         }
         match &cursor {
             Some(c) => println!(
