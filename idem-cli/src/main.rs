@@ -9,6 +9,7 @@
 //! idem forget coupons 1001                  # the next delivery of 1001 runs again
 //! idem release coupons 1004 --force         # free a key whose holder is stuck
 //! idem migrate --store postgres://postgres@127.0.0.1/app
+//! idem purge --store postgres://postgres@127.0.0.1/app  # expired rows
 //! ```
 //!
 //! # Keys
@@ -140,6 +141,13 @@ enum Command {
     },
     /// Create or upgrade a SQL store's table (a SQLite file is created if missing).
     Migrate,
+    /// Delete a SQL store's expired rows (released keys, lapsed leases, done records past their
+    /// `keep`), in short batches; Redis expires its records itself.
+    Purge {
+        /// The most rows one statement deletes.
+        #[arg(long, default_value_t = 1000)]
+        batch: u32,
+    },
 }
 
 /// `--state` of `list`.
@@ -299,6 +307,15 @@ async fn execute(cli: &Cli) -> Result<u8, Failure> {
             Ok(report_change(cli, "release", scope, key, &changed))
         }
         Command::Migrate => migrate(cli, &store).await,
+        Command::Purge { batch } => {
+            let deleted = timed(store.purge(*batch)).await?;
+            match (cli.json, deleted) {
+                (true, n) => println!("{}", json!({"purged": n})),
+                (false, Some(n)) => println!("purged: {n} expired rows deleted"),
+                (false, None) => println!("nothing to purge: Redis expires its records itself"),
+            }
+            Ok(0)
+        }
     }
 }
 
@@ -368,13 +385,23 @@ async fn list(
         }
         match &cursor {
             Some(c) => println!(
-                "({} keys; more: idem list {scope} --cursor '{c}')",
-                records.len()
+                "({} {}; more: idem list {scope} --cursor '{c}')",
+                records.len(),
+                plural(records.len(), "key")
             ),
-            None => println!("({} keys)", records.len()),
+            None => println!("({} {})", records.len(), plural(records.len(), "key")),
         }
     }
     Ok(0)
+}
+
+/// `key` or `keys`.
+fn plural(n: usize, word: &str) -> String {
+    if n == 1 {
+        word.to_owned()
+    } else {
+        format!("{word}s")
+    }
 }
 
 /// Print what `forget`/`release` did; its exit code.

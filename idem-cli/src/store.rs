@@ -81,6 +81,19 @@ impl AnyStore {
     }
 }
 
+impl AnyStore {
+    /// Delete a SQL store's expired rows, `batch` per statement; how many (`None` for Redis,
+    /// whose records expire by themselves).
+    pub(crate) async fn purge(&self, batch: u32) -> Result<Option<u64>, StoreError> {
+        match self {
+            AnyStore::Redis(_) => Ok(None),
+            AnyStore::Postgres(s) => s.purge(batch).await.map(Some),
+            AnyStore::MySql(s) => s.purge(batch).await.map(Some),
+            AnyStore::Sqlite(s) => s.purge(batch).await.map(Some),
+        }
+    }
+}
+
 /// The URL with the password (if any) replaced by `***`, for messages.
 pub(crate) fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {

@@ -191,6 +191,9 @@ async fn redis_with_prefix() {
     assert_eq!(code(&found), 0, "{found:?}");
     // Under the default prefix the key is not there.
     assert_eq!(code(&idem(&url, &["inspect", &scope, "5"])), 1);
+    let out = idem(&url, &["purge", "--json"]);
+    assert_eq!(code(&out), 0, "{out:?}");
+    assert_eq!(stdout_json(&out)["purged"], Value::Null);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -252,6 +255,23 @@ async fn sqlite() {
     let store = idem_runtime::SqliteStore::open(&path).await.unwrap();
     let url = format!("sqlite://{}", path.display());
     scenario(&url, "sqlite", &store).await;
+
+    // purge deletes a done record past its keep (the shortest keep is 1 s).
+    let scope = unique_scope("sqlite-purge");
+    let opts = Options::with_scope(scope.clone()).keep(Duration::from_secs(1));
+    run(&store, &opts, Call::new(&1u64), || async {
+        Ok::<u32, Error>(1)
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let out = idem(&url, &["purge", "--json"]);
+    assert_eq!(code(&out), 0, "{out:?}");
+    assert!(
+        stdout_json(&out)["purged"].as_u64().unwrap() >= 1,
+        "{out:?}"
+    );
+    assert_eq!(code(&idem(&url, &["inspect", &scope, "1"])), 1);
     drop(store);
     std::fs::remove_dir_all(dir).ok();
 }
