@@ -28,7 +28,9 @@ async fn inner(
     key: String,
     insert: String,
 ) -> Result<u32, AppError> {
-    sqlx::query(AssertSqlSafe(insert)).execute(&mut **tx).await?;
+    sqlx::query(AssertSqlSafe(insert))
+        .execute(&mut **tx)
+        .await?;
     Ok(1)
 }
 
@@ -81,7 +83,11 @@ async fn a_nested_call_in_run_in_tx_is_counted_executed_although_the_outer_commi
     .fetch_one(&pool)
     .await
     .unwrap();
-    for t in [coupons.clone(), table.clone(), format!("{table}_migrations")] {
+    for t in [
+        coupons.clone(),
+        table.clone(),
+        format!("{table}_migrations"),
+    ] {
         sqlx::raw_sql(AssertSqlSafe(format!("DROP TABLE IF EXISTS {t}")))
             .execute(&pool)
             .await
@@ -92,7 +98,11 @@ async fn a_nested_call_in_run_in_tx_is_counted_executed_although_the_outer_commi
         "{out:?}"
     );
     assert_eq!(report.map(|r| r.outcome), Some(CallOutcome::CommitFailed));
-    assert_eq!((rows, inner_done), (0, 0), "the commit failed: nothing is kept");
+    assert_eq!(
+        (rows, inner_done),
+        (0, 0),
+        "the commit failed: nothing is kept"
+    );
     let mut counts: HashMap<(String, String), u64> = HashMap::new();
     for (key, _, _, value) in snapshotter.snapshot().into_vec() {
         let key = key.key();
@@ -101,7 +111,10 @@ async fn a_nested_call_in_run_in_tx_is_counted_executed_although_the_outer_commi
         }
         let labels: HashMap<_, _> = key.labels().map(|l| (l.key(), l.value())).collect();
         if let DebugValue::Counter(n) = value {
-            counts.insert((labels["scope"].to_owned(), labels["outcome"].to_owned()), n);
+            counts.insert(
+                (labels["scope"].to_owned(), labels["outcome"].to_owned()),
+                n,
+            );
         }
     }
     let inner_executed = counts

@@ -22,8 +22,7 @@ enum AppError {
 
 #[tokio::test]
 async fn shadow_mode_mark_failure_in_run_in_tx_leaves_the_claim_committed_in_flight() {
-    let path =
-        std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("idem-shadow-tx-mark.sqlite");
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("idem-shadow-tx-mark.sqlite");
     let _ = std::fs::remove_file(&path);
     let pool = SqlitePoolOptions::new()
         .max_connections(2)
@@ -60,18 +59,27 @@ async fn shadow_mode_mark_failure_in_run_in_tx_leaves_the_claim_committed_in_fli
     }))
     .await;
     set_shadow(false);
-    assert_eq!(out.unwrap(), 1, "shadow mode answers the handler's Ok");
+    // The writes go with the mark, in shadow mode too: an error, and nothing kept (a redelivery
+    // is then the handler's one run).
+    assert!(
+        matches!(out, Err(AppError::Idem(Error::Unavailable { .. }))),
+        "{out:?}"
+    );
     let report = report.map(|r| r.outcome);
     let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM coupons")
         .fetch_one(&pool)
         .await
         .unwrap();
-    assert_eq!(rows, 1, "shadow mode keeps the writes");
-    let pending: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM idem_keys WHERE idem_key = 'order-1' AND state = 1")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    assert_eq!(
+        rows, 0,
+        "an error answered: nothing of the handler's is kept"
+    );
+    let pending: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM idem_keys WHERE idem_key = 'order-1' AND state = 1",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
     // Shadow mode off, the database fixed: the message comes again.
     sqlx::raw_sql("DROP TRIGGER mark_refused_u; DROP TRIGGER mark_refused_i;")
         .execute(&pool)
@@ -82,6 +90,11 @@ async fn shadow_mode_mark_failure_in_run_in_tx_leaves_the_claim_committed_in_fli
             Box::pin(async move { Ok::<u32, AppError>(2) })
         })
         .await;
+    assert_eq!(
+        again.as_ref().ok(),
+        Some(&2),
+        "the redelivery runs: {again:?}"
+    );
     assert_eq!(
         pending, 0,
         "the shadowed call ({report:?}) said the key was given back, but its claim committed \

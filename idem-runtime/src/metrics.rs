@@ -21,11 +21,25 @@ use crate::{Key, Options, Phase};
 /// the call's span.
 #[inline]
 pub(crate) fn record(opts: &Options, outcome: CallOutcome, key: Option<&Key>, fence: Option<u64>) {
+    note(opts, outcome, key, fence);
+    count(opts, outcome);
+}
+
+/// Hand the report to an enclosing `observe` and note the outcome on the call's span.
+#[inline]
+pub(crate) fn note(opts: &Options, outcome: CallOutcome, key: Option<&Key>, fence: Option<u64>) {
     observe::deliver(opts, outcome, key, fence);
     let span = tracing::Span::current();
     if !span.is_disabled() {
         span.record("outcome", outcome.as_str());
     }
+}
+
+/// Count one finished call (`idem_calls_total`, and the counters its outcome implies).
+#[inline]
+pub(crate) fn count(opts: &Options, outcome: CallOutcome) {
+    #[cfg(not(feature = "metrics"))]
+    let _ = (opts, outcome);
     #[cfg(feature = "metrics")]
     {
         ::metrics::counter!("idem_calls_total", "scope" => scope(opts), "outcome" => outcome.as_str())

@@ -30,7 +30,7 @@ pub(crate) use finish::{Finish, release, release_later};
 use tracing::Instrument;
 
 #[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
-pub(crate) use tx::{Marked, Owned, claim_outside, execute_tx};
+pub(crate) use tx::{Marked, NESTED, Owned, claim_outside, execute_tx};
 pub use tx::{TxConnection, run_tx_future, tx_access};
 
 /// The return type of an idempotent handler: `Result<T, E>`, where `T` is stored and replayed and

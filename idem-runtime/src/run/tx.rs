@@ -42,7 +42,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::{
     CatchUnwind, Claimant, Finish, Granted, Refusal, call_span, claim, confirm, encode_output,
-    lift, mark_shadowed, record_key, release_later, request, shadowed, store_error, taken_over,
+    lift, record_key, release_later, request, shadowed, store_error, taken_over,
 };
 use crate::lease::{self, Held, Outside};
 use crate::observe::CallOutcome;
@@ -169,6 +169,13 @@ pub(crate) struct Marked {
     pub(crate) lease: Lease,
     pub(crate) output: Arc<[u8]>,
     pub(crate) keep: std::time::Duration,
+}
+
+tokio::task_local! {
+    /// Inside `run_in_tx`'s handler, whose commit is not known yet: the first runs of the
+    /// transactional calls nested in it (on its task), counted once it is (`Executed` if it
+    /// commits, `CommitFailed` if not: their marks and writes went with it).
+    pub(crate) static NESTED: std::cell::RefCell<Vec<Options>>;
 }
 
 /// What `execute_tx` tells a caller that owns the commit (`run_in_tx`): the mark to copy once
@@ -373,34 +380,22 @@ where
             match owner {
                 // The outcome is the commit's, recorded by the owner.
                 Some(owner) => owner.marked = Some(marked),
-                None => metrics::record(opts, CallOutcome::Executed, Some(key), fence),
+                None => {
+                    metrics::note(opts, CallOutcome::Executed, Some(key), fence);
+                    // Nested in `run_in_tx`: counted once its commit is known.
+                    if NESTED
+                        .try_with(|n| n.borrow_mut().push(opts.clone()))
+                        .is_err()
+                    {
+                        metrics::count(opts, CallOutcome::Executed);
+                    }
+                }
             }
             R::from_result(Ok(value))
         }
-        Err(e) if crate::shadow() => {
-            // Shadow mode: the handler's writes stay, as they would without idem; only the
-            // key is given back.
-            tracing::error!(scope, key = %key, error = %e, "the done mark could not be written in the handler's transaction (shadow mode: its writes are kept)");
-            if let Err(e) = txs.release_savepoint_in(as_tx(tx).0, &savepoint).await {
-                tracing::debug!(scope, key = %key, error = %e, "savepoint not released");
-            }
-            if !matches!(e, crate::StoreError::LeaseLost) {
-                free_key(
-                    txs,
-                    as_tx(tx).0,
-                    renewer.as_ref(),
-                    scope,
-                    key,
-                    &lease,
-                    opts.ttl,
-                )
-                .await;
-            }
-            if let Some(owner) = owner {
-                owner.commit = true;
-            }
-            mark_shadowed(opts, key, fence, value)
-        }
+        // Shadow mode too: the writes go with the mark (a database that failed the mark may
+        // have aborted the transaction, PostgreSQL always does), and the error says so. Unlike
+        // the plain form, nothing of the handler's happened, so its redelivery is its one run.
         Err(e) => {
             tracing::error!(scope, key = %key, error = %e, "the done mark could not be written in the handler's transaction: its writes are rolled back");
             let undone = txs.rollback_to_savepoint_in(as_tx(tx).0, &savepoint).await;

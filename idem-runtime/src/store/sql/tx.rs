@@ -3,6 +3,7 @@
 //! begin and commit the transaction themselves.
 
 use std::any::Any;
+use std::cell::RefCell;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -14,7 +15,7 @@ use super::sealed::{At, Claim};
 use super::{Backend, DONE, SqlStore, db_error, micros, stored_scope};
 use crate::observe::CallOutcome;
 use crate::run::{
-    Marked, Owned, TxConnection, claim_outside, execute_tx, lift, release, release_later,
+    Marked, NESTED, Owned, TxConnection, claim_outside, execute_tx, lift, release, release_later,
 };
 use crate::store::{Begin, BeginRequest, Lease, Store, TxStore};
 use crate::{
@@ -305,7 +306,7 @@ where
         unrun.armed = false;
     }
     let mut owned = Owned::default();
-    let out = execute_tx(
+    let run = execute_tx(
         store,
         txs,
         opts,
@@ -315,12 +316,30 @@ where
         <Transaction<'static, DB> as TxConnection>::as_tx,
         move |tx| async move { (handler(&mut *tx).await, tx) },
         Some(&mut owned),
-    )
-    .await;
+    );
+    let (out, nested) = NESTED
+        .scope(RefCell::new(Vec::new()), async {
+            let out = run.await;
+            (out, NESTED.with(|n| n.take()))
+        })
+        .await;
+    // The first runs nested in this one are counted with its commit.
+    let settle_nested = |committed: bool| {
+        for opts in &nested {
+            let outcome = if committed {
+                CallOutcome::Executed
+            } else {
+                CallOutcome::CommitFailed
+            };
+            crate::metrics::count(opts, outcome);
+        }
+    };
     let Some(done) = owned.marked else {
         if owned.commit {
             // Shadow mode, and the handler returned `Ok`: its writes commit, as without idem.
-            return match tx.commit().await {
+            let committed = tx.commit().await;
+            settle_nested(committed.is_ok());
+            return match committed {
                 Ok(()) => (out, None),
                 Err(e) => {
                     let e = Error::Unavailable {
@@ -335,10 +354,13 @@ where
         if let Err(e) = tx.rollback().await {
             tracing::debug!(error = %e, "rollback failed; the database rolls back on its side");
         }
+        settle_nested(false);
         return (out, None);
     };
     let fence = Some(done.lease.fence);
-    match tx.commit().await {
+    let committed = tx.commit().await;
+    settle_nested(committed.is_ok());
+    match committed {
         Ok(()) => {
             crate::metrics::record(opts, CallOutcome::Executed, Some(&done.key), fence);
             (out, Some(done))
