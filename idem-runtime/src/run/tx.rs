@@ -314,7 +314,7 @@ where
     // writes went with it, whatever it returned. It must not mark, nor may the calls around it.
     let result = match result {
         Ok(_) if held.is_aborted() => {
-            metrics::record(opts, CallOutcome::TransactionAborted, Some(key), fence);
+            // Recorded once, by `aborted`.
             release_nested(&held);
             if let Some(renewer) = &renewer {
                 release_in(txs, as_tx(tx).0, renewer, scope, key, &lease, opts.ttl).await;
@@ -332,7 +332,6 @@ where
         Err(e) => {
             // The handler's writes go (and a claim made in the transaction with them), and the
             // key is free: a caller that commits anyway commits nothing of the handler's.
-            metrics::record(opts, CallOutcome::HandlerError, Some(key), fence);
             let undone = txs.rollback_to_savepoint_in(as_tx(tx).0, &savepoint).await;
             release_nested(&held);
             free_key(
@@ -349,6 +348,7 @@ where
             if let Err(e) = undone {
                 return aborted(txs, as_tx(tx).0, opts, key, e).await;
             }
+            metrics::record(opts, CallOutcome::HandlerError, Some(key), fence);
             return R::from_result(Err(e));
         }
     };
