@@ -68,6 +68,11 @@ struct Cli {
     /// Print JSON (one object) instead of text.
     #[arg(long, global = true)]
     json: bool,
+    /// Print keys (and `list`'s cursor, which holds a key) in clear text. Without it, keys are
+    /// printed in the runtime's redacted form, `redacted:<12 hex>` (keys are often personal
+    /// data; `IDEM_REDACTION_KEY` makes the form match the services' logs).
+    #[arg(long, global = true)]
+    reveal: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -212,6 +217,8 @@ fn main() -> ExitCode {
             return ExitCode::from(if usage { EXIT_USAGE } else { 0 });
         }
     };
+    // Keys print through `Key`'s `Display`: redacted unless --reveal.
+    idem_runtime::reveal_keys(cli.reveal);
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -263,11 +270,12 @@ async fn execute(cli: &Cli) -> Result<u8, Failure> {
     let ops = store.ops();
     match &cli.command {
         Command::Inspect { scope, key } => {
-            let state = timed(ops.inspect(scope, &key_of(key)?)).await?;
+            let key = key_of(key)?;
+            let state = timed(ops.inspect(scope, &key)).await?;
             if cli.json {
                 println!(
                     "{}",
-                    json!({"scope": scope, "key": key, "state": state_json(&state)})
+                    json!({"scope": scope, "key": key.to_string(), "state": state_json(&state)})
                 );
             } else {
                 println!("scope: {scope}\nkey:   {key}");
@@ -299,12 +307,14 @@ async fn execute(cli: &Cli) -> Result<u8, Failure> {
             Ok(0)
         }
         Command::Forget { scope, key, force } => {
-            let changed = timed(ops.forget(scope, &key_of(key)?, *force)).await?;
-            Ok(report_change(cli, "forget", scope, key, &changed))
+            let key = key_of(key)?;
+            let changed = timed(ops.forget(scope, &key, *force)).await?;
+            Ok(report_change(cli, "forget", scope, &key, &changed))
         }
         Command::Release { scope, key, force } => {
-            let changed = timed(ops.release_stuck(scope, &key_of(key)?, *force)).await?;
-            Ok(report_change(cli, "release", scope, key, &changed))
+            let key = key_of(key)?;
+            let changed = timed(ops.release_stuck(scope, &key, *force)).await?;
+            Ok(report_change(cli, "release", scope, &key, &changed))
         }
         Command::Migrate => migrate(cli, &store).await,
         Command::Purge { batch } => {
@@ -365,12 +375,18 @@ async fn list(
         }
     }
     records.truncate(limit);
+    // The cursor holds the last key's text: shown only with --reveal.
+    let more = cursor.is_some();
+    let cursor = cursor.filter(|_| cli.reveal);
     if cli.json {
         let keys: Vec<Value> = records
             .iter()
-            .map(|r| json!({"key": r.key, "state": state_json(&r.state)}))
+            .map(|r| json!({"key": shown_key(&r.key, cli.reveal), "state": state_json(&r.state)}))
             .collect();
-        println!("{}", json!({"scope": scope, "keys": keys, "next": cursor}));
+        println!(
+            "{}",
+            json!({"scope": scope, "keys": keys, "more": more, "next": cursor})
+        );
     } else {
         println!("{:<10} {:>16}  KEY", "STATE", "FENCE");
         for r in &records {
@@ -381,18 +397,37 @@ async fn list(
                 KeyState::Done { fence, .. } => fence.map_or("-".to_owned(), |f| f.to_string()),
                 _ => "-".to_owned(),
             };
-            println!("{:<10} {:>16}  {}", r.state.name(), fence, r.key);
+            println!(
+                "{:<10} {:>16}  {}",
+                r.state.name(),
+                fence,
+                shown_key(&r.key, cli.reveal)
+            );
         }
+        let n = records.len();
         match &cursor {
             Some(c) => println!(
-                "({} {}; more: idem list {scope} --cursor '{c}')",
-                records.len(),
-                plural(records.len(), "key")
+                "({n} {}; more: idem list {scope} --reveal --cursor '{c}')",
+                plural(n, "key")
             ),
-            None => println!("({} {})", records.len(), plural(records.len(), "key")),
+            None if more => println!(
+                "({n} {}; more: the cursor holds a key, so `--reveal` prints it)",
+                plural(n, "key")
+            ),
+            None => println!("({n} {})", plural(n, "key")),
         }
     }
     Ok(0)
+}
+
+/// A key the store listed: its text with `--reveal`, else its `Key`'s redacted `Display`. (A key
+/// kept as `sha256:<hex>` is redacted as that text, so its form differs from the runtime's logs.)
+fn shown_key(text: &str, reveal: bool) -> String {
+    if reveal {
+        return text.to_owned();
+    }
+    Key::from_text(text.to_owned())
+        .map_or_else(|_| "redacted:(not a key)".to_owned(), |k| k.to_string())
 }
 
 /// `key` or `keys`.
@@ -405,7 +440,7 @@ fn plural(n: usize, word: &str) -> String {
 }
 
 /// Print what `forget`/`release` did; its exit code.
-fn report_change(cli: &Cli, op: &str, scope: &str, key: &str, changed: &Changed) -> u8 {
+fn report_change(cli: &Cli, op: &str, scope: &str, key: &Key, changed: &Changed) -> u8 {
     let (result, code) = match changed {
         Changed::Freed { .. } => ("freed", 0),
         Changed::NotFound => ("not_found", EXIT_NOT_FOUND),
@@ -413,7 +448,7 @@ fn report_change(cli: &Cli, op: &str, scope: &str, key: &str, changed: &Changed)
         _ => ("unknown", EXIT_STORE),
     };
     if cli.json {
-        let mut v = json!({"op": op, "scope": scope, "key": key, "result": result});
+        let mut v = json!({"op": op, "scope": scope, "key": key.to_string(), "result": result});
         match changed {
             Changed::Freed { fence } => v["fence"] = json!(fence),
             Changed::Refused { state } => v["state"] = state_json(state),

@@ -81,12 +81,19 @@ where
     assert_eq!(code(&out), 0, "{out:?}");
     assert_eq!(stdout_json(&out)["counts"]["done"], 1);
 
-    let out = idem(url, &["list", &scope, "--state", "done", "--json"]);
+    let out = idem(
+        url,
+        &["list", &scope, "--state", "done", "--json", "--reveal"],
+    );
     assert_eq!(code(&out), 0, "{out:?}");
     let v = stdout_json(&out);
     let keys = v["keys"].as_array().unwrap();
     assert_eq!(keys.len(), 1, "{v}");
     assert_eq!(keys[0]["key"], "1001");
+    // Without --reveal, the key is redacted.
+    let v = stdout_json(&idem(url, &["list", &scope, "--state", "done", "--json"]));
+    let shown = v["keys"][0]["key"].as_str().unwrap().to_owned();
+    assert!(shown.starts_with("redacted:"), "{v}");
 
     // A duplicate replays; forgotten, the next delivery runs again.
     assert_eq!(deliver().await.unwrap(), 7);
@@ -133,9 +140,20 @@ where
             assert_eq!(code(&idem(&url, &["forget", &scope, "order-1004"])), 2);
             let list = stdout_json(&idem(
                 &url,
-                &["list", &scope, "--state", "in-flight", "--json"],
+                &["list", &scope, "--state", "in-flight", "--json", "--reveal"],
             ));
             assert_eq!(list["keys"][0]["key"], "order-1004", "{list}");
+            let text = idem(&url, &["list", &scope, "--state", "in-flight"]);
+            let text = String::from_utf8_lossy(&text.stdout);
+            assert!(!text.contains("order-1004"), "{text}");
+            assert!(text.contains("redacted:"), "{text}");
+            let text = idem(&url, &["list", &scope, "--state", "in-flight", "--reveal"]);
+            assert!(String::from_utf8_lossy(&text.stdout).contains("order-1004"));
+            // The key typed is echoed redacted too, unless --reveal.
+            let refused = String::from_utf8_lossy(&refused.stderr).into_owned();
+            assert!(!refused.contains("order-1004"), "{refused}");
+            let shown = idem(&url, &["inspect", &scope, "order-1004", "--reveal"]);
+            assert!(String::from_utf8_lossy(&shown.stdout).contains("key:   order-1004"));
             let counts = stdout_json(&idem(&url, &["counts", &scope, "--json"]));
             assert_eq!(counts["counts"]["in_flight"], 1, "{counts}");
             let forced = idem(
