@@ -6,10 +6,10 @@
 //! idem --store redis://127.0.0.1:6379 inspect coupons 1001
 //! idem list coupons --state in-flight       # the store from IDEM_STORE
 //! idem counts coupons
-//! idem forget coupons 1001                  # the next delivery of 1001 runs again
-//! idem release coupons 1004 --force         # free a key whose holder is stuck
+//! idem forget coupons 1001 --yes            # the next delivery of 1001 runs again
+//! idem release coupons 1004 --force --yes   # free a key whose holder is stuck
 //! idem migrate --store postgres://postgres@127.0.0.1/app
-//! idem purge --store postgres://postgres@127.0.0.1/app  # expired rows
+//! idem purge --yes --store postgres://postgres@127.0.0.1/app  # expired rows
 //! ```
 //!
 //! # Keys
@@ -26,7 +26,7 @@
 //! |------|---------|
 //! | 0    | done (`inspect`: the key has a record) |
 //! | 1    | not found: the key has no record (or nothing `forget`/`release` applies to) |
-//! | 2    | refused: a live lease without `--force`, or `release` of a done key |
+//! | 2    | refused: a live lease without `--force`, `release` of a done key, or `forget`/`release`/`purge` not confirmed (stdin not a terminal and no `--yes`) |
 //! | 3    | the store is unreachable (or failed) |
 //! | 4    | the store answered something the command cannot use (a corrupt record) |
 //! | 64   | usage: bad arguments, bad store URL, bad table name |
@@ -58,7 +58,8 @@ const OP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Inspect and operate on the keys of an idem store.
 ///
-/// Exit codes: 0 done, 1 not found, 2 refused (a live lease without --force), 3 store
+/// Exit codes: 0 done, 1 not found, 2 refused (a live lease without --force, or not confirmed:
+/// forget, release and purge ask on a terminal and need --yes otherwise), 3 store
 /// unreachable, 4 store error, 64 usage.
 #[derive(Debug, Parser)]
 #[command(name = "idem", version)]
@@ -133,6 +134,9 @@ enum Command {
         /// Also forget a key held by a live lease (its holder's done mark is then refused).
         #[arg(long)]
         force: bool,
+        /// Do it without asking (needed when stdin is not a terminal).
+        #[arg(long, short = 'y')]
+        yes: bool,
     },
     /// Free a key in flight whose holder is dead or stuck.
     Release {
@@ -143,6 +147,9 @@ enum Command {
         /// Also release a live lease (its holder's done mark is then refused).
         #[arg(long)]
         force: bool,
+        /// Do it without asking (needed when stdin is not a terminal).
+        #[arg(long, short = 'y')]
+        yes: bool,
     },
     /// Create or upgrade a SQL store's table (a SQLite file is created if missing).
     Migrate,
@@ -152,6 +159,9 @@ enum Command {
         /// The most rows one statement deletes.
         #[arg(long, default_value_t = 1000)]
         batch: u32,
+        /// Do it without asking (needed when stdin is not a terminal).
+        #[arg(long, short = 'y')]
+        yes: bool,
     },
 }
 
@@ -257,6 +267,11 @@ async fn execute(cli: &Cli) -> Result<u8, Failure> {
             "no store: pass --store <URL> or set IDEM_STORE".to_owned(),
         ));
     };
+    if let Some(what) = destructive(&cli.command)?
+        && !confirmed(&what)
+    {
+        return Ok(EXIT_REFUSED);
+    }
     let target = Target {
         url,
         table: cli.store.table.clone(),
@@ -306,18 +321,22 @@ async fn execute(cli: &Cli) -> Result<u8, Failure> {
             }
             Ok(0)
         }
-        Command::Forget { scope, key, force } => {
+        Command::Forget {
+            scope, key, force, ..
+        } => {
             let key = key_of(key)?;
             let changed = timed(ops.forget(scope, &key, *force)).await?;
             Ok(report_change(cli, "forget", scope, &key, &changed))
         }
-        Command::Release { scope, key, force } => {
+        Command::Release {
+            scope, key, force, ..
+        } => {
             let key = key_of(key)?;
             let changed = timed(ops.release_stuck(scope, &key, *force)).await?;
             Ok(report_change(cli, "release", scope, &key, &changed))
         }
         Command::Migrate => migrate(cli, &store).await,
-        Command::Purge { batch } => {
+        Command::Purge { batch, .. } => {
             let deleted = timed(store.purge(*batch)).await?;
             match (cli.json, deleted) {
                 (true, n) => println!("{}", json!({"purged": n})),
@@ -327,6 +346,59 @@ async fn execute(cli: &Cli) -> Result<u8, Failure> {
             Ok(0)
         }
     }
+}
+
+/// What a destructive command without `--yes` is about to do (`None`: not destructive, or
+/// `--yes`).
+fn destructive(command: &Command) -> Result<Option<String>, Failure> {
+    Ok(match command {
+        Command::Forget {
+            scope,
+            key,
+            force,
+            yes: false,
+        } => Some(format!(
+            "forget {scope}/{}{}: its next delivery runs again",
+            key_of(key)?,
+            if *force { " (--force)" } else { "" }
+        )),
+        Command::Release {
+            scope,
+            key,
+            force,
+            yes: false,
+        } => Some(format!(
+            "release {scope}/{}{}: its next delivery runs, the holder's mark is refused",
+            key_of(key)?,
+            if *force { " (--force)" } else { "" }
+        )),
+        Command::Purge { yes: false, .. } => {
+            Some("purge: delete the store's expired rows".to_owned())
+        }
+        _ => None,
+    })
+}
+
+/// Ask on the terminal whether to do `what`; without a terminal on stdin, refuse (`--yes` is
+/// needed), with a message.
+fn confirmed(what: &str) -> bool {
+    use std::io::{BufRead, IsTerminal, Write};
+    let stdin = std::io::stdin();
+    if !stdin.is_terminal() {
+        eprintln!("idem: {what}; refused: stdin is not a terminal to confirm on, pass --yes");
+        return false;
+    }
+    eprint!("idem: {what}. Proceed? [y/N] ");
+    let _ = std::io::stderr().flush();
+    let mut answer = String::new();
+    if stdin.lock().read_line(&mut answer).is_err() {
+        return false;
+    }
+    let yes = matches!(answer.trim(), "y" | "Y" | "yes" | "YES" | "Yes");
+    if !yes {
+        eprintln!("idem: not confirmed: nothing changed");
+    }
+    yes
 }
 
 async fn migrate(cli: &Cli, store: &AnyStore) -> Result<u8, Failure> {

@@ -98,7 +98,16 @@ where
     // A duplicate replays; forgotten, the next delivery runs again.
     assert_eq!(deliver().await.unwrap(), 7);
     assert_eq!(executions.load(Ordering::SeqCst), 1);
+    // Without --yes, and stdin not a terminal: refused (exit 2), the key unchanged.
     let out = idem(url, &["forget", &scope, "1001"]);
+    assert_eq!(code(&out), 2, "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--yes"),
+        "{out:?}"
+    );
+    let v = stdout_json(&idem(url, &["inspect", &scope, "1001", "--json"]));
+    assert_eq!(v["state"]["name"], "done", "{v}");
+    let out = idem(url, &["forget", &scope, "1001", "--yes"]);
     assert_eq!(code(&out), 0, "{out:?}");
     let v = stdout_json(&idem(url, &["inspect", &scope, "1001", "--json"]));
     assert_eq!(v["state"]["name"], "forgotten", "{v}");
@@ -108,7 +117,10 @@ where
     // A key with no record: exit 1.
     let out = idem(url, &["inspect", &scope, "no-such-key"]);
     assert_eq!(code(&out), 1, "{out:?}");
-    assert_eq!(code(&idem(url, &["forget", &scope, "no-such-key"])), 1);
+    assert_eq!(
+        code(&idem(url, &["forget", &scope, "no-such-key", "--yes"])),
+        1
+    );
 
     // A live lease: release and forget refuse it without --force (exit 2).
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -131,13 +143,16 @@ where
         tokio::task::spawn_blocking(move || {
             let v = stdout_json(&idem(&url, &["inspect", &scope, "order-1004", "--json"]));
             assert_eq!(v["state"]["name"], "in_flight", "{v}");
-            let refused = idem(&url, &["release", &scope, "order-1004"]);
+            let refused = idem(&url, &["release", &scope, "order-1004", "--yes"]);
             assert_eq!(code(&refused), 2, "{refused:?}");
             assert!(
                 String::from_utf8_lossy(&refused.stderr).contains("--force"),
                 "{refused:?}"
             );
-            assert_eq!(code(&idem(&url, &["forget", &scope, "order-1004"])), 2);
+            assert_eq!(
+                code(&idem(&url, &["forget", &scope, "order-1004", "-y"])),
+                2
+            );
             let list = stdout_json(&idem(
                 &url,
                 &["list", &scope, "--state", "in-flight", "--json", "--reveal"],
@@ -158,7 +173,14 @@ where
             assert_eq!(counts["counts"]["in_flight"], 1, "{counts}");
             let forced = idem(
                 &url,
-                &["release", &scope, "order-1004", "--force", "--json"],
+                &[
+                    "release",
+                    &scope,
+                    "order-1004",
+                    "--force",
+                    "--json",
+                    "--yes",
+                ],
             );
             assert_eq!(code(&forced), 0, "{forced:?}");
             assert_eq!(stdout_json(&forced)["result"], "freed");
@@ -209,7 +231,7 @@ async fn redis_with_prefix() {
     assert_eq!(code(&found), 0, "{found:?}");
     // Under the default prefix the key is not there.
     assert_eq!(code(&idem(&url, &["inspect", &scope, "5"])), 1);
-    let out = idem(&url, &["purge", "--json"]);
+    let out = idem(&url, &["purge", "--json", "--yes"]);
     assert_eq!(code(&out), 0, "{out:?}");
     assert_eq!(stdout_json(&out)["purged"], Value::Null);
 }
@@ -283,7 +305,11 @@ async fn sqlite() {
     .await
     .unwrap();
     tokio::time::sleep(Duration::from_millis(2100)).await;
+    // Without --yes: refused, nothing deleted (the purge with --yes below still finds the row).
     let out = idem(&url, &["purge", "--json"]);
+    assert_eq!(code(&out), 2, "{out:?}");
+    assert!(out.stdout.is_empty(), "{out:?}");
+    let out = idem(&url, &["purge", "--json", "--yes"]);
     assert_eq!(code(&out), 0, "{out:?}");
     assert!(
         stdout_json(&out)["purged"].as_u64().unwrap() >= 1,
