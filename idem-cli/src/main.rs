@@ -9,6 +9,7 @@
 //! idem forget coupons 1001 --yes            # the next delivery of 1001 runs again
 //! idem release coupons 1004 --force --yes   # free a key whose holder is stuck
 //! idem migrate --store postgres://postgres@127.0.0.1/app
+//! idem migrate --print --store postgres://postgres@127.0.0.1/app > idem.sql  # for a DBA
 //! idem purge --yes --store postgres://postgres@127.0.0.1/app  # expired rows
 //! ```
 //!
@@ -152,7 +153,11 @@ enum Command {
         yes: bool,
     },
     /// Create or upgrade a SQL store's table (a SQLite file is created if missing).
-    Migrate,
+    Migrate {
+        /// Print the SQL, for a DBA to apply, instead of applying it (connects to nothing).
+        #[arg(long)]
+        print: bool,
+    },
     /// Delete a SQL store's expired rows (released keys, lapsed leases, done records past their
     /// `keep`), in short batches; Redis expires its records itself.
     Purge {
@@ -276,8 +281,11 @@ async fn execute(cli: &Cli) -> Result<u8, Failure> {
         url,
         table: cli.store.table.clone(),
         prefix: cli.store.prefix.clone(),
-        create: matches!(cli.command, Command::Migrate),
+        create: matches!(cli.command, Command::Migrate { .. }),
     };
+    if let Command::Migrate { print: true } = cli.command {
+        return print_migration(cli, &target);
+    }
     let store = match tokio::time::timeout(OP_TIMEOUT, store::open(&target)).await {
         Ok(r) => r?,
         Err(_) => return Err(Failure::Timeout(OP_TIMEOUT)),
@@ -335,7 +343,7 @@ async fn execute(cli: &Cli) -> Result<u8, Failure> {
             let changed = timed(ops.release_stuck(scope, &key, *force)).await?;
             Ok(report_change(cli, "release", scope, &key, &changed))
         }
-        Command::Migrate => migrate(cli, &store).await,
+        Command::Migrate { .. } => migrate(cli, &store).await,
         Command::Purge { batch, .. } => {
             let deleted = timed(store.purge(*batch)).await?;
             match (cli.json, deleted) {
@@ -399,6 +407,17 @@ fn confirmed(what: &str) -> bool {
         eprintln!("idem: not confirmed: nothing changed");
     }
     yes
+}
+
+/// `migrate --print`: the SQL, applied nowhere.
+fn print_migration(cli: &Cli, target: &Target) -> Result<u8, Failure> {
+    let sql = store::migration_sql(target)?;
+    match (cli.json, sql) {
+        (true, sql) => println!("{}", json!({"sql": sql})),
+        (false, Some(sql)) => print!("{sql}"),
+        (false, None) => println!("-- nothing to migrate: the Redis store has no schema"),
+    }
+    Ok(0)
 }
 
 async fn migrate(cli: &Cli, store: &AnyStore) -> Result<u8, Failure> {

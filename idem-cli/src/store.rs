@@ -94,6 +94,32 @@ impl AnyStore {
     }
 }
 
+/// The SQL `migrate` would run on a new database of `target`'s kind (see
+/// [`SqlStore::migration_sql`]), without connecting; `None` for Redis, which has no schema.
+pub(crate) fn migration_sql(target: &Target) -> Result<Option<String>, OpenError> {
+    let bad = |reason: &str| OpenError::BadUrl {
+        url: redact_url(&target.url),
+        reason: reason.to_owned(),
+    };
+    let scheme = target.url.split_once(':').map_or("", |(s, _)| s);
+    let table = target
+        .table
+        .as_deref()
+        .unwrap_or(idem_runtime::sql::DEFAULT_TABLE);
+    let sql = match scheme {
+        "redis" | "rediss" => return Ok(None),
+        "postgres" | "postgresql" => SqlStore::<sqlx::Postgres>::migration_sql(table)?,
+        "mysql" | "mariadb" => SqlStore::<sqlx::MySql>::migration_sql(table)?,
+        "sqlite" => SqlStore::<sqlx::Sqlite>::migration_sql(table)?,
+        _ => {
+            return Err(bad(
+                "unknown scheme: expected redis://, rediss://, postgres://, mysql://, mariadb:// or sqlite://",
+            ));
+        }
+    };
+    Ok(Some(sql))
+}
+
 /// The URL with the password (if any) replaced by `***`, for messages.
 pub(crate) fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {

@@ -321,6 +321,38 @@ async fn sqlite() {
 }
 
 #[test]
+fn migrate_print_applies_nothing() {
+    let dir = std::env::temp_dir().join(format!("idem-cli-print-{}", std::process::id()));
+    let path = dir.join("never.sqlite");
+    let url = format!("sqlite://{}", path.display());
+    let out = idem(&url, &["migrate", "--print"]);
+    assert_eq!(code(&out), 0, "{out:?}");
+    let sql = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        sql.contains("CREATE TABLE IF NOT EXISTS idem_keys ("),
+        "{sql}"
+    );
+    assert!(sql.contains("INSERT INTO idem_keys_migrations"), "{sql}");
+    assert!(!path.exists(), "--print created the database");
+    // Every SQL store, and --table; nothing is connected to (nothing listens on port 1).
+    for url in [
+        "postgres://postgres@127.0.0.1:1/test",
+        "mysql://root@127.0.0.1:1/test",
+    ] {
+        let out = idem(url, &["--table", "app.keys", "migrate", "--print"]);
+        assert_eq!(code(&out), 0, "{url}: {out:?}");
+        let sql = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            sql.contains("CREATE TABLE IF NOT EXISTS app.keys ("),
+            "{sql}"
+        );
+    }
+    let out = idem("redis://127.0.0.1:1", &["migrate", "--print", "--json"]);
+    assert_eq!(code(&out), 0, "{out:?}");
+    assert_eq!(stdout_json(&out)["sql"], Value::Null);
+}
+
+#[test]
 fn bad_and_unreachable_stores() {
     // Not a URL idem knows: a usage error.
     let out = idem("foo://x", &["counts", "s"]);
