@@ -5,7 +5,7 @@
 //! ```text
 //! idem --store redis://127.0.0.1:6379 inspect coupons 1001
 //! idem list coupons --state in-flight       # the store from IDEM_STORE
-//! idem counts coupons
+//! idem stats coupons                      # `idem counts` is an alias
 //! idem forget coupons 1001 --yes            # the next delivery of 1001 runs again
 //! idem release coupons 1004 --force --yes   # free a key whose holder is stuck
 //! idem migrate --store postgres://postgres@127.0.0.1/app
@@ -122,7 +122,8 @@ enum Command {
         cursor: Option<String>,
     },
     /// Count a scope's keys per state (reads every record of the scope).
-    Counts {
+    #[command(visible_alias = "counts")]
+    Stats {
         /// The scope.
         scope: String,
     },
@@ -317,7 +318,7 @@ async fn execute(cli: &Cli) -> Result<u8, Failure> {
             limit,
             cursor,
         } => list(cli, ops, scope, *state, *older_than, *limit, cursor.clone()).await,
-        Command::Counts { scope } => {
+        Command::Stats { scope } => {
             let c = timed(ops.counts(scope)).await?;
             if cli.json {
                 println!("{}", json!({"scope": scope, "counts": counts_json(&c)}));

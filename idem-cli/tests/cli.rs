@@ -77,9 +77,12 @@ where
     assert_eq!(code(&text), 0);
     assert!(String::from_utf8_lossy(&text.stdout).contains("state: done"));
 
-    let out = idem(url, &["counts", &scope, "--json"]);
+    let out = idem(url, &["stats", &scope, "--json"]);
     assert_eq!(code(&out), 0, "{out:?}");
     assert_eq!(stdout_json(&out)["counts"]["done"], 1);
+    // `counts`, the old name, is an alias.
+    let alias = idem(url, &["counts", &scope, "--json"]);
+    assert_eq!(alias.stdout, out.stdout, "{alias:?}");
 
     let out = idem(
         url,
@@ -169,7 +172,7 @@ where
             assert!(!refused.contains("order-1004"), "{refused}");
             let shown = idem(&url, &["inspect", &scope, "order-1004", "--reveal"]);
             assert!(String::from_utf8_lossy(&shown.stdout).contains("key:   order-1004"));
-            let counts = stdout_json(&idem(&url, &["counts", &scope, "--json"]));
+            let counts = stdout_json(&idem(&url, &["stats", &scope, "--json"]));
             assert_eq!(counts["counts"]["in_flight"], 1, "{counts}");
             let forced = idem(
                 &url,
@@ -284,7 +287,7 @@ async fn mariadb() {
     scenario(&url, "mysql", &store).await;
     // mariadb:// names the same server.
     let mariadb = url.replacen("mysql://", "mariadb://", 1);
-    assert_eq!(code(&idem(&mariadb, &["counts", "cli-probe"])), 0);
+    assert_eq!(code(&idem(&mariadb, &["stats", "cli-probe"])), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -355,13 +358,13 @@ fn migrate_print_applies_nothing() {
 #[test]
 fn bad_and_unreachable_stores() {
     // Not a URL idem knows: a usage error.
-    let out = idem("foo://x", &["counts", "s"]);
+    let out = idem("foo://x", &["stats", "s"]);
     assert_eq!(code(&out), 64, "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("bad store URL"));
     // A table name that is not an identifier.
     let out = idem(
         "postgres://postgres@127.0.0.1:5432/test",
-        &["--table", "x; DROP TABLE y", "counts", "s"],
+        &["--table", "x; DROP TABLE y", "stats", "s"],
     );
     assert_eq!(code(&out), 64, "{out:?}");
     // Nothing listens: unreachable, a clear message, no panic.
@@ -370,7 +373,7 @@ fn bad_and_unreachable_stores() {
         "postgres://postgres:hunter2@127.0.0.1:1/test",
         "mysql://root@127.0.0.1:1/test",
     ] {
-        let out = idem(url, &["counts", "s"]);
+        let out = idem(url, &["stats", "s"]);
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(code(&out), 3, "{url}: {out:?}");
         assert!(err.contains("unreachable"), "{url}: {err}");
@@ -379,7 +382,7 @@ fn bad_and_unreachable_stores() {
     }
     // No store at all.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_idem"))
-        .args(["counts", "s"])
+        .args(["stats", "s"])
         .env_remove("IDEM_STORE")
         .output()
         .unwrap();
