@@ -4,6 +4,7 @@
 //!
 //! ```text
 //! idem --store redis://127.0.0.1:6379 inspect coupons 1001
+//! idem --store redis+cluster://10.0.0.1:7000,10.0.0.2:7000 stats coupons
 //! idem list coupons --state in-flight       # the store from IDEM_STORE
 //! idem stats coupons                      # `idem counts` is an alias
 //! idem forget coupons 1001 --yes            # the next delivery of 1001 runs again
@@ -82,7 +83,8 @@ struct Cli {
 /// Which store.
 #[derive(Debug, Args)]
 struct StoreArgs {
-    /// The store: redis://host:port/db, rediss://…, postgres://user@host/db,
+    /// The store: redis://host:port/db, rediss://…, redis+cluster://host:port[,host:port…]
+    /// (a Redis Cluster, through any of its nodes), postgres://user@host/db,
     /// mysql://user@host/db (or mariadb://), sqlite://path/to/file.
     #[arg(long, env = "IDEM_STORE", global = true, hide_env_values = true)]
     store: Option<String>,
