@@ -4,12 +4,14 @@
 //!
 //! ```text
 //! idem --store redis://127.0.0.1:6379 inspect coupons 1001
+//! idem --store redis+cluster://10.0.0.1:7000,10.0.0.2:7000 stats coupons
 //! idem list coupons --state in-flight       # the store from IDEM_STORE
-//! idem counts coupons
-//! idem forget coupons 1001                  # the next delivery of 1001 runs again
-//! idem release coupons 1004 --force         # free a key whose holder is stuck
+//! idem stats coupons                      # `idem counts` is an alias
+//! idem forget coupons 1001 --yes            # the next delivery of 1001 runs again
+//! idem release coupons 1004 --force --yes   # free a key whose holder is stuck
 //! idem migrate --store postgres://postgres@127.0.0.1/app
-//! idem purge --store postgres://postgres@127.0.0.1/app  # expired rows
+//! idem migrate --print --store postgres://postgres@127.0.0.1/app > idem.sql  # for a DBA
+//! idem purge --yes --store postgres://postgres@127.0.0.1/app  # expired rows
 //! ```
 //!
 //! # Keys
@@ -26,7 +28,7 @@
 //! |------|---------|
 //! | 0    | done (`inspect`: the key has a record) |
 //! | 1    | not found: the key has no record (or nothing `forget`/`release` applies to) |
-//! | 2    | refused: a live lease without `--force`, or `release` of a done key |
+//! | 2    | refused: a live lease without `--force`, `release` of a done key, or `forget`/`release`/`purge` not confirmed (stdin not a terminal and no `--yes`) |
 //! | 3    | the store is unreachable (or failed) |
 //! | 4    | the store answered something the command cannot use (a corrupt record) |
 //! | 64   | usage: bad arguments, bad store URL, bad table name |
@@ -58,7 +60,8 @@ const OP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Inspect and operate on the keys of an idem store.
 ///
-/// Exit codes: 0 done, 1 not found, 2 refused (a live lease without --force), 3 store
+/// Exit codes: 0 done, 1 not found, 2 refused (a live lease without --force, or not confirmed:
+/// forget, release and purge ask on a terminal and need --yes otherwise), 3 store
 /// unreachable, 4 store error, 64 usage.
 #[derive(Debug, Parser)]
 #[command(name = "idem", version)]
@@ -68,6 +71,11 @@ struct Cli {
     /// Print JSON (one object) instead of text.
     #[arg(long, global = true)]
     json: bool,
+    /// Print keys (and `list`'s cursor, which holds a key) in clear text. Without it, keys are
+    /// printed in the runtime's redacted form, `redacted:<12 hex>` (keys are often personal
+    /// data; `IDEM_REDACTION_KEY` makes the form match the services' logs).
+    #[arg(long, global = true)]
+    reveal: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -75,7 +83,8 @@ struct Cli {
 /// Which store.
 #[derive(Debug, Args)]
 struct StoreArgs {
-    /// The store: redis://host:port/db, rediss://…, postgres://user@host/db,
+    /// The store: redis://host:port/db, rediss://…, redis+cluster://host:port[,host:port…]
+    /// (a Redis Cluster, through any of its nodes), postgres://user@host/db,
     /// mysql://user@host/db (or mariadb://), sqlite://path/to/file.
     #[arg(long, env = "IDEM_STORE", global = true, hide_env_values = true)]
     store: Option<String>,
@@ -115,7 +124,8 @@ enum Command {
         cursor: Option<String>,
     },
     /// Count a scope's keys per state (reads every record of the scope).
-    Counts {
+    #[command(visible_alias = "counts")]
+    Stats {
         /// The scope.
         scope: String,
     },
@@ -128,6 +138,9 @@ enum Command {
         /// Also forget a key held by a live lease (its holder's done mark is then refused).
         #[arg(long)]
         force: bool,
+        /// Do it without asking (needed when stdin is not a terminal).
+        #[arg(long, short = 'y')]
+        yes: bool,
     },
     /// Free a key in flight whose holder is dead or stuck.
     Release {
@@ -138,15 +151,25 @@ enum Command {
         /// Also release a live lease (its holder's done mark is then refused).
         #[arg(long)]
         force: bool,
+        /// Do it without asking (needed when stdin is not a terminal).
+        #[arg(long, short = 'y')]
+        yes: bool,
     },
     /// Create or upgrade a SQL store's table (a SQLite file is created if missing).
-    Migrate,
+    Migrate {
+        /// Print the SQL, for a DBA to apply, instead of applying it (connects to nothing).
+        #[arg(long)]
+        print: bool,
+    },
     /// Delete a SQL store's expired rows (released keys, lapsed leases, done records past their
     /// `keep`), in short batches; Redis expires its records itself.
     Purge {
         /// The most rows one statement deletes.
         #[arg(long, default_value_t = 1000)]
         batch: u32,
+        /// Do it without asking (needed when stdin is not a terminal).
+        #[arg(long, short = 'y')]
+        yes: bool,
     },
 }
 
@@ -212,6 +235,8 @@ fn main() -> ExitCode {
             return ExitCode::from(if usage { EXIT_USAGE } else { 0 });
         }
     };
+    // Keys print through `Key`'s `Display`: redacted unless --reveal.
+    idem_runtime::reveal_keys(cli.reveal);
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -250,12 +275,20 @@ async fn execute(cli: &Cli) -> Result<u8, Failure> {
             "no store: pass --store <URL> or set IDEM_STORE".to_owned(),
         ));
     };
+    if let Some(what) = destructive(&cli.command)?
+        && !confirmed(&what)
+    {
+        return Ok(EXIT_REFUSED);
+    }
     let target = Target {
         url,
         table: cli.store.table.clone(),
         prefix: cli.store.prefix.clone(),
-        create: matches!(cli.command, Command::Migrate),
+        create: matches!(cli.command, Command::Migrate { .. }),
     };
+    if let Command::Migrate { print: true } = cli.command {
+        return print_migration(cli, &target);
+    }
     let store = match tokio::time::timeout(OP_TIMEOUT, store::open(&target)).await {
         Ok(r) => r?,
         Err(_) => return Err(Failure::Timeout(OP_TIMEOUT)),
@@ -263,11 +296,12 @@ async fn execute(cli: &Cli) -> Result<u8, Failure> {
     let ops = store.ops();
     match &cli.command {
         Command::Inspect { scope, key } => {
-            let state = timed(ops.inspect(scope, &key_of(key)?)).await?;
+            let key = key_of(key)?;
+            let state = timed(ops.inspect(scope, &key)).await?;
             if cli.json {
                 println!(
                     "{}",
-                    json!({"scope": scope, "key": key, "state": state_json(&state)})
+                    json!({"scope": scope, "key": key.to_string(), "state": state_json(&state)})
                 );
             } else {
                 println!("scope: {scope}\nkey:   {key}");
@@ -286,7 +320,7 @@ async fn execute(cli: &Cli) -> Result<u8, Failure> {
             limit,
             cursor,
         } => list(cli, ops, scope, *state, *older_than, *limit, cursor.clone()).await,
-        Command::Counts { scope } => {
+        Command::Stats { scope } => {
             let c = timed(ops.counts(scope)).await?;
             if cli.json {
                 println!("{}", json!({"scope": scope, "counts": counts_json(&c)}));
@@ -298,16 +332,22 @@ async fn execute(cli: &Cli) -> Result<u8, Failure> {
             }
             Ok(0)
         }
-        Command::Forget { scope, key, force } => {
-            let changed = timed(ops.forget(scope, &key_of(key)?, *force)).await?;
-            Ok(report_change(cli, "forget", scope, key, &changed))
+        Command::Forget {
+            scope, key, force, ..
+        } => {
+            let key = key_of(key)?;
+            let changed = timed(ops.forget(scope, &key, *force)).await?;
+            Ok(report_change(cli, "forget", scope, &key, &changed))
         }
-        Command::Release { scope, key, force } => {
-            let changed = timed(ops.release_stuck(scope, &key_of(key)?, *force)).await?;
-            Ok(report_change(cli, "release", scope, key, &changed))
+        Command::Release {
+            scope, key, force, ..
+        } => {
+            let key = key_of(key)?;
+            let changed = timed(ops.release_stuck(scope, &key, *force)).await?;
+            Ok(report_change(cli, "release", scope, &key, &changed))
         }
-        Command::Migrate => migrate(cli, &store).await,
-        Command::Purge { batch } => {
+        Command::Migrate { .. } => migrate(cli, &store).await,
+        Command::Purge { batch, .. } => {
             let deleted = timed(store.purge(*batch)).await?;
             match (cli.json, deleted) {
                 (true, n) => println!("{}", json!({"purged": n})),
@@ -317,6 +357,70 @@ async fn execute(cli: &Cli) -> Result<u8, Failure> {
             Ok(0)
         }
     }
+}
+
+/// What a destructive command without `--yes` is about to do (`None`: not destructive, or
+/// `--yes`).
+fn destructive(command: &Command) -> Result<Option<String>, Failure> {
+    Ok(match command {
+        Command::Forget {
+            scope,
+            key,
+            force,
+            yes: false,
+        } => Some(format!(
+            "forget {scope}/{}{}: its next delivery runs again",
+            key_of(key)?,
+            if *force { " (--force)" } else { "" }
+        )),
+        Command::Release {
+            scope,
+            key,
+            force,
+            yes: false,
+        } => Some(format!(
+            "release {scope}/{}{}: its next delivery runs, the holder's mark is refused",
+            key_of(key)?,
+            if *force { " (--force)" } else { "" }
+        )),
+        Command::Purge { yes: false, .. } => {
+            Some("purge: delete the store's expired rows".to_owned())
+        }
+        _ => None,
+    })
+}
+
+/// Ask on the terminal whether to do `what`; without a terminal on stdin, refuse (`--yes` is
+/// needed), with a message.
+fn confirmed(what: &str) -> bool {
+    use std::io::{BufRead, IsTerminal, Write};
+    let stdin = std::io::stdin();
+    if !stdin.is_terminal() {
+        eprintln!("idem: {what}; refused: stdin is not a terminal to confirm on, pass --yes");
+        return false;
+    }
+    eprint!("idem: {what}. Proceed? [y/N] ");
+    let _ = std::io::stderr().flush();
+    let mut answer = String::new();
+    if stdin.lock().read_line(&mut answer).is_err() {
+        return false;
+    }
+    let yes = matches!(answer.trim(), "y" | "Y" | "yes" | "YES" | "Yes");
+    if !yes {
+        eprintln!("idem: not confirmed: nothing changed");
+    }
+    yes
+}
+
+/// `migrate --print`: the SQL, applied nowhere.
+fn print_migration(cli: &Cli, target: &Target) -> Result<u8, Failure> {
+    let sql = store::migration_sql(target)?;
+    match (cli.json, sql) {
+        (true, sql) => println!("{}", json!({"sql": sql})),
+        (false, Some(sql)) => print!("{sql}"),
+        (false, None) => println!("-- nothing to migrate: the Redis store has no schema"),
+    }
+    Ok(0)
 }
 
 async fn migrate(cli: &Cli, store: &AnyStore) -> Result<u8, Failure> {
@@ -365,12 +469,18 @@ async fn list(
         }
     }
     records.truncate(limit);
+    // The cursor holds the last key's text: shown only with --reveal.
+    let more = cursor.is_some();
+    let cursor = cursor.filter(|_| cli.reveal);
     if cli.json {
         let keys: Vec<Value> = records
             .iter()
-            .map(|r| json!({"key": r.key, "state": state_json(&r.state)}))
+            .map(|r| json!({"key": shown_key(&r.key, cli.reveal), "state": state_json(&r.state)}))
             .collect();
-        println!("{}", json!({"scope": scope, "keys": keys, "next": cursor}));
+        println!(
+            "{}",
+            json!({"scope": scope, "keys": keys, "more": more, "next": cursor})
+        );
     } else {
         println!("{:<10} {:>16}  KEY", "STATE", "FENCE");
         for r in &records {
@@ -381,18 +491,37 @@ async fn list(
                 KeyState::Done { fence, .. } => fence.map_or("-".to_owned(), |f| f.to_string()),
                 _ => "-".to_owned(),
             };
-            println!("{:<10} {:>16}  {}", r.state.name(), fence, r.key);
+            println!(
+                "{:<10} {:>16}  {}",
+                r.state.name(),
+                fence,
+                shown_key(&r.key, cli.reveal)
+            );
         }
+        let n = records.len();
         match &cursor {
             Some(c) => println!(
-                "({} {}; more: idem list {scope} --cursor '{c}')",
-                records.len(),
-                plural(records.len(), "key")
+                "({n} {}; more: idem list {scope} --reveal --cursor '{c}')",
+                plural(n, "key")
             ),
-            None => println!("({} {})", records.len(), plural(records.len(), "key")),
+            None if more => println!(
+                "({n} {}; more: the cursor holds a key, so `--reveal` prints it)",
+                plural(n, "key")
+            ),
+            None => println!("({n} {})", plural(n, "key")),
         }
     }
     Ok(0)
+}
+
+/// A key the store listed: its text with `--reveal`, else its `Key`'s redacted `Display`. (A key
+/// kept as `sha256:<hex>` is redacted as that text, so its form differs from the runtime's logs.)
+fn shown_key(text: &str, reveal: bool) -> String {
+    if reveal {
+        return text.to_owned();
+    }
+    Key::from_text(text.to_owned())
+        .map_or_else(|_| "redacted:(not a key)".to_owned(), |k| k.to_string())
 }
 
 /// `key` or `keys`.
@@ -405,7 +534,7 @@ fn plural(n: usize, word: &str) -> String {
 }
 
 /// Print what `forget`/`release` did; its exit code.
-fn report_change(cli: &Cli, op: &str, scope: &str, key: &str, changed: &Changed) -> u8 {
+fn report_change(cli: &Cli, op: &str, scope: &str, key: &Key, changed: &Changed) -> u8 {
     let (result, code) = match changed {
         Changed::Freed { .. } => ("freed", 0),
         Changed::NotFound => ("not_found", EXIT_NOT_FOUND),
@@ -413,7 +542,7 @@ fn report_change(cli: &Cli, op: &str, scope: &str, key: &str, changed: &Changed)
         _ => ("unknown", EXIT_STORE),
     };
     if cli.json {
-        let mut v = json!({"op": op, "scope": scope, "key": key, "result": result});
+        let mut v = json!({"op": op, "scope": scope, "key": key.to_string(), "result": result});
         match changed {
             Changed::Freed { fence } => v["fence"] = json!(fence),
             Changed::Refused { state } => v["state"] = state_json(state),

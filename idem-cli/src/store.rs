@@ -94,6 +94,67 @@ impl AnyStore {
     }
 }
 
+/// The SQL `migrate` would run on a new database of `target`'s kind (see
+/// [`SqlStore::migration_sql`]), without connecting; `None` for Redis, which has no schema.
+pub(crate) fn migration_sql(target: &Target) -> Result<Option<String>, OpenError> {
+    let bad = |reason: &str| OpenError::BadUrl {
+        url: redact_url(&target.url),
+        reason: reason.to_owned(),
+    };
+    let scheme = target.url.split_once(':').map_or("", |(s, _)| s);
+    let table = target
+        .table
+        .as_deref()
+        .unwrap_or(idem_runtime::sql::DEFAULT_TABLE);
+    let sql = match scheme {
+        "redis" | "rediss" | "redis+cluster" | "rediss+cluster" => return Ok(None),
+        "postgres" | "postgresql" => SqlStore::<sqlx::Postgres>::migration_sql(table)?,
+        "mysql" | "mariadb" => SqlStore::<sqlx::MySql>::migration_sql(table)?,
+        "sqlite" => SqlStore::<sqlx::Sqlite>::migration_sql(table)?,
+        _ => {
+            return Err(bad(
+                "unknown scheme: expected redis://, rediss://, postgres://, mysql://, mariadb:// or sqlite://",
+            ));
+        }
+    };
+    Ok(Some(sql))
+}
+
+/// The nodes of `redis+cluster://[user[:password]@]host:port[,host:port…]` (`rediss+cluster://`
+/// for TLS), each as `redis://[user[:password]@]host:port` (the credentials apply to every node).
+pub(crate) fn cluster_nodes(url: &str) -> Result<Vec<String>, String> {
+    let (scheme, rest) = url
+        .split_once("://")
+        .ok_or("expected redis+cluster://host:port[,host:port...]")?;
+    let node_scheme = match scheme {
+        "redis+cluster" => "redis",
+        "rediss+cluster" => "rediss",
+        _ => return Err("expected redis+cluster:// or rediss+cluster://".to_owned()),
+    };
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    let (auth, hosts) = match rest.rsplit_once('@') {
+        Some((auth, hosts)) => (format!("{auth}@"), hosts),
+        None => (String::new(), rest),
+    };
+    if hosts.contains('/') || hosts.contains('?') {
+        return Err(
+            "a cluster has no database number or options: host:port[,host:port...]".to_owned(),
+        );
+    }
+    let mut nodes = Vec::new();
+    for node in hosts.split(',') {
+        let node = node.trim();
+        let valid = node
+            .rsplit_once(':')
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+        if !valid {
+            return Err(format!("{node:?} is not host:port"));
+        }
+        nodes.push(format!("{node_scheme}://{auth}{node}"));
+    }
+    Ok(nodes)
+}
+
 /// The URL with the password (if any) replaced by `***`, for messages.
 pub(crate) fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
@@ -124,10 +185,30 @@ pub(crate) async fn open(target: &Target) -> Result<AnyStore, OpenError> {
     };
     let Some((scheme, _)) = url.split_once(':') else {
         return Err(bad(
-            "expected redis://, rediss://, postgres://, mysql://, mariadb:// or sqlite://",
+            "expected redis://, rediss://, redis+cluster://, postgres://, mysql://, mariadb:// or sqlite://",
         ));
     };
     match scheme {
+        "redis+cluster" | "rediss+cluster" => {
+            if target.table.is_some() {
+                return Err(bad("--table applies to SQL stores; Redis takes --prefix"));
+            }
+            let nodes = cluster_nodes(url).map_err(|reason| bad(&reason))?;
+            let client = idem_runtime::redis::cluster::ClusterClient::builder(nodes)
+                .response_timeout(Duration::from_secs(1))
+                .connection_timeout(CONNECT_TIMEOUT)
+                .build()
+                .map_err(|e| bad(&e.to_string()))?;
+            let conn = client
+                .get_async_connection()
+                .await
+                .map_err(|e| unreachable(e.into()))?;
+            let mut builder = RedisStore::builder(conn);
+            if let Some(prefix) = &target.prefix {
+                builder = builder.prefix(prefix.clone());
+            }
+            Ok(AnyStore::Redis(builder.build()))
+        }
         "redis" | "rediss" => {
             if target.table.is_some() {
                 return Err(bad("--table applies to SQL stores; Redis takes --prefix"));
@@ -193,7 +274,7 @@ pub(crate) async fn open(target: &Target) -> Result<AnyStore, OpenError> {
             Ok(AnyStore::Sqlite(with_table(pool, target)?))
         }
         _ => Err(bad(
-            "unknown scheme: expected redis://, rediss://, postgres://, mysql://, mariadb:// or sqlite://",
+            "unknown scheme: expected redis://, rediss://, redis+cluster://, postgres://, mysql://, mariadb:// or sqlite://",
         )),
     }
 }
@@ -217,7 +298,37 @@ fn with_table<DB: idem_runtime::sql::Backend>(
 
 #[cfg(test)]
 mod tests {
-    use super::redact_url;
+    use super::{cluster_nodes, redact_url};
+
+    #[test]
+    fn cluster_urls_name_every_node() {
+        assert_eq!(
+            cluster_nodes("redis+cluster://10.0.0.1:7000,10.0.0.2:7001").unwrap(),
+            ["redis://10.0.0.1:7000", "redis://10.0.0.2:7001"]
+        );
+        assert_eq!(
+            cluster_nodes("rediss+cluster://u:pw@a:7000,b:7001/").unwrap(),
+            ["rediss://u:pw@a:7000", "rediss://u:pw@b:7001"]
+        );
+        assert_eq!(
+            cluster_nodes("redis+cluster://h:6379").unwrap(),
+            ["redis://h:6379"]
+        );
+        for bad in [
+            "redis+cluster://",
+            "redis+cluster://h",
+            "redis+cluster://h:port",
+            "redis+cluster://a:1,,b:2",
+            "redis+cluster://a:1/0",
+            "redis://a:1",
+        ] {
+            assert!(cluster_nodes(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            redact_url("redis+cluster://u:pw@a:7000,b:7001"),
+            "redis+cluster://u:***@a:7000,b:7001"
+        );
+    }
 
     #[test]
     fn passwords_are_hidden() {

@@ -77,21 +77,40 @@ where
     assert_eq!(code(&text), 0);
     assert!(String::from_utf8_lossy(&text.stdout).contains("state: done"));
 
-    let out = idem(url, &["counts", &scope, "--json"]);
+    let out = idem(url, &["stats", &scope, "--json"]);
     assert_eq!(code(&out), 0, "{out:?}");
     assert_eq!(stdout_json(&out)["counts"]["done"], 1);
+    // `counts`, the old name, is an alias.
+    let alias = idem(url, &["counts", &scope, "--json"]);
+    assert_eq!(alias.stdout, out.stdout, "{alias:?}");
 
-    let out = idem(url, &["list", &scope, "--state", "done", "--json"]);
+    let out = idem(
+        url,
+        &["list", &scope, "--state", "done", "--json", "--reveal"],
+    );
     assert_eq!(code(&out), 0, "{out:?}");
     let v = stdout_json(&out);
     let keys = v["keys"].as_array().unwrap();
     assert_eq!(keys.len(), 1, "{v}");
     assert_eq!(keys[0]["key"], "1001");
+    // Without --reveal, the key is redacted.
+    let v = stdout_json(&idem(url, &["list", &scope, "--state", "done", "--json"]));
+    let shown = v["keys"][0]["key"].as_str().unwrap().to_owned();
+    assert!(shown.starts_with("redacted:"), "{v}");
 
     // A duplicate replays; forgotten, the next delivery runs again.
     assert_eq!(deliver().await.unwrap(), 7);
     assert_eq!(executions.load(Ordering::SeqCst), 1);
+    // Without --yes, and stdin not a terminal: refused (exit 2), the key unchanged.
     let out = idem(url, &["forget", &scope, "1001"]);
+    assert_eq!(code(&out), 2, "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--yes"),
+        "{out:?}"
+    );
+    let v = stdout_json(&idem(url, &["inspect", &scope, "1001", "--json"]));
+    assert_eq!(v["state"]["name"], "done", "{v}");
+    let out = idem(url, &["forget", &scope, "1001", "--yes"]);
     assert_eq!(code(&out), 0, "{out:?}");
     let v = stdout_json(&idem(url, &["inspect", &scope, "1001", "--json"]));
     assert_eq!(v["state"]["name"], "forgotten", "{v}");
@@ -101,7 +120,10 @@ where
     // A key with no record: exit 1.
     let out = idem(url, &["inspect", &scope, "no-such-key"]);
     assert_eq!(code(&out), 1, "{out:?}");
-    assert_eq!(code(&idem(url, &["forget", &scope, "no-such-key"])), 1);
+    assert_eq!(
+        code(&idem(url, &["forget", &scope, "no-such-key", "--yes"])),
+        1
+    );
 
     // A live lease: release and forget refuse it without --force (exit 2).
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -124,23 +146,44 @@ where
         tokio::task::spawn_blocking(move || {
             let v = stdout_json(&idem(&url, &["inspect", &scope, "order-1004", "--json"]));
             assert_eq!(v["state"]["name"], "in_flight", "{v}");
-            let refused = idem(&url, &["release", &scope, "order-1004"]);
+            let refused = idem(&url, &["release", &scope, "order-1004", "--yes"]);
             assert_eq!(code(&refused), 2, "{refused:?}");
             assert!(
                 String::from_utf8_lossy(&refused.stderr).contains("--force"),
                 "{refused:?}"
             );
-            assert_eq!(code(&idem(&url, &["forget", &scope, "order-1004"])), 2);
+            assert_eq!(
+                code(&idem(&url, &["forget", &scope, "order-1004", "-y"])),
+                2
+            );
             let list = stdout_json(&idem(
                 &url,
-                &["list", &scope, "--state", "in-flight", "--json"],
+                &["list", &scope, "--state", "in-flight", "--json", "--reveal"],
             ));
             assert_eq!(list["keys"][0]["key"], "order-1004", "{list}");
-            let counts = stdout_json(&idem(&url, &["counts", &scope, "--json"]));
+            let text = idem(&url, &["list", &scope, "--state", "in-flight"]);
+            let text = String::from_utf8_lossy(&text.stdout);
+            assert!(!text.contains("order-1004"), "{text}");
+            assert!(text.contains("redacted:"), "{text}");
+            let text = idem(&url, &["list", &scope, "--state", "in-flight", "--reveal"]);
+            assert!(String::from_utf8_lossy(&text.stdout).contains("order-1004"));
+            // The key typed is echoed redacted too, unless --reveal.
+            let refused = String::from_utf8_lossy(&refused.stderr).into_owned();
+            assert!(!refused.contains("order-1004"), "{refused}");
+            let shown = idem(&url, &["inspect", &scope, "order-1004", "--reveal"]);
+            assert!(String::from_utf8_lossy(&shown.stdout).contains("key:   order-1004"));
+            let counts = stdout_json(&idem(&url, &["stats", &scope, "--json"]));
             assert_eq!(counts["counts"]["in_flight"], 1, "{counts}");
             let forced = idem(
                 &url,
-                &["release", &scope, "order-1004", "--force", "--json"],
+                &[
+                    "release",
+                    &scope,
+                    "order-1004",
+                    "--force",
+                    "--json",
+                    "--yes",
+                ],
             );
             assert_eq!(code(&forced), 0, "{forced:?}");
             assert_eq!(stdout_json(&forced)["result"], "freed");
@@ -191,7 +234,7 @@ async fn redis_with_prefix() {
     assert_eq!(code(&found), 0, "{found:?}");
     // Under the default prefix the key is not there.
     assert_eq!(code(&idem(&url, &["inspect", &scope, "5"])), 1);
-    let out = idem(&url, &["purge", "--json"]);
+    let out = idem(&url, &["purge", "--json", "--yes"]);
     assert_eq!(code(&out), 0, "{out:?}");
     assert_eq!(stdout_json(&out)["purged"], Value::Null);
 }
@@ -244,7 +287,7 @@ async fn mariadb() {
     scenario(&url, "mysql", &store).await;
     // mariadb:// names the same server.
     let mariadb = url.replacen("mysql://", "mariadb://", 1);
-    assert_eq!(code(&idem(&mariadb, &["counts", "cli-probe"])), 0);
+    assert_eq!(code(&idem(&mariadb, &["stats", "cli-probe"])), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -265,7 +308,11 @@ async fn sqlite() {
     .await
     .unwrap();
     tokio::time::sleep(Duration::from_millis(2100)).await;
+    // Without --yes: refused, nothing deleted (the purge with --yes below still finds the row).
     let out = idem(&url, &["purge", "--json"]);
+    assert_eq!(code(&out), 2, "{out:?}");
+    assert!(out.stdout.is_empty(), "{out:?}");
+    let out = idem(&url, &["purge", "--json", "--yes"]);
     assert_eq!(code(&out), 0, "{out:?}");
     assert!(
         stdout_json(&out)["purged"].as_u64().unwrap() >= 1,
@@ -277,15 +324,47 @@ async fn sqlite() {
 }
 
 #[test]
+fn migrate_print_applies_nothing() {
+    let dir = std::env::temp_dir().join(format!("idem-cli-print-{}", std::process::id()));
+    let path = dir.join("never.sqlite");
+    let url = format!("sqlite://{}", path.display());
+    let out = idem(&url, &["migrate", "--print"]);
+    assert_eq!(code(&out), 0, "{out:?}");
+    let sql = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        sql.contains("CREATE TABLE IF NOT EXISTS idem_keys ("),
+        "{sql}"
+    );
+    assert!(sql.contains("INSERT INTO idem_keys_migrations"), "{sql}");
+    assert!(!path.exists(), "--print created the database");
+    // Every SQL store, and --table; nothing is connected to (nothing listens on port 1).
+    for url in [
+        "postgres://postgres@127.0.0.1:1/test",
+        "mysql://root@127.0.0.1:1/test",
+    ] {
+        let out = idem(url, &["--table", "app.keys", "migrate", "--print"]);
+        assert_eq!(code(&out), 0, "{url}: {out:?}");
+        let sql = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            sql.contains("CREATE TABLE IF NOT EXISTS app.keys ("),
+            "{sql}"
+        );
+    }
+    let out = idem("redis://127.0.0.1:1", &["migrate", "--print", "--json"]);
+    assert_eq!(code(&out), 0, "{out:?}");
+    assert_eq!(stdout_json(&out)["sql"], Value::Null);
+}
+
+#[test]
 fn bad_and_unreachable_stores() {
     // Not a URL idem knows: a usage error.
-    let out = idem("foo://x", &["counts", "s"]);
+    let out = idem("foo://x", &["stats", "s"]);
     assert_eq!(code(&out), 64, "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("bad store URL"));
     // A table name that is not an identifier.
     let out = idem(
         "postgres://postgres@127.0.0.1:5432/test",
-        &["--table", "x; DROP TABLE y", "counts", "s"],
+        &["--table", "x; DROP TABLE y", "stats", "s"],
     );
     assert_eq!(code(&out), 64, "{out:?}");
     // Nothing listens: unreachable, a clear message, no panic.
@@ -294,7 +373,7 @@ fn bad_and_unreachable_stores() {
         "postgres://postgres:hunter2@127.0.0.1:1/test",
         "mysql://root@127.0.0.1:1/test",
     ] {
-        let out = idem(url, &["counts", "s"]);
+        let out = idem(url, &["stats", "s"]);
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(code(&out), 3, "{url}: {out:?}");
         assert!(err.contains("unreachable"), "{url}: {err}");
@@ -303,7 +382,7 @@ fn bad_and_unreachable_stores() {
     }
     // No store at all.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_idem"))
-        .args(["counts", "s"])
+        .args(["stats", "s"])
         .env_remove("IDEM_STORE")
         .output()
         .unwrap();

@@ -297,6 +297,51 @@ impl<DB: Backend> SqlStore<DB> {
             .map_err(db_error)
     }
 
+    /// The SQL that [`migrate`](Self::migrate) runs on a new database, for a DBA to review and
+    /// apply by hand (when the application's user may not create tables): the statement creating
+    /// `<table>_migrations`, then each migration this crate ships with its comments, followed by
+    /// the `INSERT` that records its version, so that a later `migrate` finds it applied and does
+    /// nothing. Statements end with `;` at the end of a line. On a database already at some
+    /// version, apply only the sections after the versions `<table>_migrations` holds. Connects
+    /// to nothing.
+    ///
+    /// ```
+    /// # #[cfg(feature = "postgres")] {
+    /// use idem_runtime::{SqlStore, sqlx::Postgres};
+    /// let sql = SqlStore::<Postgres>::migration_sql("billing.idem_keys").unwrap();
+    /// assert!(sql.contains("CREATE TABLE IF NOT EXISTS billing.idem_keys ("));
+    /// assert!(sql.contains("INSERT INTO billing.idem_keys_migrations (version, name) VALUES (1, "));
+    /// assert!(SqlStore::<Postgres>::migration_sql("keys; DROP TABLE users").is_err());
+    /// # }
+    /// ```
+    pub fn migration_sql(table: &str) -> Result<String, InvalidTableName> {
+        let t = Table::parse(table)?;
+        let mut out = format!("{};\n", t.fill(DB::MIGRATIONS_TABLE, DB::NOW).as_str());
+        for &(version, name, sql) in DB::MIGRATIONS {
+            out.push_str(&format!("\n-- version {version}: {name}\n"));
+            for line in sql.trim_end().lines() {
+                // Comments as shipped (they name the placeholders); statements filled in.
+                if line.trim_start().starts_with("--") {
+                    out.push_str(line);
+                } else {
+                    out.push_str(t.fill(line, DB::NOW).as_str());
+                }
+                out.push('\n');
+            }
+            out.push_str(
+                t.fill(
+                    &format!(
+                        "INSERT INTO {{table}}_migrations (version, name) VALUES ({version}, '{}');\n",
+                        name.replace('\'', "''")
+                    ),
+                    DB::NOW,
+                )
+                .as_str(),
+            );
+        }
+        Ok(out)
+    }
+
     /// Delete expired rows (released keys, lapsed leases, done records past their `keep`), at most
     /// `batch_size` rows per statement, until a batch finds fewer; returns how many were deleted.
     /// Each batch is its own short statement, so the table stays available meanwhile. Rows in use

@@ -229,6 +229,8 @@ async fn fresh(
 impl Ops for MySql {
     type Sql = Sql;
     const MIGRATIONS: Migrations = MIGRATIONS;
+    const MIGRATIONS_TABLE: &'static str = MIGRATIONS_TABLE;
+    const NOW: &'static str = NOW;
     // InnoDB has no transaction-scoped lock that can be tried without waiting for a key that has
     // no row yet: the claim is a lease on another connection, renewed by the watchdog, and the
     // mark (an `UPDATE`, which reads the latest row at every isolation level) checks its token.

@@ -178,6 +178,8 @@ returning_ops! {
 impl Ops for Postgres, PgConnection {
     type Sql = Sql;
     const MIGRATIONS: Migrations = MIGRATIONS;
+    const MIGRATIONS_TABLE: &'static str = MIGRATIONS_TABLE;
+    const NOW: &'static str = NOW;
     const CLAIMS_IN_TX: bool = true;
     const CLAIM_LOCKS_DATABASE: bool = false;
     fn side_pool(pool: &Pool<Postgres>) -> Option<Pool<Postgres>> {

@@ -175,6 +175,10 @@ pub trait Ops: sqlx::Database + Sized {
     type Sql: Send + Sync + 'static;
     /// The migrations this crate ships.
     const MIGRATIONS: Migrations;
+    /// The statement creating `{table}_migrations`, where applied versions are recorded.
+    const MIGRATIONS_TABLE: &'static str;
+    /// The database's clock in µs, for `{now}`.
+    const NOW: &'static str;
 
     /// Whether the transactional form claims in the caller's transaction (see `run/tx.rs`).
     const CLAIMS_IN_TX: bool;

@@ -114,6 +114,8 @@ returning_ops! {
 impl Ops for Sqlite, SqliteConnection {
     type Sql = Sql;
     const MIGRATIONS: Migrations = MIGRATIONS;
+    const MIGRATIONS_TABLE: &'static str = MIGRATIONS_TABLE;
+    const NOW: &'static str = NOW;
     const CLAIMS_IN_TX: bool = true;
     const CLAIM_LOCKS_DATABASE: bool = true;
     fn side_pool(pool: &Pool<Sqlite>) -> Option<Pool<Sqlite>> {
