@@ -20,6 +20,8 @@ use support::*;
 enum AppError {
     #[error(transparent)]
     Idem(#[from] idem_runtime::Error),
+    #[error("the handler failed")]
+    Failed,
 }
 
 #[idempotent(key = "key", store = "store", scope = "idem_rabbitmq.review2.plain")]
@@ -149,5 +151,119 @@ async fn a_failed_declaration_of_a_gone_dead_letter_queue_leaves_the_original_ne
         "settle returned {settled:?}, yet the original was neither acked nor requeued: not \
          delivered again within 3 s, {ready_now} ready in the queue, {copies} copies in `{dlq}`; \
          {ready_after_close} ready once the consumer's channel closed (it was held unacked)"
+    );
+}
+
+#[idempotent(key = "key", store = "store", scope = "idem_rabbitmq.review2.failing")]
+async fn failing(store: &MemoryStore, key: &str) -> Result<u64, AppError> {
+    Err(AppError::Failed)
+}
+
+/// The glue's channel is opened once, at `build`, and never again. A single channel error on it
+/// (the refused declaration above) closes it for good: every later settle that needs a copy (each
+/// retry, each dead letter) fails on `basic.publish` with `?`, again without the nack, so each
+/// such message is held unacked on the consumer's channel, even after the cause is gone (here the
+/// limit is lifted before the second message).
+#[tokio::test]
+async fn one_channel_error_breaks_the_glue_for_good_and_every_later_copy_leaves_its_message_held() {
+    let Some(vhost) = Vhost::new() else { return };
+    let conn = Connection::connect(&vhost.url(), ConnectionProperties::default())
+        .await
+        .expect("a connection to the test's vhost");
+    let store = MemoryStore::new();
+    let queue = unique("idem_rmq_rv2_broken");
+    let (channel, glue) = fresh_queue(&conn, &queue, QueueKind::Quorum, Policy::default()).await;
+    let dlq = glue.topology().dead_letter_queue().to_owned();
+    channel
+        .queue_delete(dlq.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+    assert!(rabbitmqctl(&[
+        "set_vhost_limits",
+        "-p",
+        &vhost.0,
+        r#"{"max-queues": 1}"#
+    ]));
+    publish(&channel, &queue, "poison-1", b"{}").await;
+    let consumer_channel = conn.create_channel().await.unwrap();
+    let mut c = consumer(&consumer_channel, &queue).await;
+    let d1 = next_within(&mut c, Duration::from_secs(10)).await.unwrap();
+    let first = glue.settle(&d1, plain(&store, "")).await;
+    assert!(first.is_err(), "{first:?}");
+
+    // The cause goes away: the queue limit is lifted.
+    assert!(rabbitmqctl(&["clear_vhost_limits", "-p", &vhost.0]));
+    publish(&channel, &queue, "poison-2", b"{}").await;
+    let d2 = next_within(&mut c, Duration::from_secs(10)).await.unwrap();
+    let second = glue.settle(&d2, plain(&store, "")).await;
+    let copies = ready(&conn, &dlq).await;
+    let _ = channel
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await;
+    assert!(
+        second.is_ok() && copies == 1,
+        "with the limit lifted, a second dead letter still failed: {second:?} ({copies} copies in \
+         `{dlq}`); the glue's channel stays closed after its first channel error"
+    );
+}
+
+/// A copy the broker refuses (`basic.nack`: here a delay queue full under a `max-length` policy
+/// with the `reject-publish` overflow the glue itself gives quorum delay queues; likewise a
+/// memory or disk alarm on a quorum queue's leader) is answered with
+/// `basic.nack(requeue)`: the failed message comes straight back to the consumer and is run again
+/// at once, over and over, without the policy's back-off, although its queue could be declared
+/// (the crate docs: "no deferral bounces without its pause while the queue can be declared").
+#[tokio::test]
+async fn a_failed_message_bounces_without_its_back_off_while_its_delay_queue_refuses_copies() {
+    let Some(vhost) = Vhost::new() else { return };
+    let conn = Connection::connect(&vhost.url(), ConnectionProperties::default())
+        .await
+        .expect("a connection to the test's vhost");
+    assert!(rabbitmqctl(&[
+        "set_policy",
+        "-p",
+        &vhost.0,
+        "--apply-to",
+        "queues",
+        "full-delay",
+        ".*idem-delay.*",
+        r#"{"max-length": 1}"#
+    ]));
+    let store = MemoryStore::new();
+    let queue = unique("idem_rmq_rv2_full");
+    let policy = Policy::default()
+        .max_attempts(5)
+        .backoff(Duration::from_secs(60), Duration::from_secs(60));
+    let (channel, glue) = fresh_queue(&conn, &queue, QueueKind::Quorum, policy).await;
+    // Three failing messages: each one's copy should wait a minute in the delay queue, which
+    // holds one; the later ones' copies are refused.
+    for id in ["fails-1", "fails-2", "fails-3"] {
+        publish(&channel, &queue, id, b"{}").await;
+    }
+    let consumer_channel = conn.create_channel().await.unwrap();
+    let mut c = consumer(&consumer_channel, &queue).await;
+    let started = std::time::Instant::now();
+    let mut runs = 0;
+    let mut errors = Vec::new();
+    while let Some(d) = next_within(&mut c, Duration::from_secs(2)).await {
+        runs += 1;
+        if let Err(e) = glue.settle(&d, failing(&store, "k")).await {
+            errors.push(e.to_string());
+        }
+        if runs > 30 || started.elapsed() > Duration::from_secs(3) {
+            break;
+        }
+    }
+    let elapsed = started.elapsed();
+    let dead = ready(&conn, glue.topology().dead_letter_queue()).await;
+    let _ = channel
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await;
+    errors.dedup();
+    assert!(
+        runs <= 3,
+        "three failing messages ran {runs} times in {elapsed:?} with a 60 s back-off, and {dead} \
+         were dead-lettered by the queue's x-delivery-limit (20) after one failure each of a \
+         policy allowing 5; settle said: {errors:?}"
     );
 }
