@@ -102,3 +102,75 @@ async fn a_failed_consumer_info_request_falls_back_to_the_stale_max_deliver_and_
         state.num_pending, state.num_ack_pending
     );
 }
+
+/// The consumer-info request `Glue::max_deliver` makes after a failure runs outside the
+/// heartbeat (`beat.run`/`beat.hold` send `+WPI` only around the handler and the holds). When
+/// the JetStream API is slow (the request waits for the context's timeout, 5 s by default), the
+/// message sits in the glue with no progress signal past `ack_wait`, and JetStream delivers it
+/// again to another puller while the first delivery is still being settled: the failing handler
+/// runs twice at once, and the two settles race (two -NAKs, or a -NAK and a dead letter).
+#[tokio::test]
+async fn a_slow_consumer_info_request_outlives_ack_wait_without_progress_and_the_message_is_delivered_twice_at_once()
+ {
+    let Some(s) = support::servers().await else {
+        return;
+    };
+    let orders = support::orders(
+        &s.js,
+        ConsumerSettings {
+            ack_wait: Duration::from_secs(1),
+            ..ConsumerSettings::default()
+        },
+    )
+    .await;
+    let glue = Glue::new(&orders.consumer)
+        .policy(Policy::default().backoff(Duration::from_millis(50), Duration::from_millis(50)));
+    glue.ensure_dead_letter_stream(&s.js).await.unwrap();
+    // A JetStream API that takes the request and does not answer in time.
+    let slow_prefix = format!("SLOW{}.API", idem_runtime::Token::generate().to_hex());
+    let _swallow =
+        s.js.client()
+            .subscribe(format!("{slow_prefix}.>"))
+            .await
+            .unwrap();
+    s.js.client().flush().await.unwrap();
+    let slow = jetstream::with_prefix(s.js.client(), &slow_prefix);
+    orders
+        .publish(
+            &s.js,
+            &OrderPaid {
+                id: 1,
+                user: 1,
+                amount: 100,
+            },
+        )
+        .await;
+    let mut msg = next(&orders.consumer, Duration::from_secs(3))
+        .await
+        .unwrap();
+    msg.context = slow;
+    let settling = {
+        let glue = glue.clone();
+        tokio::spawn(async move {
+            glue.settle(msg, || async { Err::<(), _>(AppError::Failed) })
+                .await
+        })
+    };
+    // Another puller of the same consumer, while the first delivery is still in the glue's hands.
+    let mut again = None;
+    while !settling.is_finished() {
+        if let Some(m) = next(&orders.consumer, Duration::from_millis(500)).await {
+            again = Some(m.info().unwrap().delivered);
+            break;
+        }
+    }
+    let still_settling = !settling.is_finished();
+    let first = settling.await.unwrap();
+    orders.delete(&s.js).await;
+    assert!(
+        again.is_none(),
+        "while the first delivery was still being settled ({still_settling}; it ended {first:?}), \
+         JetStream delivered the message again (delivery {again:?}): the consumer-info request \
+         outlived ack_wait (1 s) with no +WPI"
+    );
+}
