@@ -267,3 +267,56 @@ async fn a_failed_message_bounces_without_its_back_off_while_its_delay_queue_ref
          policy allowing 5; settle said: {errors:?}"
     );
 }
+
+/// The crate docs name an `expires` policy on idle queues as a reason a delay queue is gone, and
+/// answer it by declaring the queue again when a copy comes back unroutable. But RabbitMQ counts
+/// a queue as unused when it has no consumer, no `basic.get` and no re-declaration: publishing
+/// does not renew its lease, and a delay queue is never consumed. It expires with the copies it
+/// holds, after the glue has acked their originals: a failed message waiting out its back-off is
+/// lost, with no copy in the queue, the delay queue or the dead-letter queue.
+#[tokio::test]
+async fn a_copy_waiting_in_a_delay_queue_is_lost_when_an_expires_policy_deletes_the_queue() {
+    let Some(vhost) = Vhost::new() else { return };
+    let conn = Connection::connect(&vhost.url(), ConnectionProperties::default())
+        .await
+        .expect("a connection to the test's vhost");
+    assert!(rabbitmqctl(&[
+        "set_policy",
+        "-p",
+        &vhost.0,
+        "--apply-to",
+        "queues",
+        "idle-delay",
+        ".*idem-delay.*",
+        r#"{"expires": 1000}"#
+    ]));
+    let store = MemoryStore::new();
+    let queue = unique("idem_rmq_rv2_expires");
+    // An 8 s back-off: the copy waits in `q.idem-delay.8192ms`, idle for 1 s.
+    let policy = Policy::default()
+        .max_attempts(5)
+        .backoff(Duration::from_secs(8), Duration::from_secs(8));
+    let (channel, glue) = fresh_queue(&conn, &queue, QueueKind::Quorum, policy).await;
+    publish(&channel, &queue, "fails-once", b"{}").await;
+    let consumer_channel = conn.create_channel().await.unwrap();
+    let mut c = consumer(&consumer_channel, &queue).await;
+    let d = next_within(&mut c, Duration::from_secs(10)).await.unwrap();
+    let first = glue.settle(&d, failing(&store, "k")).await;
+    assert!(
+        matches!(first, Ok(idem_rabbitmq::Settled::Redelivered { .. })),
+        "{first:?}"
+    );
+    // The copy should come back after about 8 s.
+    let back = next_within(&mut c, Duration::from_secs(16)).await;
+    let dead = ready(&conn, glue.topology().dead_letter_queue()).await;
+    let (delay_queue, _) = glue.topology().delay_queue(Duration::from_secs(8));
+    let waiting = ready(&conn, &delay_queue).await;
+    let _ = channel
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await;
+    assert!(
+        back.is_some(),
+        "the failed message was acked with its copy in `{delay_queue}` and never came back: \
+         {waiting} waiting there, {dead} in the dead-letter queue"
+    );
+}
