@@ -32,6 +32,14 @@ pub enum Error {
     /// acked, nacked or rejected already.
     #[error("the delivery could not be acked: its channel is closed, or it was settled already")]
     NotAcked,
+    /// The glue's channel was closed (a channel error) and it has no channel left to open in its
+    /// place: it was built with [`build`](crate::GlueBuilder::build) and used its spares. The
+    /// original was handed back to the queue. Build the glue with
+    /// [`build_shared`](crate::GlueBuilder::build_shared) to have it reopen without limit.
+    #[error(
+        "the glue's channel is closed and it has no spare channel left; the original was requeued"
+    )]
+    ChannelClosed,
     /// A queue name the glue would derive is not a valid AMQP short string (over 255 bytes).
     #[error("queue name `{0}` is longer than 255 bytes")]
     InvalidName(String),
