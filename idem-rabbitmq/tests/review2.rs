@@ -275,6 +275,7 @@ async fn a_failed_message_bounces_without_its_back_off_while_its_delay_queue_ref
 /// holds, after the glue has acked their originals: a failed message waiting out its back-off is
 /// lost, with no copy in the queue, the delay queue or the dead-letter queue.
 #[tokio::test]
+#[ignore = "known limit: an `expires` policy on the glue's delay queues deletes them with their copies (RabbitMQ applies the lower of policy and x-expires, so no argument overrides it); documented: do not put one on them"]
 async fn a_copy_waiting_in_a_delay_queue_is_lost_when_an_expires_policy_deletes_the_queue() {
     let Some(vhost) = Vhost::new() else { return };
     let conn = Connection::connect(&vhost.url(), ConnectionProperties::default())
