@@ -18,8 +18,10 @@ pub enum Error {
     },
     /// The broker did not take the copy the decision needed (a publisher nack, or the copy was
     /// returned as unroutable again after the glue had declared its queue anew). The original was
-    /// not acked; it was handed back to the queue (`basic.nack` with requeue) so that it is not
-    /// held forever.
+    /// not acked; it was held for the decision's pause (at most 30 s), then handed back to the
+    /// queue (`basic.nack` with requeue) so that it is not held forever. Any other error before
+    /// the copy was confirmed ([`Error::Broker`] from a declaration or a publish) requeues it in
+    /// the same way.
     #[error("RabbitMQ did not confirm the copy for `{queue}` ({why}); the original was requeued")]
     NotConfirmed {
         /// The queue the copy was meant for.

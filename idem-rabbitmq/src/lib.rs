@@ -67,13 +67,31 @@
 //! one, and a transient message in a classic delay or dead-letter queue would not survive a broker
 //! restart.
 //!
-//! **A delay or dead-letter queue that is gone** (deleted by an operator, or by an `expires`
-//! policy on idle queues: the delay queues are idle most of the time) returns the copy as
+//! **A delay or dead-letter queue that is gone** (deleted by an operator) returns the copy as
 //! unroutable. The glue then declares that queue again and publishes the copy once more; only
-//! that second copy's confirm lets it ack the original. Should the broker still not take it, the
-//! original is never acked: it is handed back (`basic.nack` with requeue) and `settle` returns
-//! [`Error::NotConfirmed`], so nothing is dropped and no deferral bounces without its pause while
-//! the queue can be declared.
+//! that second copy's confirm lets it ack the original.
+//!
+//! **No copy placed, nothing held.** Should the broker still not take the copy (a publisher
+//! nack: a delay queue full with `reject-publish`, a resource alarm; returned again; a refused
+//! declaration; a closed channel), the original is never acked: it is held in the process for
+//! the pause the decision asked for (the policy's first pause for a dead letter; at most 30 s),
+//! so that it does not come straight back faster than its back-off, then handed back
+//! (`basic.nack` with requeue, on the consumer's channel) and `settle` returns the error
+//! ([`Error::NotConfirmed`], [`Error::Broker`]). The hold keeps the consumer's loop waiting, as
+//! a delivery held in process does (see below); it happens only while the broker refuses copies.
+//!
+//! **The glue's channel** is opened again when a channel error closed it (a refused declaration,
+//! a missing permission), once per settle that needs a copy, and the cache of declared delay
+//! queues is dropped with it: as often as needed with
+//! [`GlueBuilder::build_shared`], from 4 spare channels opened at [`GlueBuilder::build`] (which
+//! only borrows the connection; then [`Error::ChannelClosed`]).
+//!
+//! **Limit: no `expires` policy on the delay queues.** RabbitMQ counts a queue as unused when it
+//! has no consumer and no `basic.get`; publishing does not renew it, and a delay queue is never
+//! consumed. An `expires` policy matching `*.idem-delay.*` deletes a delay queue with the copies
+//! waiting in it, whose originals were acked: they are lost. The glue cannot override it (for
+//! `expires`, RabbitMQ applies the lower of the policy and the queue's `x-expires`). Keep such
+//! policies off the glue's queues.
 //!
 //! **Counting failures.** The handler's failures travel on the copies, in the glue's own header
 //! `x-idem-failures`, on classic and quorum queues alike (a copy is a new message for the broker:

@@ -43,6 +43,11 @@ impl Glue {
     /// A panic in `work` counts as a failure too: the delivery is settled as one, then the panic
     /// goes on to the caller.
     ///
+    /// When the copy a decision needs cannot be placed, `settle` never acks: it holds the
+    /// delivery for the decision's pause (at most 30 s), hands it back (`basic.nack` with
+    /// requeue) and returns the error; see the [crate docs](crate) ("No copy placed, nothing
+    /// held").
+    ///
     /// ```no_run
     /// # async fn example(glue: idem_rabbitmq::Glue, delivery: lapin::message::Delivery) -> Result<(), idem_rabbitmq::Error> {
     /// #[derive(serde::Deserialize)]
