@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -81,7 +82,9 @@ impl Settled {
 pub struct Glue {
     policy: Policy,
     stream: String,
-    max_deliver: Option<u32>,
+    /// The consumer's `max_deliver` as the server answered last (0: unlimited), shared by the
+    /// clones: the fallback when the server does not answer.
+    max_deliver: Arc<AtomicU32>,
     ack_wait: Duration,
     progress_every: Duration,
     max_progress: Duration,
@@ -101,6 +104,9 @@ struct Failures {
 /// At most this many messages are remembered (a message that failed here and was then delivered
 /// to another process is never settled here): past it, the oldest half is forgotten.
 const MAX_REMEMBERED: usize = 65_536;
+
+/// The longest the glue waits for the consumer's info after a failure.
+const MAX_INFO_WAIT: Duration = Duration::from_secs(5);
 
 impl Failures {
     fn get(&self, key: &(String, String, u64)) -> u32 {
@@ -152,9 +158,9 @@ impl Glue {
         Glue {
             policy: Policy::default(),
             stream: info.stream_name.clone(),
-            max_deliver: u32::try_from(info.config.max_deliver)
-                .ok()
-                .filter(|&n| n > 0),
+            max_deliver: Arc::new(AtomicU32::new(
+                u32::try_from(info.config.max_deliver).unwrap_or(0),
+            )),
             ack_wait,
             progress_every: ack_wait / 3,
             max_progress: Duration::from_secs(3600),
@@ -301,11 +307,11 @@ impl Glue {
                     after,
                     reason: RetryReason::HandlerFailed { attempt },
                 } => {
-                    if self
-                        .max_deliver(&msg)
-                        .await
-                        .is_some_and(|max| delivered >= max)
-                    {
+                    // Asked under the heartbeat (+WPI) and bounded, so that a slow JetStream API
+                    // never lets `ack_wait` pass with the message in hand.
+                    let until = Instant::now() + self.max_progress;
+                    let max_deliver = beat.run(&msg, self.max_deliver(&msg), until).await;
+                    if max_deliver.is_some_and(|max| delivered >= max) {
                         // JetStream will not deliver it again: a -NAK would drop it silently.
                         let reason = DeadLetterReason::HandlerFailed { attempts: attempt };
                         return self
@@ -398,28 +404,45 @@ impl Glue {
 
     /// The consumer's `max_deliver` as the server has it now (it may have been lowered since
     /// [`Glue::new`]: the cached value would `-NAK` a last delivery, which JetStream then drops).
-    /// Asked only after a handler failure; when the server does not answer, the value known
-    /// last is used.
+    /// Asked only after a handler failure, for at most [`MAX_INFO_WAIT`] (or half of
+    /// `ack_wait`, if shorter); each answer is kept. When the server does not answer, the value
+    /// it answered last (to this glue or a clone of it; the one cached at [`Glue::new`] before
+    /// any) is used: on the delivery that is the last under it, the message is dead-lettered
+    /// rather than `-NAK`ed (fail safe).
     async fn max_deliver(&self, msg: &Message) -> Option<u32> {
-        let limit = |n: i64| u32::try_from(n).ok().filter(|&n| n > 0);
+        let known = || Some(self.max_deliver.load(Ordering::Relaxed)).filter(|&n| n > 0);
         let Ok(info) = msg.info() else {
-            return self.max_deliver;
+            return known();
         };
-        match msg
-            .context
-            .get_consumer_from_stream::<jetstream::consumer::Config, _, _>(
-                info.consumer,
-                info.stream,
-            )
-            .await
-        {
-            Ok(consumer) => limit(consumer.cached_info().config.max_deliver),
-            Err(e) => {
+        let wait = MAX_INFO_WAIT.min(self.ack_wait / 2);
+        let asked = tokio::time::timeout(
+            wait,
+            msg.context
+                .get_consumer_from_stream::<jetstream::consumer::Config, _, _>(
+                    info.consumer,
+                    info.stream,
+                ),
+        )
+        .await;
+        match asked {
+            Ok(Ok(consumer)) => {
+                let n = u32::try_from(consumer.cached_info().config.max_deliver).unwrap_or(0);
+                self.max_deliver.store(n, Ordering::Relaxed);
+                Some(n).filter(|&n| n > 0)
+            }
+            Ok(Err(e)) => {
                 tracing::debug!(
                     error = %e,
                     "idem-nats: the consumer's info did not come: using its max_deliver known last"
                 );
-                self.max_deliver
+                known()
+            }
+            Err(_elapsed) => {
+                tracing::debug!(
+                    wait = ?wait,
+                    "idem-nats: the consumer's info did not come in time: using its max_deliver known last"
+                );
+                known()
             }
         }
     }

@@ -137,8 +137,11 @@
 //! counted here, so a message that fails on several processes can run up to `max_attempts`
 //! times on each, and a message that kills every process it reaches is bounded only by
 //! `max_deliver`. `max_deliver` is asked of the server (the consumer's info) after each
-//! failure, so a limit lowered under a running glue is seen; on the last delivery it allows, a
-//! failure is dead-lettered instead of `-NAK`ed (JetStream would drop it). Give the consumer
+//! failure (under the heartbeat, `+WPI`, and for at most 5 s or half of `ack_wait`), so a limit
+//! lowered under a running glue is seen; on the last delivery it allows, a failure is
+//! dead-lettered instead of `-NAK`ed (JetStream would drop it). When the server does not answer,
+//! the value it answered last is used (fail safe: the last delivery under it is dead-lettered).
+//! Give the consumer
 //! `max_deliver` = -1 (unlimited) or at least the policy's `max_attempts`, and let the policy
 //! dead-letter; a finite `max_deliver` bounds a message that crashes its consumers.
 //!

@@ -18,8 +18,10 @@ pub enum Error {
     },
     /// The broker did not take the copy the decision needed (a publisher nack, or the copy was
     /// returned as unroutable again after the glue had declared its queue anew). The original was
-    /// not acked; it was handed back to the queue (`basic.nack` with requeue) so that it is not
-    /// held forever.
+    /// not acked; it was held for the decision's pause (at most 30 s), then handed back to the
+    /// queue (`basic.nack` with requeue) so that it is not held forever. Any other error before
+    /// the copy was confirmed ([`Error::Broker`] from a declaration or a publish) requeues it in
+    /// the same way.
     #[error("RabbitMQ did not confirm the copy for `{queue}` ({why}); the original was requeued")]
     NotConfirmed {
         /// The queue the copy was meant for.
@@ -32,6 +34,14 @@ pub enum Error {
     /// acked, nacked or rejected already.
     #[error("the delivery could not be acked: its channel is closed, or it was settled already")]
     NotAcked,
+    /// The glue's channel was closed (a channel error) and it has no channel left to open in its
+    /// place: it was built with [`build`](crate::GlueBuilder::build) and used its spares. The
+    /// original was handed back to the queue. Build the glue with
+    /// [`build_shared`](crate::GlueBuilder::build_shared) to have it reopen without limit.
+    #[error(
+        "the glue's channel is closed and it has no spare channel left; the original was requeued"
+    )]
+    ChannelClosed,
     /// A queue name the glue would derive is not a valid AMQP short string (over 255 bytes).
     #[error("queue name `{0}` is longer than 255 bytes")]
     InvalidName(String),

@@ -67,13 +67,31 @@
 //! one, and a transient message in a classic delay or dead-letter queue would not survive a broker
 //! restart.
 //!
-//! **A delay or dead-letter queue that is gone** (deleted by an operator, or by an `expires`
-//! policy on idle queues: the delay queues are idle most of the time) returns the copy as
+//! **A delay or dead-letter queue that is gone** (deleted by an operator) returns the copy as
 //! unroutable. The glue then declares that queue again and publishes the copy once more; only
-//! that second copy's confirm lets it ack the original. Should the broker still not take it, the
-//! original is never acked: it is handed back (`basic.nack` with requeue) and `settle` returns
-//! [`Error::NotConfirmed`], so nothing is dropped and no deferral bounces without its pause while
-//! the queue can be declared.
+//! that second copy's confirm lets it ack the original.
+//!
+//! **No copy placed, nothing held.** Should the broker still not take the copy (a publisher
+//! nack: a delay queue full with `reject-publish`, a resource alarm; returned again; a refused
+//! declaration; a closed channel), the original is never acked: it is held in the process for
+//! the pause the decision asked for (the policy's first pause for a dead letter; at most 30 s),
+//! so that it does not come straight back faster than its back-off, then handed back
+//! (`basic.nack` with requeue, on the consumer's channel) and `settle` returns the error
+//! ([`Error::NotConfirmed`], [`Error::Broker`]). The hold keeps the consumer's loop waiting, as
+//! a delivery held in process does (see below); it happens only while the broker refuses copies.
+//!
+//! **The glue's channel** is opened again when a channel error closed it (a refused declaration,
+//! a missing permission), once per settle that needs a copy, and the cache of declared delay
+//! queues is dropped with it: as often as needed with
+//! [`GlueBuilder::build_shared`], from 4 spare channels opened at [`GlueBuilder::build`] (which
+//! only borrows the connection; then [`Error::ChannelClosed`]).
+//!
+//! **Limit: no `expires` policy on the delay queues.** RabbitMQ counts a queue as unused when it
+//! has no consumer and no `basic.get`; publishing does not renew it, and a delay queue is never
+//! consumed. An `expires` policy matching `*.idem-delay.*` deletes a delay queue with the copies
+//! waiting in it, whose originals were acked: they are lost. The glue cannot override it (for
+//! `expires`, RabbitMQ applies the lower of the policy and the queue's `x-expires`). Keep such
+//! policies off the glue's queues.
 //!
 //! **Counting failures.** The handler's failures travel on the copies, in the glue's own header
 //! `x-idem-failures`, on classic and quorum queues alike (a copy is a new message for the broker:
@@ -144,11 +162,82 @@ pub struct Glue {
 }
 
 pub(crate) struct Inner {
-    channel: Channel,
+    /// The channel copies are published on; replaced when it is closed (a channel error closes
+    /// it: a refused declaration, a permission error).
+    channel: Mutex<Channel>,
+    /// Where a new channel comes from when the current one is closed.
+    reopen: Reopen,
     policy: Policy,
     topology: Topology,
     /// Delay queues declared on this channel already.
     declared: Mutex<HashSet<String>>,
+}
+
+/// How the glue gets a new channel once its channel is closed.
+enum Reopen {
+    /// From the connection, as often as needed ([`GlueBuilder::build_shared`]).
+    Connection(Arc<Connection>),
+    /// From channels opened beside the first one at [`GlueBuilder::build`], which only borrows
+    /// the connection: [`SPARE_CHANNELS`] of them.
+    Spares(Mutex<Vec<Channel>>),
+}
+
+/// How many spare channels [`GlueBuilder::build`] opens.
+pub(crate) const SPARE_CHANNELS: usize = 4;
+
+impl Glue {
+    /// The glue's channel, opened again (and the cache of declared delay queues dropped) when it
+    /// is closed. Called once per settle that needs a copy.
+    pub(crate) async fn channel(&self) -> Result<Channel, Error> {
+        let current = lock(&self.inner.channel).clone();
+        if current.status().connected() {
+            return Ok(current);
+        }
+        let fresh = match &self.inner.reopen {
+            Reopen::Connection(connection) => open_channel(connection).await?,
+            Reopen::Spares(spares) => loop {
+                let Some(spare) = lock(spares).pop() else {
+                    return Err(Error::ChannelClosed);
+                };
+                if spare.status().connected() {
+                    break spare;
+                }
+            },
+        };
+        let mut slot = lock(&self.inner.channel);
+        if slot.status().connected() {
+            // Another task replaced it meanwhile: keep that one, put a spare back.
+            if let Reopen::Spares(spares) = &self.inner.reopen {
+                lock(spares).push(fresh);
+            }
+            return Ok(slot.clone());
+        }
+        tracing::warn!(
+            broker = "rabbitmq",
+            queue = self.inner.topology.queue(),
+            "the glue's channel was closed: publishing its copies on a new one"
+        );
+        *slot = fresh.clone();
+        lock(&self.inner.declared).clear();
+        Ok(fresh)
+    }
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A channel in publisher-confirm mode.
+async fn open_channel(connection: &Connection) -> Result<Channel, Error> {
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(Error::broker("channel.open"))?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(Error::broker("confirm.select"))?;
+    Ok(channel)
 }
 
 impl std::fmt::Debug for Glue {
@@ -220,20 +309,37 @@ impl GlueBuilder {
 
     /// Open the glue's channel on `connection` (publisher confirms on), and declare the
     /// dead-letter queue. The consumer's own queue is yours to declare.
+    ///
+    /// The connection is only borrowed, so the glue opens its spare channels now: a channel
+    /// error (a refused declaration, a missing permission) closes the glue's channel, and the
+    /// next settle that needs a copy goes on with a spare, up to 4 times. Give the glue the
+    /// connection itself with [`build_shared`](Self::build_shared) to have it open a new channel
+    /// as often as needed.
     pub async fn build(self, connection: &Connection) -> Result<Glue, Error> {
         self.topology.validate()?;
-        let channel = connection
-            .create_channel()
+        let mut spares = Vec::with_capacity(SPARE_CHANNELS);
+        for _ in 0..SPARE_CHANNELS {
+            spares.push(open_channel(connection).await?);
+        }
+        self.finish(connection, Reopen::Spares(Mutex::new(spares)))
             .await
-            .map_err(Error::broker("channel.open"))?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(Error::broker("confirm.select"))?;
+    }
+
+    /// As [`build`](Self::build), keeping `connection`: whenever the glue's channel is closed
+    /// (a channel error), the next settle that needs a copy opens a new one on it.
+    pub async fn build_shared(self, connection: Arc<Connection>) -> Result<Glue, Error> {
+        let reopen = Reopen::Connection(Arc::clone(&connection));
+        self.finish(&connection, reopen).await
+    }
+
+    async fn finish(self, connection: &Connection, reopen: Reopen) -> Result<Glue, Error> {
+        self.topology.validate()?;
+        let channel = open_channel(connection).await?;
         self.topology.declare_dead_letter(&channel).await?;
         Ok(Glue {
             inner: Arc::new(Inner {
-                channel,
+                channel: Mutex::new(channel),
+                reopen,
                 policy: self.policy,
                 topology: self.topology,
                 declared: Mutex::new(HashSet::new()),

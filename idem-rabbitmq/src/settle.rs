@@ -7,13 +7,17 @@ use std::time::Duration;
 
 use idem_runtime::ack::{DeadLetterReason, Decision, RetryReason};
 use idem_runtime::{Report, observe};
-use lapin::Confirmation;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicPublishOptions};
 use lapin::types::AMQPValue;
+use lapin::{Channel, Confirmation};
 
 use crate::headers::{self, Counts};
-use crate::{Error, Glue, Settled};
+use crate::{Error, Glue, Settled, lock};
+
+/// The longest a delivery is held in-process when no copy of it can be placed, before it is
+/// requeued.
+pub(crate) const MAX_HOLD: Duration = Duration::from_secs(30);
 
 impl Glue {
     /// Run `work` (the consumer's handling of `delivery`: decode the body, call the idempotent
@@ -38,6 +42,11 @@ impl Glue {
     ///
     /// A panic in `work` counts as a failure too: the delivery is settled as one, then the panic
     /// goes on to the caller.
+    ///
+    /// When the copy a decision needs cannot be placed, `settle` never acks: it holds the
+    /// delivery for the decision's pause (at most 30 s), hands it back (`basic.nack` with
+    /// requeue) and returns the error; see the [crate docs](crate) ("No copy placed, nothing
+    /// held").
     ///
     /// ```no_run
     /// # async fn example(glue: idem_rabbitmq::Glue, delivery: lapin::message::Delivery) -> Result<(), idem_rabbitmq::Error> {
@@ -132,8 +141,14 @@ impl Glue {
                     }
                 }
                 let dlq = self.inner.topology.dead_letter_queue().to_owned();
-                self.publish_copy(delivery, &dlq, Target::DeadLetter, &extra)
-                    .await?;
+                // No copy placed: held for the policy's first pause, then requeued.
+                let pause = self.inner.policy.backoff;
+                self.copy_or_requeue(delivery, pause, async {
+                    let channel = self.channel().await?;
+                    self.publish_copy(&channel, delivery, &dlq, Target::DeadLetter, &extra)
+                        .await
+                })
+                .await?;
                 ack(delivery).await?;
                 tracing::warn!(
                     broker = "rabbitmq",
@@ -194,13 +209,17 @@ impl Glue {
             _ => (counts.failures, counts.deferrals.saturating_add(1)),
         };
         let (queue, ttl) = self.inner.topology.delay_queue(after);
-        self.ensure_delay_queue(&queue, ttl).await?;
         let extra = [
             (headers::FAILURES, headers::count(failures)),
             (headers::DEFERRALS, headers::count(deferrals)),
         ];
-        self.publish_copy(delivery, &queue, Target::Delay(ttl), &extra)
-            .await?;
+        self.copy_or_requeue(delivery, after, async {
+            let channel = self.channel().await?;
+            self.ensure_delay_queue(&channel, &queue, ttl).await?;
+            self.publish_copy(&channel, delivery, &queue, Target::Delay(ttl), &extra)
+                .await
+        })
+        .await?;
         ack(delivery).await?;
         #[cfg(feature = "metrics")]
         metrics::counter!(
@@ -212,28 +231,70 @@ impl Glue {
         Ok(())
     }
 
-    async fn ensure_delay_queue(&self, queue: &str, ttl: Duration) -> Result<(), Error> {
-        if self.inner.declared.lock().is_ok_and(|d| d.contains(queue)) {
+    /// Place the copy `copy` makes; when it cannot be placed (a refused or unconfirmed publish,
+    /// a failed declaration, a closed channel), never ack the original: hold it in-process for
+    /// `pause` (at most [`MAX_HOLD`]) so that it does not come straight back without its
+    /// back-off, then hand it back to the queue (`basic.nack` with requeue, through the
+    /// delivery's own channel) and return the error.
+    async fn copy_or_requeue(
+        &self,
+        delivery: &Delivery,
+        pause: Duration,
+        copy: impl Future<Output = Result<(), Error>>,
+    ) -> Result<(), Error> {
+        let Err(error) = copy.await else {
+            return Ok(());
+        };
+        let hold = pause.min(MAX_HOLD);
+        tracing::warn!(
+            broker = "rabbitmq",
+            queue = self.inner.topology.queue(),
+            error = %error,
+            hold_ms = u64::try_from(hold.as_millis()).unwrap_or(u64::MAX),
+            "no copy could be placed: the original is held, then requeued"
+        );
+        tokio::time::sleep(hold).await;
+        let requeue = BasicNackOptions {
+            requeue: true,
+            ..BasicNackOptions::default()
+        };
+        if let Err(e) = delivery.acker.nack(requeue).await {
+            tracing::warn!(
+                broker = "rabbitmq",
+                queue = self.inner.topology.queue(),
+                error = %e,
+                "the original could not be requeued (its channel is closed: the broker requeues it)"
+            );
+        }
+        Err(error)
+    }
+
+    async fn ensure_delay_queue(
+        &self,
+        channel: &Channel,
+        queue: &str,
+        ttl: Duration,
+    ) -> Result<(), Error> {
+        if lock(&self.inner.declared).contains(queue) {
             return Ok(());
         }
         // Two tasks may both declare it: a second declaration with the same arguments is a no-op.
         self.inner
             .topology
-            .declare_delay(&self.inner.channel, queue, ttl)
+            .declare_delay(channel, queue, ttl)
             .await?;
-        if let Ok(mut d) = self.inner.declared.lock() {
-            d.insert(queue.to_owned());
-        }
+        lock(&self.inner.declared).insert(queue.to_owned());
         Ok(())
     }
 
     /// Publish a copy of `delivery` to `queue` through the default exchange and wait for the
     /// broker's confirm. A copy returned as unroutable means its queue is gone (deleted by an
     /// operator, or by an `expires` policy on idle queues): the glue declares the queue again and
-    /// publishes once more. Still unconfirmed (a nack, or returned again): the original is
-    /// requeued, so it is neither lost nor held by this channel forever, and never acked.
+    /// publishes once more. Still unconfirmed (a nack, or returned again): an error, and
+    /// [`copy_or_requeue`](Self::copy_or_requeue) requeues the original, never acked.
     async fn publish_copy(
         &self,
+        channel: &Channel,
         delivery: &Delivery,
         queue: &str,
         target: Target,
@@ -244,7 +305,9 @@ impl Glue {
             matches!(target, Target::DeadLetter),
             extra,
         );
-        let mut why = self.try_publish(delivery, queue, &properties).await?;
+        let mut why = self
+            .try_publish(channel, delivery, queue, &properties)
+            .await?;
         if why == Some("returned") {
             tracing::warn!(
                 broker = "rabbitmq",
@@ -252,21 +315,18 @@ impl Glue {
                 copy_for = queue,
                 "the copy was returned as unroutable: declaring its queue again"
             );
-            self.declare_again(queue, target).await?;
-            why = self.try_publish(delivery, queue, &properties).await?;
+            self.declare_again(channel, queue, target).await?;
+            why = self
+                .try_publish(channel, delivery, queue, &properties)
+                .await?;
         }
         let Some(why) = why else { return Ok(()) };
-        let requeue = BasicNackOptions {
-            requeue: true,
-            ..BasicNackOptions::default()
-        };
-        let _ = delivery.acker.nack(requeue).await;
         tracing::warn!(
             broker = "rabbitmq",
             queue = self.inner.topology.queue(),
             copy_for = queue,
             why,
-            "the broker did not take a copy: the original was requeued"
+            "the broker did not take a copy"
         );
         Err(Error::NotConfirmed {
             queue: queue.to_owned(),
@@ -277,13 +337,12 @@ impl Glue {
     /// One confirmed publish: `None` once the broker has the copy, else why not.
     async fn try_publish(
         &self,
+        channel: &Channel,
         delivery: &Delivery,
         queue: &str,
         properties: &lapin::BasicProperties,
     ) -> Result<Option<&'static str>, Error> {
-        let confirm = self
-            .inner
-            .channel
+        let confirm = channel
             .basic_publish(
                 "".into(),
                 queue.into(),
@@ -310,19 +369,17 @@ impl Glue {
 
     /// Declare the queue of a copy that came back unroutable: it was deleted after the glue
     /// declared it.
-    async fn declare_again(&self, queue: &str, target: Target) -> Result<(), Error> {
+    async fn declare_again(
+        &self,
+        channel: &Channel,
+        queue: &str,
+        target: Target,
+    ) -> Result<(), Error> {
         match target {
-            Target::DeadLetter => {
-                self.inner
-                    .topology
-                    .declare_dead_letter(&self.inner.channel)
-                    .await
-            }
+            Target::DeadLetter => self.inner.topology.declare_dead_letter(channel).await,
             Target::Delay(ttl) => {
-                if let Ok(mut d) = self.inner.declared.lock() {
-                    d.remove(queue);
-                }
-                self.ensure_delay_queue(queue, ttl).await
+                lock(&self.inner.declared).remove(queue);
+                self.ensure_delay_queue(channel, queue, ttl).await
             }
         }
     }

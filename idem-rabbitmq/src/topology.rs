@@ -37,7 +37,9 @@ pub enum QueueKind {
 /// expires first (RabbitMQ expires messages only at the head of a queue; one queue of mixed
 /// per-message TTLs would hold a 100 ms retry behind a 60 s one). The delay queues are never
 /// consumed from, hold messages only while they wait, and are not deleted by the glue: no
-/// `x-expires`, which would drop what they hold.
+/// `x-expires`, which would drop what they hold. Do not put an `expires` policy on them either:
+/// a queue never consumed counts as unused however many copies it holds, and RabbitMQ applies
+/// the lower of policy and argument, so the glue cannot override it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Topology {
     queue: String,

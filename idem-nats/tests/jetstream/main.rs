@@ -10,6 +10,7 @@
 
 mod processes;
 mod review;
+mod review2;
 mod scenarios;
 mod support;
 mod table;
