@@ -221,7 +221,9 @@ async fn page_through(
             .list(s, &ListQuery::new(4).state(filter).after(cursor))
             .await
             .unwrap();
-        assert!(page.records.len() <= 4, "a page over its limit");
+        // Bounded: at most the limit, except that Redis ends a page on a whole `SCAN` step
+        // (a step run again can miss keys Redis moved), which may hold a few more.
+        assert!(page.records.len() <= 16, "a page far over its limit");
         for r in page.records {
             seen.insert((r.key, r.state.name()));
         }

@@ -98,8 +98,9 @@ pub struct ListQuery {
     pub older_than: Option<Duration>,
     /// Where the previous page ended ([`Page::next`]); `None` for the first page.
     pub cursor: Option<String>,
-    /// The most records a page holds (at least 1). A page may hold fewer and still have a next
-    /// one: each page reads a bounded number of records, matching or not.
+    /// The most records a page holds (at least 1), except on Redis, where a page ends with a
+    /// whole `SCAN` step and may hold about twice as many. A page may hold fewer and still have
+    /// a next one: each page reads a bounded number of records, matching or not.
     pub limit: usize,
 }
 

@@ -187,57 +187,49 @@ impl Operations for RedisStore {
         self.inspect_record(&self.key_of(scope, key)).await
     }
 
-    /// `SCAN` steps until a page is full or the scan is over. The cursor is the step's `SCAN`
-    /// cursor (a cluster's: `<node>:<cursor>`), and, when a page ended within a step, the last
-    /// record read of it: the next page runs that step again and goes on after that record.
-    /// Records come in Redis's order (by key within a step); `SCAN` may return a record twice.
+    /// Whole `SCAN` steps (of `limit` keys asked each) until a page is full, the scan is over, or
+    /// `limit` × 4 records were read. The cursor is the next step's `SCAN` cursor (a cluster's:
+    /// `<node>:<cursor>`). A step is never split across pages: run again, a step can miss keys
+    /// that Redis moved meanwhile (a rehash), so a page holds what its last step matched, which
+    /// can be more than `limit` (about one step's worth). `SCAN` may return a record twice.
     async fn list(&self, scope: &str, query: &ListQuery) -> Result<Page, StoreError> {
         let (head, pattern) = self.scope_head(scope);
-        let count = query.limit.max(1).saturating_mul(SCAN_PER_RECORD);
-        let (mut cursor, mut resume) = match query.cursor.as_deref() {
-            Some(c) => match c.split_once('|') {
-                Some((at, after)) => (at.to_owned(), Some(after.to_owned())),
-                None => (c.to_owned(), None),
-            },
-            None => ("0".to_owned(), None),
+        let limit = query.limit.max(1);
+        let budget = limit.saturating_mul(SCAN_PER_RECORD);
+        // A cursor of an older page format (`<cursor>|<key>`): its step is run again whole
+        // (duplicates, never a key missed).
+        let mut cursor = match query.cursor.as_deref() {
+            Some(c) => c.split_once('|').map_or(c, |(at, _)| at).to_owned(),
+            None => "0".to_owned(),
         };
-        let mut records = Vec::new();
+        let (mut records, mut read) = (Vec::new(), 0usize);
         loop {
             let (next, mut keys) = self
                 .inner
                 .conn
-                .scan(&cursor, &pattern, count)
+                .scan(&cursor, &pattern, limit)
                 .await
                 .map_err(super::record::store_error)?;
             keys.sort_unstable();
+            read += keys.len();
             for k in keys {
                 let text = key_text(&k, head.len());
-                if resume
-                    .as_deref()
-                    .is_some_and(|after| text.as_str() <= after)
-                {
-                    continue;
-                }
                 let state = self.inspect_record(&k).await?;
                 if wanted(&state, query) {
-                    records.push(Listed {
-                        key: text.clone(),
-                        state,
-                    });
-                    if records.len() >= query.limit {
-                        return Ok(Page {
-                            records,
-                            next: Some(format!("{cursor}|{text}")),
-                        });
-                    }
+                    records.push(Listed { key: text, state });
                 }
             }
-            resume = None;
             cursor = next;
             if cursor == "0" {
                 return Ok(Page {
                     records,
                     next: None,
+                });
+            }
+            if records.len() >= limit || read >= budget {
+                return Ok(Page {
+                    records,
+                    next: Some(cursor),
                 });
             }
         }
