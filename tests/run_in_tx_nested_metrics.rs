@@ -12,13 +12,7 @@ use idem_runtime::sqlx::{self, AssertSqlSafe, Postgres};
 use idem_runtime::{Call, CallOutcome, Error, Options, PgStore, Token, idempotent, observe};
 use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 
-#[derive(Debug, thiserror::Error)]
-enum AppError {
-    #[error(transparent)]
-    Idem(#[from] Error),
-    #[error(transparent)]
-    Db(#[from] sqlx::Error),
-}
+use support::sql::AppError;
 
 /// The nested call: its effect is the row, in the outer call's transaction.
 #[idempotent(key = "key", tx = "tx", store = "store", scope = "rvc.nested.inner")]
@@ -39,15 +33,8 @@ async fn a_nested_call_in_run_in_tx_is_counted_executed_although_the_outer_commi
     let recorder = DebuggingRecorder::new();
     let snapshotter = recorder.snapshotter();
     recorder.install().unwrap();
-    let url = std::env::var("POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
-    let pool = match sqlx::postgres::PgPoolOptions::new()
-        .max_connections(4)
-        .connect(&url)
-        .await
-    {
-        Ok(p) => p,
-        Err(e) => return support::server_missing("PostgreSQL", &url, e),
+    let Some(pool) = support::sql::postgres(4).await else {
+        return;
     };
     let suffix = Token::generate().to_hex();
     let table = format!("idem_rvn_{suffix}");
@@ -83,16 +70,10 @@ async fn a_nested_call_in_run_in_tx_is_counted_executed_although_the_outer_commi
     .fetch_one(&pool)
     .await
     .unwrap();
-    for t in [
-        coupons.clone(),
-        table.clone(),
-        format!("{table}_migrations"),
-    ] {
-        sqlx::raw_sql(AssertSqlSafe(format!("DROP TABLE IF EXISTS {t}")))
-            .execute(&pool)
-            .await
-            .unwrap();
-    }
+    sqlx::raw_sql(support::sql::drop_tables(&table, &[&coupons]))
+        .execute(&pool)
+        .await
+        .unwrap();
     assert!(
         matches!(out, Err(AppError::Idem(Error::Unavailable { .. }))),
         "{out:?}"

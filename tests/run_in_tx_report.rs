@@ -8,25 +8,12 @@ mod support;
 use idem_runtime::sqlx::{self, AssertSqlSafe};
 use idem_runtime::{Call, CallOutcome, Error, Options, PgStore, Token, observe};
 
-#[derive(Debug, thiserror::Error)]
-enum AppError {
-    #[error(transparent)]
-    Idem(#[from] Error),
-    #[error(transparent)]
-    Db(#[from] sqlx::Error),
-}
+use support::sql::AppError;
 
 #[tokio::test]
 async fn a_commit_that_fails_in_run_in_tx_is_reported_as_executed() {
-    let url = std::env::var("POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
-    let pool = match sqlx::postgres::PgPoolOptions::new()
-        .max_connections(4)
-        .connect(&url)
-        .await
-    {
-        Ok(p) => p,
-        Err(e) => return support::server_missing("PostgreSQL", &url, e),
+    let Some(pool) = support::sql::postgres(4).await else {
+        return;
     };
     let suffix = Token::generate().to_hex();
     let table = format!("idem_rv17_{suffix}");
@@ -55,16 +42,10 @@ async fn a_commit_that_fails_in_run_in_tx_is_reported_as_executed() {
         .fetch_one(&pool)
         .await
         .unwrap();
-    for t in [
-        coupons.clone(),
-        table.clone(),
-        format!("{table}_migrations"),
-    ] {
-        sqlx::raw_sql(AssertSqlSafe(format!("DROP TABLE IF EXISTS {t}")))
-            .execute(&pool)
-            .await
-            .unwrap();
-    }
+    sqlx::raw_sql(support::sql::drop_tables(&table, &[&coupons]))
+        .execute(&pool)
+        .await
+        .unwrap();
     assert_eq!(
         rows, 0,
         "the commit failed: nothing of the handler's is kept"

@@ -14,25 +14,12 @@ use std::time::{Duration, Instant};
 use idem_runtime::sqlx::{self, AssertSqlSafe};
 use idem_runtime::{Call, Error, MySqlStore, Options, Token, observe, set_shadow};
 
-#[derive(Debug, thiserror::Error)]
-enum AppError {
-    #[error(transparent)]
-    Idem(#[from] Error),
-    #[error(transparent)]
-    Db(#[from] sqlx::Error),
-}
+use support::sql::AppError;
 
 #[tokio::test]
 async fn shadow_mode_mark_failure_in_run_in_tx_on_mysql_gives_the_key_back_promptly() {
-    let url = std::env::var("MYSQL_URL")
-        .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".to_owned());
-    let pool = match sqlx::mysql::MySqlPoolOptions::new()
-        .max_connections(4)
-        .connect(&url)
-        .await
-    {
-        Ok(p) => p,
-        Err(e) => return support::server_missing("MySQL", &url, e),
+    let Some(pool) = support::sql::mysql(4).await else {
+        return;
     };
     let suffix = &Token::generate().to_hex()[..12];
     let table = format!("idem_rvm_{suffix}");
@@ -76,16 +63,10 @@ async fn shadow_mode_mark_failure_in_run_in_tx_on_mysql_gives_the_key_back_promp
     .fetch_one(&pool)
     .await
     .unwrap();
-    for t in [
-        coupons.clone(),
-        table.clone(),
-        format!("{table}_migrations"),
-    ] {
-        sqlx::raw_sql(AssertSqlSafe(format!("DROP TABLE IF EXISTS {t}")))
-            .execute(&pool)
-            .await
-            .unwrap();
-    }
+    sqlx::raw_sql(support::sql::drop_tables(&table, &[&coupons]))
+        .execute(&pool)
+        .await
+        .unwrap();
     let Ok((out, report)) = answered else {
         panic!(
             "shadow mode: run_in_tx had not answered after {took:?} (its claim's release waits \

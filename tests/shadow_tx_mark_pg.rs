@@ -7,27 +7,14 @@
 mod support;
 
 use idem_runtime::sqlx::{self, AssertSqlSafe};
-use idem_runtime::{Call, Error, Options, PgStore, Token, observe, set_shadow};
+use idem_runtime::{Call, Options, PgStore, Token, observe, set_shadow};
 
-#[derive(Debug, thiserror::Error)]
-enum AppError {
-    #[error(transparent)]
-    Idem(#[from] Error),
-    #[error(transparent)]
-    Db(#[from] sqlx::Error),
-}
+use support::sql::AppError;
 
 #[tokio::test]
 async fn shadow_mode_mark_failure_in_run_in_tx_answers_ok_for_rolled_back_writes_on_postgres() {
-    let url = std::env::var("POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
-    let pool = match sqlx::postgres::PgPoolOptions::new()
-        .max_connections(4)
-        .connect(&url)
-        .await
-    {
-        Ok(p) => p,
-        Err(e) => return support::server_missing("PostgreSQL", &url, e),
+    let Some(pool) = support::sql::postgres(4).await else {
+        return;
     };
     let suffix = Token::generate().to_hex();
     let table = format!("idem_rvc_{suffix}");
