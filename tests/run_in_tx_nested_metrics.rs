@@ -4,6 +4,8 @@
 //! `Executed` at its mark, before the owner's commit, and nothing corrects it when that commit
 //! fails: `idem_calls_total{outcome="executed"}` counts an effect that was rolled back with the
 //! outer transaction. (PostgreSQL: `POSTGRES_URL`; a recorder of its own: a binary of its own.)
+#[path = "support/sql.rs"]
+mod sql;
 mod support;
 
 use std::collections::HashMap;
@@ -12,7 +14,7 @@ use idem_runtime::sqlx::{self, AssertSqlSafe, Postgres};
 use idem_runtime::{Call, CallOutcome, Error, Options, PgStore, Token, idempotent, observe};
 use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 
-use support::sql::AppError;
+use sql::AppError;
 
 /// The nested call: its effect is the row, in the outer call's transaction.
 #[idempotent(key = "key", tx = "tx", store = "store", scope = "rvc.nested.inner")]
@@ -33,7 +35,7 @@ async fn a_nested_call_in_run_in_tx_is_counted_executed_although_the_outer_commi
     let recorder = DebuggingRecorder::new();
     let snapshotter = recorder.snapshotter();
     recorder.install().unwrap();
-    let Some(pool) = support::sql::postgres(4).await else {
+    let Some(pool) = sql::postgres(4).await else {
         return;
     };
     let suffix = Token::generate().to_hex();
@@ -70,7 +72,7 @@ async fn a_nested_call_in_run_in_tx_is_counted_executed_although_the_outer_commi
     .fetch_one(&pool)
     .await
     .unwrap();
-    sqlx::raw_sql(support::sql::drop_tables(&table, &[&coupons]))
+    sqlx::raw_sql(sql::drop_tables(&table, &[&coupons]))
         .execute(&pool)
         .await
         .unwrap();

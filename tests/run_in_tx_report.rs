@@ -3,16 +3,18 @@
 //! `idem_calls_total` all say `executed`: the outcome was delivered when the mark was written in
 //! the transaction, before the commit, and nothing corrects it. A consumer (or a dashboard) is
 //! told of a first run whose effect does not exist. (PostgreSQL: `POSTGRES_URL`.)
+#[path = "support/sql.rs"]
+mod sql;
 mod support;
 
 use idem_runtime::sqlx::{self, AssertSqlSafe};
 use idem_runtime::{Call, CallOutcome, Error, Options, PgStore, Token, observe};
 
-use support::sql::AppError;
+use sql::AppError;
 
 #[tokio::test]
 async fn a_commit_that_fails_in_run_in_tx_is_reported_as_executed() {
-    let Some(pool) = support::sql::postgres(4).await else {
+    let Some(pool) = sql::postgres(4).await else {
         return;
     };
     let suffix = Token::generate().to_hex();
@@ -42,7 +44,7 @@ async fn a_commit_that_fails_in_run_in_tx_is_reported_as_executed() {
         .fetch_one(&pool)
         .await
         .unwrap();
-    sqlx::raw_sql(support::sql::drop_tables(&table, &[&coupons]))
+    sqlx::raw_sql(sql::drop_tables(&table, &[&coupons]))
         .execute(&pool)
         .await
         .unwrap();

@@ -7,6 +7,8 @@
 //! lease's ttl), and the claim is still pending when it answers. Without shadow mode the same
 //! failure answers in milliseconds (the savepoint is rolled back first) and leaves no claim.
 //! (Process-wide switch: a binary of its own. `MYSQL_URL`.)
+#[path = "support/sql.rs"]
+mod sql;
 mod support;
 
 use std::time::{Duration, Instant};
@@ -14,11 +16,11 @@ use std::time::{Duration, Instant};
 use idem_runtime::sqlx::{self, AssertSqlSafe};
 use idem_runtime::{Call, Error, MySqlStore, Options, Token, observe, set_shadow};
 
-use support::sql::AppError;
+use sql::AppError;
 
 #[tokio::test]
 async fn shadow_mode_mark_failure_in_run_in_tx_on_mysql_gives_the_key_back_promptly() {
-    let Some(pool) = support::sql::mysql(4).await else {
+    let Some(pool) = sql::mysql(4).await else {
         return;
     };
     let suffix = &Token::generate().to_hex()[..12];
@@ -63,7 +65,7 @@ async fn shadow_mode_mark_failure_in_run_in_tx_on_mysql_gives_the_key_back_promp
     .fetch_one(&pool)
     .await
     .unwrap();
-    sqlx::raw_sql(support::sql::drop_tables(&table, &[&coupons]))
+    sqlx::raw_sql(sql::drop_tables(&table, &[&coupons]))
         .execute(&pool)
         .await
         .unwrap();

@@ -4,16 +4,18 @@
 //! aborts the whole transaction: the savepoint's release fails, the COMMIT silently rolls back,
 //! and the caller is told `Ok` for writes that do not exist (without idem they would have
 //! committed). (Process-wide switch: a binary of its own. PostgreSQL: `POSTGRES_URL`.)
+#[path = "support/sql.rs"]
+mod sql;
 mod support;
 
 use idem_runtime::sqlx::{self, AssertSqlSafe};
 use idem_runtime::{Call, Options, PgStore, Token, observe, set_shadow};
 
-use support::sql::AppError;
+use sql::AppError;
 
 #[tokio::test]
 async fn shadow_mode_mark_failure_in_run_in_tx_answers_ok_for_rolled_back_writes_on_postgres() {
-    let Some(pool) = support::sql::postgres(4).await else {
+    let Some(pool) = sql::postgres(4).await else {
         return;
     };
     let suffix = Token::generate().to_hex();

@@ -3,9 +3,6 @@
 
 use std::fmt::Display;
 
-#[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
-pub mod sql;
-
 /// Whether we run under CI, where a missing server is a failure, never a skip.
 pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && v != "false")

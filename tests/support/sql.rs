@@ -1,5 +1,8 @@
 //! Scratch SQL set-up of the single-scenario tests: the error type of handlers that write through
 //! sqlx, a pool on the shared server (or a loud skip), and dropping the test's tables after.
+//! Included by path (`#[path = "support/sql.rs"] mod sql;`) only by the tests crate's binaries,
+//! whose features it names.
+#![allow(dead_code, unreachable_pub)]
 
 use idem_runtime::Error;
 use idem_runtime::sqlx::{self, AssertSqlSafe};
@@ -23,7 +26,7 @@ pub async fn postgres(max: u32) -> Option<sqlx::PgPool> {
         .max_connections(max)
         .connect(&url)
         .await;
-    pool.map_err(|e| super::server_missing("PostgreSQL", &url, e))
+    pool.map_err(|e| crate::support::server_missing("PostgreSQL", &url, e))
         .ok()
 }
 
@@ -37,7 +40,7 @@ pub async fn mysql(max: u32) -> Option<sqlx::MySqlPool> {
         .max_connections(max)
         .connect(&url)
         .await;
-    pool.map_err(|e| super::server_missing("MySQL", &url, e))
+    pool.map_err(|e| crate::support::server_missing("MySQL", &url, e))
         .ok()
 }
 
