@@ -1,4 +1,4 @@
-//! Load benchmark of the Redis store against the hand-written baseline, side by side on the same
+//! Load benchmark of the Redis store against two hand-written locks, side by side on the same
 //! connection, in the same run.
 //!
 //! ```text
@@ -8,16 +8,19 @@
 //!
 //! For each scenario (first call of a key; duplicate of a completed key; duplicate while the key is
 //! in flight) and each concurrency (1, 16, 64 tasks), it runs idem's `run` on a [`RedisStore`]
-//! and the baseline a user writes today (`SET key token NX PX ttl`, run the handler, `SET key
-//! done PX keep`, a Lua compare-and-`DEL` on error; a duplicate reads the key with `GET`), each for
-//! `IDEM_BENCH_SECS` seconds after a short warm-up, and prints calls/s, p50/p99 latency, round
-//! trips per call (counted by the client), Redis commands per call (`INFO commandstats`,
-//! including the commands run inside Lua), Redis time executing them and Redis process CPU per
-//! call. Both share one multiplexed `ConnectionManager`; the keys a run wrote are removed at the
-//! end. `IDEM_BENCH_RUNTIME=current` runs the tasks on a current-thread runtime instead of the
-//! default multi-thread one; `IDEM_BENCH_ONLY=first|done|inflight`,
-//! `IDEM_BENCH_CONCURRENCY=1|16|64` and `IDEM_BENCH_IMPL=idem|baseline` narrow the run. Results
-//! and their reading: `BENCHMARKS.md`.
+//! and the two locks a user writes today: the **correct** one (`SET key token NX PX ttl`, run the
+//! handler, a Lua compare-and-set of the result by `EVALSHA`, a Lua compare-and-`DEL` on error)
+//! and the **naive** one (the same with a plain `SET key done PX keep` for the result, which can
+//! overwrite a key another caller took over after the lock lapsed); a duplicate reads the key
+//! with `GET`. Each runs for `IDEM_BENCH_SECS` seconds after a short warm-up, and the bench
+//! prints calls/s, p50/p99 latency, round trips per call (counted by the client), Redis commands
+//! per call (`INFO commandstats`, including the commands run inside Lua), Redis time executing
+//! them and Redis process CPU per call. All share one multiplexed `ConnectionManager`; the keys a
+//! run wrote are removed at the end. `IDEM_BENCH_RUNTIME=current` runs the tasks on a
+//! current-thread runtime instead of the default multi-thread one;
+//! `IDEM_BENCH_ONLY=first|done|inflight`, `IDEM_BENCH_CONCURRENCY=1|16|64` and
+//! `IDEM_BENCH_IMPL=idem|correct|baseline` narrow the run. Results and their reading:
+//! `BENCHMARKS.md`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -58,7 +61,21 @@ impl Scenario {
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Impl {
     Idem,
+    /// The naive hand-written lock: `SET NX PX`, then a plain `SET` of the result.
     Baseline,
+    /// The correct hand-written lock: `SET NX PX`, then a token-checked Lua completion.
+    Correct,
+}
+
+/// The correct baseline's completion: the result is written only while this call's token still
+/// holds the key (a lapsed lock taken over by another caller is not overwritten).
+const CAS_COMPLETE: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) end return 0";
+/// The correct baseline's release: compare-and-delete.
+const CAS_RELEASE: &str =
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0";
+
+fn sha(src: &str) -> String {
+    redis::Script::new(src).get_hash().to_owned()
 }
 
 /// One implementation bound to a connection, with a client-side count of commands sent.
@@ -153,6 +170,7 @@ impl Subject {
                 }
             }
             Impl::Baseline => self.baseline(opts.scope_str(), n).await,
+            Impl::Correct => self.correct(opts.scope_str(), n).await,
         }
     }
 
@@ -208,6 +226,66 @@ impl Subject {
         }
     }
 
+    /// The correct hand-written lock: SET NX PX, run, a Lua compare-and-set of the result (by
+    /// `EVALSHA`, the script loaded once); on error a Lua compare-and-delete; a duplicate GETs.
+    async fn correct(&self, scope: &str, n: u64) -> bool {
+        let key = format!("correct:{scope}:{n}");
+        let token = Token::generate().to_hex();
+        let claimed = self
+            .send(
+                redis::cmd("SET")
+                    .arg(&key)
+                    .arg(&token)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(TTL.as_millis() as u64),
+            )
+            .await;
+        if matches!(claimed, Value::Okay) {
+            let out: Result<u64, ()> = Ok(output(n)); // the handler
+            match out {
+                Ok(v) => {
+                    let done = self
+                        .send(
+                            redis::cmd("EVALSHA")
+                                .arg(sha(CAS_COMPLETE))
+                                .arg(1)
+                                .arg(&key)
+                                .arg(&token)
+                                .arg(format!("done:{v}"))
+                                .arg(KEEP.as_millis() as u64),
+                        )
+                        .await;
+                    assert!(
+                        matches!(done, Value::Okay),
+                        "correct baseline lost its lock"
+                    );
+                    true
+                }
+                Err(()) => {
+                    self.send(
+                        redis::cmd("EVALSHA")
+                            .arg(sha(CAS_RELEASE))
+                            .arg(1)
+                            .arg(&key)
+                            .arg(&token),
+                    )
+                    .await;
+                    false
+                }
+            }
+        } else {
+            match self.send(redis::cmd("GET").arg(&key)).await {
+                Value::BulkString(v) if v.starts_with(b"done:") => {
+                    let v: u64 = std::str::from_utf8(&v[5..]).unwrap().parse().unwrap();
+                    debug_assert_eq!(v, output(n));
+                    true
+                }
+                _ => false,
+            }
+        }
+    }
+
     /// Put keys `0..PREPARED` of `opts`' scope into the state the scenario needs.
     async fn prepare(&self, scenario: Scenario, opts: &Options) {
         let scope = opts.scope_str();
@@ -229,10 +307,15 @@ impl Subject {
                         Begin::Acquired(_)
                     ));
                 }
-                (Scenario::DuplicateInFlight, Impl::Baseline) => {
+                (Scenario::DuplicateInFlight, Impl::Baseline | Impl::Correct) => {
+                    let prefix = if self.which == Impl::Correct {
+                        "correct"
+                    } else {
+                        "baseline"
+                    };
                     self.send(
                         redis::cmd("SET")
-                            .arg(format!("baseline:{scope}:{n}"))
+                            .arg(format!("{prefix}:{scope}:{n}"))
                             .arg(Token::generate().to_hex())
                             .arg("NX")
                             .arg("PX")
@@ -385,7 +468,7 @@ async fn measure(
     // run inside) for idem, the plain commands for the baseline.
     let exec_usec: u64 = match subject.which {
         Impl::Idem => delta("evalsha").1 + delta("eval").1,
-        Impl::Baseline => ["set", "get", "eval", "evalsha"]
+        Impl::Baseline | Impl::Correct => ["set", "get", "eval", "evalsha"]
             .iter()
             .map(|k| delta(k).1)
             .sum(),
@@ -441,6 +524,7 @@ async fn cleanup(conn: &mut ConnectionManager) {
         for pattern in [
             format!("idem:{{bench:{run}:*"),
             format!("baseline:bench:{run}:*"),
+            format!("correct:bench:{run}:*"),
         ] {
             let mut cursor = 0u64;
             loop {
@@ -509,7 +593,20 @@ async fn bench() {
             round_trips,
         }
     };
-    let (idem, baseline) = (subject(Impl::Idem), subject(Impl::Baseline));
+    let (idem, baseline, correct) = (
+        subject(Impl::Idem),
+        subject(Impl::Baseline),
+        subject(Impl::Correct),
+    );
+    // The correct baseline's scripts, loaded once as a user's `redis::Script` would.
+    for src in [CAS_COMPLETE, CAS_RELEASE] {
+        let _: String = redis::cmd("SCRIPT")
+            .arg("LOAD")
+            .arg(src)
+            .query_async(&mut stats)
+            .await
+            .expect("SCRIPT LOAD");
+    }
 
     println!(
         "| scenario | concurrency | implementation | calls/s | p50 | p99 | round trips/call | Redis commands/call | Redis exec/call | Redis CPU/call | commands/call (INFO commandstats) |"
@@ -537,11 +634,15 @@ async fn bench() {
             if only_c.is_some_and(|o| o != c) {
                 continue;
             }
-            for s in [&idem, &baseline] {
-                // IDEM_BENCH_IMPL=idem|baseline runs one side only (for profiling).
-                if std::env::var("IDEM_BENCH_IMPL")
-                    .is_ok_and(|i| (i == "idem") != (s.which == Impl::Idem))
-                {
+            for s in [&idem, &correct, &baseline] {
+                // IDEM_BENCH_IMPL=idem|correct|baseline runs one side only (for profiling).
+                if std::env::var("IDEM_BENCH_IMPL").is_ok_and(|i| {
+                    i != match s.which {
+                        Impl::Idem => "idem",
+                        Impl::Correct => "correct",
+                        Impl::Baseline => "baseline",
+                    }
+                }) {
                     continue;
                 }
                 let cell = measure(s, scenario, c, secs, &mut stats).await;
@@ -550,7 +651,8 @@ async fn bench() {
                     scenario.label(),
                     match s.which {
                         Impl::Idem => "**idem**",
-                        Impl::Baseline => "baseline",
+                        Impl::Correct => "correct hand-written",
+                        Impl::Baseline => "naive hand-written",
                     },
                     cell.calls as f64 / cell.elapsed.as_secs_f64(),
                     fmt_latency(cell.p50),
