@@ -305,7 +305,7 @@ where
             // The transaction was not handed back: the caller's unwinding rolls it back; the
             // guard releases a claim made outside it.
             metrics::record(opts, CallOutcome::Panicked, Some(key), fence);
-            release_nested(&held);
+            release_nested_later(&held);
             drop(guard);
             std::panic::resume_unwind(panic)
         }
@@ -315,7 +315,7 @@ where
     let result = match result {
         Ok(_) if held.is_aborted() => {
             // Recorded once, by `aborted`.
-            release_nested(&held);
+            release_nested(&held).await;
             if let Some(renewer) = &renewer {
                 release_in(txs, as_tx(tx).0, renewer, scope, key, &lease, opts.ttl).await;
             }
@@ -333,7 +333,7 @@ where
             // The handler's writes go (and a claim made in the transaction with them), and the
             // key is free: a caller that commits anyway commits nothing of the handler's.
             let undone = txs.rollback_to_savepoint_in(as_tx(tx).0, &savepoint).await;
-            release_nested(&held);
+            release_nested(&held).await;
             free_key(
                 txs,
                 as_tx(tx).0,
@@ -399,7 +399,7 @@ where
         Err(e) => {
             tracing::error!(scope, key = %key, error = %e, "the done mark could not be written in the handler's transaction: its writes are rolled back");
             let undone = txs.rollback_to_savepoint_in(as_tx(tx).0, &savepoint).await;
-            release_nested(&held);
+            release_nested(&held).await;
             // Free the key for a redelivery, unless another holder has it.
             if !matches!(e, crate::StoreError::LeaseLost) {
                 free_key(
@@ -499,11 +499,48 @@ async fn release_in(
 }
 
 /// This call undid its writes to its savepoint: the done marks of the nested calls made under it
-/// went with them, so the claims those calls hold outside the transaction are released.
-fn release_nested(held: &Held) {
-    let nested = std::mem::take(&mut *held.nested.lock().unwrap_or_else(|p| p.into_inner()));
-    for n in nested {
-        release_later(n.releaser, n.scope, n.key, n.lease, n.ttl);
+/// went with them, so the claims those calls hold outside the transaction are released, before
+/// this call returns (a redelivery right after its error must find the nested keys free).
+/// What the store does not answer for, or what is left when this is dropped, is released from
+/// the background.
+async fn release_nested(held: &Held) {
+    let mut left = ReleaseLater(take_nested(held));
+    let mut i = 0;
+    while i < left.0.len() {
+        let n = &left.0[i];
+        match n.releaser.release(&n.scope, &n.key, &n.lease).await {
+            Ok(()) => {
+                left.0.swap_remove(i);
+            }
+            Err(crate::StoreError::Unavailable(e)) => {
+                tracing::info!(scope = n.scope, key = %n.key, error = %e, "release of a nested claim failed; retrying in the background");
+                i += 1;
+            }
+            Err(e) => {
+                tracing::warn!(scope = n.scope, key = %n.key, error = %e, "release of a nested claim failed; the key frees when its lease expires");
+                left.0.swap_remove(i);
+            }
+        }
+    }
+}
+
+/// [`release_nested`] where nothing can be awaited (a panic unwinding): from the background.
+fn release_nested_later(held: &Held) {
+    drop(ReleaseLater(take_nested(held)));
+}
+
+fn take_nested(held: &Held) -> Vec<Outside> {
+    std::mem::take(&mut *held.nested.lock().unwrap_or_else(|p| p.into_inner()))
+}
+
+/// Claims made outside the transaction, released from the background when this is dropped.
+struct ReleaseLater(Vec<Outside>);
+
+impl Drop for ReleaseLater {
+    fn drop(&mut self) {
+        for n in self.0.drain(..) {
+            release_later(n.releaser, n.scope, n.key, n.lease, n.ttl);
+        }
     }
 }
 
@@ -514,7 +551,7 @@ fn adopt_nested(held: &Held, renewer: Option<&Arc<dyn crate::Store>>, opts: &Opt
     let Some(parent) = Held::enclosing() else {
         return;
     };
-    let mut mine = std::mem::take(&mut *held.nested.lock().unwrap_or_else(|p| p.into_inner()));
+    let mut mine = take_nested(held);
     if let Some(renewer) = renewer {
         mine.push(Outside {
             releaser: renewer.clone(),
