@@ -7,6 +7,13 @@
 #[macro_export]
 macro_rules! sql_review_tx_tests {
     ($db:ty, $connect:ident) => {
+        /// One acquire through a test's gate: 2 lets this one pass and arms the next, which
+        /// gets 1 (the one the test acts on); 0 lets everything pass. Returns the step taken.
+        fn gate_step(gate: &AtomicU32) -> u32 {
+            gate.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |g| Some(g.saturating_sub(1)))
+                .unwrap_or(0)
+        }
+
         /// Finding (MySQL/MariaDB): `run_with_tx` takes a transaction the caller began on the
         /// store's pool, then claims the key through `claim_outside`, which is the store's plain
         /// `begin`: a second connection of that very pool. On a one-connection pool every call
@@ -208,20 +215,27 @@ macro_rules! sql_review_tx_tests {
             // 0: every acquire passes; 2: the next acquire passes, the one after waits 3 s.
             let gate = Arc::new(AtomicU32::new(0));
             let hook = gate.clone();
+            let on_connect = gate.clone();
+            // An acquire goes through `before_acquire` if it takes an idle connection and
+            // through `after_connect` if it opens one: the gate is in both.
             let pool = sqlx::pool::PoolOptions::<$db>::new()
                 .max_connections(4)
                 .before_acquire(move |_conn, _meta| {
                     let hook = hook.clone();
                     Box::pin(async move {
-                        match hook.load(Ordering::SeqCst) {
-                            2 => hook.store(1, Ordering::SeqCst),
-                            1 => {
-                                hook.store(0, Ordering::SeqCst);
-                                tokio::time::sleep(Duration::from_secs(3)).await;
-                            }
-                            _ => {}
+                        if gate_step(&hook) == 1 {
+                            tokio::time::sleep(Duration::from_secs(3)).await;
                         }
                         Ok(true)
+                    })
+                })
+                .after_connect(move |_conn, _meta| {
+                    let hook = on_connect.clone();
+                    Box::pin(async move {
+                        if gate_step(&hook) == 1 {
+                            tokio::time::sleep(Duration::from_secs(3)).await;
+                        }
+                        Ok(())
                     })
                 })
                 .connect_with((*base.connect_options()).clone())
@@ -282,20 +296,17 @@ macro_rules! sql_review_tx_tests {
             let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
             // 2: the next acquire passes, and the one after takes the database down.
             let gate = Arc::new(AtomicU32::new(0));
-            let (on_acquire, on_connect) = ((gate.clone(), down.clone()), down.clone());
+            let (on_acquire, on_connect) = ((gate.clone(), down.clone()), (gate.clone(), down.clone()));
             let pool = sqlx::pool::PoolOptions::<$db>::new()
                 .max_connections(4)
                 .acquire_timeout(Duration::from_secs(2))
+                // An acquire goes through `before_acquire` if it takes an idle connection and
+                // through `after_connect` if it opens one: the gate is in both.
                 .before_acquire(move |_conn, _meta| {
                     let (gate, down) = on_acquire.clone();
                     Box::pin(async move {
-                        match gate.load(Ordering::SeqCst) {
-                            2 => gate.store(1, Ordering::SeqCst),
-                            1 => {
-                                gate.store(0, Ordering::SeqCst);
-                                down.store(true, Ordering::SeqCst);
-                            }
-                            _ => {}
+                        if gate_step(&gate) == 1 {
+                            down.store(true, Ordering::SeqCst);
                         }
                         if down.load(Ordering::SeqCst) {
                             return Err(sqlx::Error::Protocol("the server dropped its clients".into()));
@@ -304,8 +315,11 @@ macro_rules! sql_review_tx_tests {
                     })
                 })
                 .after_connect(move |_conn, _meta| {
-                    let down = on_connect.clone();
+                    let (gate, down) = on_connect.clone();
                     Box::pin(async move {
+                        if gate_step(&gate) == 1 {
+                            down.store(true, Ordering::SeqCst);
+                        }
                         if down.load(Ordering::SeqCst) {
                             return Err(sqlx::Error::Protocol("the server is restarting".into()));
                         }
