@@ -169,14 +169,19 @@ impl Subject {
                     Err(e) => panic!("idem call failed: {e}"),
                 }
             }
-            Impl::Baseline => self.baseline(opts.scope_str(), n).await,
-            Impl::Correct => self.correct(opts.scope_str(), n).await,
+            Impl::Baseline => self.hand_written(opts.scope_str(), n, false).await,
+            Impl::Correct => self.hand_written(opts.scope_str(), n, true).await,
         }
     }
 
-    /// The hand-written baseline: SET NX PX, run, SET done; a duplicate GETs the key.
-    async fn baseline(&self, scope: &str, n: u64) -> bool {
-        let key = format!("baseline:{scope}:{n}");
+    /// A hand-written lock: SET NX PX, run, then mark done; a duplicate GETs the key. The naive
+    /// one (`checked` false) marks with a plain SET, which overwrites a lock another worker
+    /// took after this one's expired; the correct one marks by a Lua compare-and-set of its
+    /// token (by `EVALSHA`, the script loaded once). Both release on error by a Lua
+    /// compare-and-delete.
+    async fn hand_written(&self, scope: &str, n: u64, checked: bool) -> bool {
+        let prefix = if checked { "correct" } else { "baseline" };
+        let key = format!("{prefix}:{scope}:{n}");
         let token = Token::generate().to_hex();
         let claimed = self
             .send(
@@ -188,100 +193,57 @@ impl Subject {
                     .arg(TTL.as_millis() as u64),
             )
             .await;
-        if matches!(claimed, Value::Okay) {
-            let out: Result<u64, ()> = Ok(output(n)); // the handler
-            match out {
-                Ok(v) => {
-                    self.send(
-                        redis::cmd("SET")
+        if !matches!(claimed, Value::Okay) {
+            return match self.send(redis::cmd("GET").arg(&key)).await {
+                Value::BulkString(v) if v.starts_with(b"done:") => {
+                    let v: u64 = std::str::from_utf8(&v[5..]).unwrap().parse().unwrap();
+                    debug_assert_eq!(v, output(n));
+                    true
+                }
+                _ => false,
+            };
+        }
+        let out: Result<u64, ()> = Ok(output(n)); // the handler
+        match out {
+            Ok(v) if checked => {
+                let done = self
+                    .send(
+                        redis::cmd("EVALSHA")
+                            .arg(sha(CAS_COMPLETE))
+                            .arg(1)
                             .arg(&key)
+                            .arg(&token)
                             .arg(format!("done:{v}"))
-                            .arg("PX")
                             .arg(KEEP.as_millis() as u64),
                     )
                     .await;
-                    true
-                }
-                Err(()) => {
-                    self.send(
-                        redis::cmd("EVAL")
-                            .arg("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0")
-                            .arg(1)
-                            .arg(&key)
-                            .arg(&token),
-                    )
-                    .await;
-                    false
-                }
+                assert!(
+                    matches!(done, Value::Okay),
+                    "correct baseline lost its lock"
+                );
+                true
             }
-        } else {
-            match self.send(redis::cmd("GET").arg(&key)).await {
-                Value::BulkString(v) if v.starts_with(b"done:") => {
-                    let v: u64 = std::str::from_utf8(&v[5..]).unwrap().parse().unwrap();
-                    debug_assert_eq!(v, output(n));
-                    true
-                }
-                _ => false,
+            Ok(v) => {
+                self.send(
+                    redis::cmd("SET")
+                        .arg(&key)
+                        .arg(format!("done:{v}"))
+                        .arg("PX")
+                        .arg(KEEP.as_millis() as u64),
+                )
+                .await;
+                true
             }
-        }
-    }
-
-    /// The correct hand-written lock: SET NX PX, run, a Lua compare-and-set of the result (by
-    /// `EVALSHA`, the script loaded once); on error a Lua compare-and-delete; a duplicate GETs.
-    async fn correct(&self, scope: &str, n: u64) -> bool {
-        let key = format!("correct:{scope}:{n}");
-        let token = Token::generate().to_hex();
-        let claimed = self
-            .send(
-                redis::cmd("SET")
-                    .arg(&key)
-                    .arg(&token)
-                    .arg("NX")
-                    .arg("PX")
-                    .arg(TTL.as_millis() as u64),
-            )
-            .await;
-        if matches!(claimed, Value::Okay) {
-            let out: Result<u64, ()> = Ok(output(n)); // the handler
-            match out {
-                Ok(v) => {
-                    let done = self
-                        .send(
-                            redis::cmd("EVALSHA")
-                                .arg(sha(CAS_COMPLETE))
-                                .arg(1)
-                                .arg(&key)
-                                .arg(&token)
-                                .arg(format!("done:{v}"))
-                                .arg(KEEP.as_millis() as u64),
-                        )
-                        .await;
-                    assert!(
-                        matches!(done, Value::Okay),
-                        "correct baseline lost its lock"
-                    );
-                    true
-                }
-                Err(()) => {
-                    self.send(
-                        redis::cmd("EVALSHA")
-                            .arg(sha(CAS_RELEASE))
-                            .arg(1)
-                            .arg(&key)
-                            .arg(&token),
-                    )
-                    .await;
-                    false
-                }
-            }
-        } else {
-            match self.send(redis::cmd("GET").arg(&key)).await {
-                Value::BulkString(v) if v.starts_with(b"done:") => {
-                    let v: u64 = std::str::from_utf8(&v[5..]).unwrap().parse().unwrap();
-                    debug_assert_eq!(v, output(n));
-                    true
-                }
-                _ => false,
+            Err(()) => {
+                self.send(
+                    redis::cmd("EVALSHA")
+                        .arg(sha(CAS_RELEASE))
+                        .arg(1)
+                        .arg(&key)
+                        .arg(&token),
+                )
+                .await;
+                false
             }
         }
     }
