@@ -1,0 +1,7 @@
+#![allow(missing_docs, unreachable_pub)]
+//! The `Idempotency-Key` layer against a real axum server on a loopback port, a real HTTP
+//! client, and the real stores.
+
+mod processes;
+mod semantics;
+mod support;
