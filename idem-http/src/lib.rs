@@ -3,20 +3,14 @@
 //! A client that retries a `POST` (a timeout, a double click, a mobile network) sends the same
 //! `Idempotency-Key` header again; the layer makes the route's effect happen once and answers the
 //! retry with the first response, as Stripe and the IETF httpapi draft
-//! (`draft-ietf-httpapi-idempotency-key-header`) describe:
+//! (`draft-ietf-httpapi-idempotency-key-header`) describe.
 //!
-//! | request | answer |
-//! |---|---|
-//! | first request with a key | the handler runs; a 2xx/3xx response (also 4xx with [`store_client_errors`](IdempotencyLayer::store_client_errors)) is stored |
-//! | the same key again, same payload | the stored response (status, headers, body), with `Idempotent-Replayed: true` |
-//! | the same key while the first request runs | `409`, `Retry-After` (seconds, [`retry_after`](IdempotencyLayer::retry_after)) |
-//! | the same key with another body, method or path | `422` (never the other request's response) |
-//! | no key, on a route that requires one | `400` (routes made [`optional`](IdempotencyLayer::optional) pass it through) |
-//! | a malformed key (empty, over 255 characters, not visible ASCII) | `400` |
-//! | a request body over [`max_request_body`](IdempotencyLayer::max_request_body) | `413`, nothing claimed |
-//! | the handler answers 5xx, or fails | passed through; the key is released, so the retry runs |
-//! | a completed key whose response was too large to store | the first client gets it whole; a retry gets `410` |
-//! | the store is unreachable | `503`, `Retry-After` |
+//! A first request runs the handler and its 2xx/3xx response is stored; a retry with the same
+//! key and payload gets it back with `Idempotent-Replayed: true`; a copy while the first runs
+//! gets `409` with `Retry-After`; the same key with another payload, method or path gets `422`;
+//! a missing (where required) or malformed key `400`; a 5xx is passed through and releases the
+//! key. The whole status table, each row with the test that holds it, is in the repository's
+//! README (section "HTTP").
 //!
 //! Errors are `application/problem+json` (RFC 9457) with a `type` of the form
 //! `urn:idem:problem:<name>`; they never show the key, the scope or a module path.

@@ -448,3 +448,35 @@ async fn a_request_over_the_limit_is_413_and_claims_nothing() {
         t.cleanup().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_store_is_503_with_retry_after_and_runs_nothing() {
+    // A port nothing listens on: bound, then closed.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let client = idem_runtime::redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
+    let store = idem_runtime::RedisStore::from_client(client).await.unwrap();
+    let layer = IdempotencyLayer::new(store, "http.tests").retry_after(Duration::from_secs(3));
+    let server = Server::start(layer).await;
+    let r = seen(
+        post_json(
+            &reqwest::Client::new(),
+            &server,
+            "/payments",
+            Some("down-1"),
+            r#"{"amount":1}"#,
+        )
+        .await,
+    )
+    .await;
+    r.assert_problem(
+        503,
+        "unavailable",
+        &["down-1", "http.tests", &port.to_string()],
+    );
+    assert_eq!(r.retry_after.as_deref(), Some("3"));
+    assert_eq!(server.probe.runs(), 0);
+}
