@@ -4,4 +4,7 @@
 
 mod processes;
 mod semantics;
+/// `in_ci` and `server_missing`, shared with the workspace's other tests.
+#[path = "../../../tests/support/mod.rs"]
+mod shared;
 mod support;

@@ -139,16 +139,36 @@ async fn send(client: &reqwest::Client, url: &str, key: &str, delay_ms: u64) -> 
         .unwrap()
 }
 
+/// What both tests start from: an idem table of their own, a ledger file, a client.
+struct Setup {
+    pool: idem_runtime::sqlx::PgPool,
+    table: String,
+    _dir: TempDir,
+    ledger: PathBuf,
+    client: reqwest::Client,
+}
+
+impl Setup {
+    async fn new() -> Option<Setup> {
+        let (store, pool) = pg_store().await?;
+        let dir = TempDir::new();
+        Some(Setup {
+            pool,
+            table: store.table().to_owned(),
+            ledger: dir.0.join("ledger"),
+            _dir: dir,
+            client: reqwest::Client::new(),
+        })
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_killed_mid_request_and_restarted_runs_the_retry_once() {
-    let Some((store, pool)) = pg_store().await else {
+    let Some(s) = Setup::new().await else {
         return;
     };
-    let table = store.table().to_owned();
-    let dir = TempDir::new();
-    let ledger = dir.0.join("ledger");
-    let client = reqwest::Client::new();
-    let mut first = Proc::start(&table, &ledger);
+    let (table, ledger, client) = (&s.table, &s.ledger, &s.client);
+    let mut first = Proc::start(table, ledger);
     // A request that runs for a minute: the server is killed while it does.
     let doomed = {
         let (client, url) = (client.clone(), first.url.clone());
@@ -164,7 +184,7 @@ async fn a_server_killed_mid_request_and_restarted_runs_the_retry_once() {
     };
     // Its key is claimed once its record is in the store; a copy is then told it is in flight.
     let started = std::time::Instant::now();
-    while count_rows(&pool, &table).await == 0 {
+    while count_rows(&s.pool, table).await == 0 {
         assert!(
             started.elapsed() < Duration::from_secs(30),
             "the first request never claimed its key"
@@ -175,7 +195,7 @@ async fn a_server_killed_mid_request_and_restarted_runs_the_retry_once() {
     first.child.kill().unwrap(); // SIGKILL
     first.child.wait().unwrap();
     assert!(doomed.await.unwrap().is_err(), "the killed server answered");
-    let second = Proc::start(&table, &ledger);
+    let second = Proc::start(table, ledger);
     // The client retries as told, until the dead server's lease ends and its retry runs.
     let started = std::time::Instant::now();
     let answer = loop {
@@ -204,19 +224,16 @@ async fn a_server_killed_mid_request_and_restarted_runs_the_retry_once() {
         ledger_lines(&ledger)
     );
     drop(second);
-    Target::pg_cleanup(&pool, &table).await;
+    Target::pg_cleanup(&s.pool, table).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_server_processes_on_one_store_run_a_key_once() {
-    let Some((store, pool)) = pg_store().await else {
+    let Some(s) = Setup::new().await else {
         return;
     };
-    let table = store.table().to_owned();
-    let dir = TempDir::new();
-    let ledger = dir.0.join("ledger");
-    let client = reqwest::Client::new();
-    let servers = [Proc::start(&table, &ledger), Proc::start(&table, &ledger)];
+    let (table, ledger, client) = (&s.table, &s.ledger, &s.client);
+    let servers = [Proc::start(table, ledger), Proc::start(table, ledger)];
     let tasks: Vec<_> = (0..16)
         .map(|i| {
             let (client, url) = (client.clone(), servers[i % 2].url.clone());
@@ -238,5 +255,5 @@ async fn two_server_processes_on_one_store_run_a_key_once() {
         ledger_lines(&ledger)
     );
     drop(servers);
-    Target::pg_cleanup(&pool, &table).await;
+    Target::pg_cleanup(&s.pool, table).await;
 }

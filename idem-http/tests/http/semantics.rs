@@ -14,29 +14,23 @@ async fn a_retry_gets_the_first_response_byte_for_byte_with_the_replay_header() 
     let client = reqwest::Client::new();
     for t in targets().await {
         let server = Server::start(layer(&t)).await;
-        let first = seen(
-            post_json(
-                &client,
-                &server,
-                "/payments",
-                Some("k-1"),
-                r#"{"amount":1200,"currency":"EUR"}"#,
-            )
-            .await,
+        let first = post(
+            &client,
+            &server,
+            "/payments",
+            Some("k-1"),
+            r#"{"amount":1200,"currency":"EUR"}"#,
         )
         .await;
         assert_eq!(first.status, 201, "{}: {first:?}", t.name);
         assert!(!first.replayed);
         // Reordered fields and other whitespace: the same JSON payload.
-        let again = seen(
-            post_json(
-                &client,
-                &server,
-                "/payments",
-                Some("k-1"),
-                r#"{ "currency": "EUR", "amount": 1200 }"#,
-            )
-            .await,
+        let again = post(
+            &client,
+            &server,
+            "/payments",
+            Some("k-1"),
+            r#"{ "currency": "EUR", "amount": 1200 }"#,
         )
         .await;
         assert!(again.replayed, "{}: {again:?}", t.name);
@@ -58,15 +52,12 @@ async fn a_retry_gets_the_first_response_byte_for_byte_with_the_replay_header() 
         );
         assert_eq!(server.probe.runs(), 1, "{}", t.name);
         // The IETF draft's structured-field form of the same key.
-        let quoted = seen(
-            post_json(
-                &client,
-                &server,
-                "/payments",
-                Some("\"k-1\""),
-                r#"{"amount":1200,"currency":"EUR"}"#,
-            )
-            .await,
+        let quoted = post(
+            &client,
+            &server,
+            "/payments",
+            Some("\"k-1\""),
+            r#"{"amount":1200,"currency":"EUR"}"#,
         )
         .await;
         assert!(quoted.replayed, "{}: {quoted:?}", t.name);
@@ -82,41 +73,11 @@ async fn concurrent_copies_of_one_request_run_it_once() {
         let server = Server::start(layer(&t).retry_after(Duration::from_millis(1500))).await;
         let mut starts = server.watch_starts();
         let body = r#"{"amount":7,"hold":true}"#;
-        let holder = {
-            let client = client.clone();
-            let url = server.url("/payments");
-            tokio::spawn(async move {
-                let r = client
-                    .post(url)
-                    .header("content-type", "application/json")
-                    .header("idempotency-key", "same")
-                    .body(body)
-                    .send()
-                    .await
-                    .unwrap();
-                seen(r).await
-            })
-        };
+        let holder = spawn_post(&client, &server, "same", body);
         assert_eq!(starts.recv().await, Some(7));
         // Twenty copies at once while the first runs: each is told to come back later.
         let copies: Vec<_> = (0..20)
-            .map(|_| {
-                let client = client.clone();
-                let url = server.url("/payments");
-                tokio::spawn(async move {
-                    seen(
-                        client
-                            .post(url)
-                            .header("content-type", "application/json")
-                            .header("idempotency-key", "same")
-                            .body(body)
-                            .send()
-                            .await
-                            .unwrap(),
-                    )
-                    .await
-                })
-            })
+            .map(|_| spawn_post(&client, &server, "same", body))
             .collect();
         for copy in copies {
             let copy = copy.await.unwrap();
@@ -127,7 +88,7 @@ async fn concurrent_copies_of_one_request_run_it_once() {
         server.probe.hold.add_permits(1);
         let first = holder.await.unwrap();
         assert_eq!(first.status, 201, "{}: {first:?}", t.name);
-        let after = seen(post_json(&client, &server, "/payments", Some("same"), body).await).await;
+        let after = post(&client, &server, "/payments", Some("same"), body).await;
         assert!(after.replayed);
         assert_eq!(after.body, first.body);
         assert_eq!(server.probe.runs(), 1, "{}", t.name);
@@ -141,23 +102,7 @@ async fn with_wait_concurrent_copies_all_get_the_one_response() {
     for t in targets().await {
         let server = Server::start(layer(&t).wait(Duration::from_secs(20))).await;
         let copies: Vec<_> = (0..20)
-            .map(|_| {
-                let client = client.clone();
-                let url = server.url("/payments");
-                tokio::spawn(async move {
-                    seen(
-                        client
-                            .post(url)
-                            .header("content-type", "application/json")
-                            .header("idempotency-key", "w")
-                            .body(r#"{"amount":3}"#)
-                            .send()
-                            .await
-                            .unwrap(),
-                    )
-                    .await
-                })
-            })
+            .map(|_| spawn_post(&client, &server, "w", r#"{"amount":3}"#))
             .collect();
         let mut answers = Vec::new();
         for copy in copies {
@@ -232,12 +177,12 @@ async fn a_missing_or_malformed_key_is_400_and_runs_nothing() {
     let t = targets().await.remove(0);
     let server = Server::start(layer(&t)).await;
     let body = r#"{"amount":1}"#;
-    seen(post_json(&client, &server, "/payments", None, body).await)
+    post(&client, &server, "/payments", None, body)
         .await
         .assert_problem(400, "missing-key", &[]);
     let long = "k".repeat(256);
     for bad in ["", "  ", "\"\"", "has space", long.as_str()] {
-        seen(post_json(&client, &server, "/payments", Some(bad), body).await)
+        post(&client, &server, "/payments", Some(bad), body)
             .await
             .assert_problem(400, "invalid-key", &[]);
     }
@@ -261,7 +206,7 @@ async fn a_missing_or_malformed_key_is_400_and_runs_nothing() {
     // A route where the key is optional runs requests without one, each time.
     let optional = Server::start(layer(&t).optional()).await;
     for _ in 0..2 {
-        let r = seen(post_json(&client, &optional, "/payments", None, body).await).await;
+        let r = post(&client, &optional, "/payments", None, body).await;
         assert_eq!((r.status, r.replayed), (201, false));
     }
     assert_eq!(optional.probe.runs(), 2);
@@ -316,11 +261,11 @@ async fn a_5xx_releases_the_key_and_the_retry_runs() {
         let server = Server::start(layer(&t)).await;
         server.probe.fail_next.store(1, Ordering::SeqCst);
         let body = r#"{"amount":9}"#;
-        let failed = seen(post_json(&client, &server, "/payments", Some("k5"), body).await).await;
+        let failed = post(&client, &server, "/payments", Some("k5"), body).await;
         assert_eq!((failed.status, failed.replayed), (502, false), "{}", t.name);
-        let retry = seen(post_json(&client, &server, "/payments", Some("k5"), body).await).await;
+        let retry = post(&client, &server, "/payments", Some("k5"), body).await;
         assert_eq!((retry.status, retry.replayed), (201, false), "{}", t.name);
-        let again = seen(post_json(&client, &server, "/payments", Some("k5"), body).await).await;
+        let again = post(&client, &server, "/payments", Some("k5"), body).await;
         assert!(again.replayed);
         assert_eq!(server.probe.runs(), 2, "{}", t.name);
         t.cleanup().await;
@@ -334,13 +279,13 @@ async fn a_4xx_is_stored_only_when_asked() {
     let body = r#"{"amount":1,"status":400}"#;
     let server = Server::start(layer(&t)).await;
     for _ in 0..2 {
-        let r = seen(post_json(&client, &server, "/payments", Some("bad"), body).await).await;
+        let r = post(&client, &server, "/payments", Some("bad"), body).await;
         assert_eq!((r.status, r.replayed), (400, false));
     }
     assert_eq!(server.probe.runs(), 2);
     let stripe = Server::start(layer(&t).store_client_errors(true)).await;
-    let first = seen(post_json(&client, &stripe, "/payments", Some("bad"), body).await).await;
-    let again = seen(post_json(&client, &stripe, "/payments", Some("bad"), body).await).await;
+    let first = post(&client, &stripe, "/payments", Some("bad"), body).await;
+    let again = post(&client, &stripe, "/payments", Some("bad"), body).await;
     assert_eq!(
         (again.status, again.replayed, &again.body),
         (400, true, &first.body)
@@ -349,7 +294,7 @@ async fn a_4xx_is_stored_only_when_asked() {
     let busy = r#"{"amount":1,"status":429}"#;
     for _ in 0..2 {
         assert!(
-            !seen(post_json(&client, &stripe, "/payments", Some("busy"), busy).await)
+            !post(&client, &stripe, "/payments", Some("busy"), busy)
                 .await
                 .replayed
         );
@@ -376,7 +321,7 @@ async fn a_client_that_disconnects_mid_request_gets_the_response_on_its_retry() 
         drop(conn);
         server.probe.hold.add_permits(1);
         // Its retry waits for the run it started, and gets that run's response.
-        let retry = seen(post_json(&client, &server, "/payments", Some("gone"), body).await).await;
+        let retry = post(&client, &server, "/payments", Some("gone"), body).await;
         assert_eq!(
             (retry.status, retry.replayed),
             (201, true),
@@ -394,14 +339,14 @@ async fn a_response_over_the_limit_reaches_its_client_and_a_retry_gets_410() {
     for t in targets().await {
         let server = Server::start(layer(&t).max_response_body(1024)).await;
         let body = r#"{"amount":1,"size":300000}"#;
-        let first = seen(post_json(&client, &server, "/payments", Some("big"), body).await).await;
+        let first = post(&client, &server, "/payments", Some("big"), body).await;
         assert_eq!(
             (first.status, first.body.len()),
             (200, 300_000),
             "{}",
             t.name
         );
-        let retry = seen(post_json(&client, &server, "/payments", Some("big"), body).await).await;
+        let retry = post(&client, &server, "/payments", Some("big"), body).await;
         retry.assert_problem(410, "response-not-stored", &["big"]);
         assert!(retry.replayed);
         // Within the limit: stored as usual.
@@ -413,7 +358,7 @@ async fn a_response_over_the_limit_reaches_its_client_and_a_retry_gets_410() {
             200
         );
         assert!(
-            seen(post_json(&client, &server, "/payments", Some("small"), small).await)
+            post(&client, &server, "/payments", Some("small"), small)
                 .await
                 .replayed
         );
@@ -428,19 +373,16 @@ async fn a_request_over_the_limit_is_413_and_claims_nothing() {
     for t in targets().await {
         let server = Server::start(layer(&t).max_request_body(64)).await;
         let big = format!(r#"{{"amount":1,"pad":"{}"}}"#, "x".repeat(100));
-        seen(post_json(&client, &server, "/payments", Some("k413"), &big).await)
+        post(&client, &server, "/payments", Some("k413"), &big)
             .await
             .assert_problem(413, "request-too-large", &["k413"]);
         // The key was never claimed: a request within the limit runs at once.
-        let ok = seen(
-            post_json(
-                &client,
-                &server,
-                "/payments",
-                Some("k413"),
-                r#"{"amount":1}"#,
-            )
-            .await,
+        let ok = post(
+            &client,
+            &server,
+            "/payments",
+            Some("k413"),
+            r#"{"amount":1}"#,
         )
         .await;
         assert_eq!((ok.status, ok.replayed), (201, false), "{}", t.name);
@@ -461,15 +403,12 @@ async fn an_unreachable_store_is_503_with_retry_after_and_runs_nothing() {
     let store = idem_runtime::RedisStore::from_client(client).await.unwrap();
     let layer = IdempotencyLayer::new(store, "http.tests").retry_after(Duration::from_secs(3));
     let server = Server::start(layer).await;
-    let r = seen(
-        post_json(
-            &reqwest::Client::new(),
-            &server,
-            "/payments",
-            Some("down-1"),
-            r#"{"amount":1}"#,
-        )
-        .await,
+    let r = post(
+        &reqwest::Client::new(),
+        &server,
+        "/payments",
+        Some("down-1"),
+        r#"{"amount":1}"#,
     )
     .await;
     r.assert_problem(

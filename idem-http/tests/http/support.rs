@@ -6,32 +6,18 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing;
 use idem_http::IdempotencyLayer;
 use idem_runtime::sqlx::{self, AssertSqlSafe, PgPool};
 use idem_runtime::{MemoryStore, PgStore, RedisStore, SqliteStore, Store};
 use serde::Deserialize;
-use std::fmt::Display;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 use tokio::sync::{Semaphore, mpsc};
 
-/// Whether we run under CI, where a missing server is a failure, never a skip.
-pub fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && v != "false")
-}
-
-/// A server this test needs is not reachable: fail under CI, skip loudly elsewhere.
-pub fn server_missing(service: &str, url: &str, err: impl Display) {
-    if in_ci() {
-        panic!("{service} at {url} is required under CI=true and is not reachable: {err}");
-    }
-    eprintln!(
-        "\n!!!!! SKIPPED: {service} at {url} is not reachable ({err}).\n!!!!! This part of the test did NOT run. Start {service}, or run `bash .ci/run`, which starts it.\n"
-    );
-}
+pub use crate::shared::server_missing;
 
 pub fn pg_url() -> String {
     std::env::var("POSTGRES_URL")
@@ -262,8 +248,8 @@ impl Server {
     pub async fn start(layer: IdempotencyLayer) -> Server {
         let probe = Arc::new(Probe::default());
         let router = Router::new()
-            .route("/payments", post(order).patch(order).get(order))
-            .route("/refunds", post(order))
+            .route("/payments", routing::post(order).patch(order).get(order))
+            .route("/refunds", routing::post(order))
             .layer(layer)
             .with_state(probe.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -308,6 +294,33 @@ pub async fn post_json(
         req = req.header("idempotency-key", key);
     }
     req.send().await.unwrap()
+}
+
+/// [`post_json`], as the tests compare responses.
+pub async fn post(
+    client: &reqwest::Client,
+    server: &Server,
+    path: &str,
+    key: Option<&str>,
+    body: &str,
+) -> Seen {
+    seen(post_json(client, server, path, key, body).await).await
+}
+
+/// [`post`] to `/payments` on a task of its own.
+pub fn spawn_post(
+    client: &reqwest::Client,
+    server: &Server,
+    key: &'static str,
+    body: &'static str,
+) -> tokio::task::JoinHandle<Seen> {
+    let client = client.clone();
+    let req = client
+        .post(server.url("/payments"))
+        .header("content-type", "application/json")
+        .header("idempotency-key", key)
+        .body(body);
+    tokio::spawn(async move { seen(req.send().await.unwrap()).await })
 }
 
 /// A response as the tests compare them: status, the headers that matter, body.
