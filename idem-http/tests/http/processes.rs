@@ -191,7 +191,7 @@ async fn a_server_killed_mid_request_and_restarted_runs_the_retry_once() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(send(&client, &first.url, "k9", 0).await.status(), 409);
+    assert_eq!(send(client, &first.url, "k9", 0).await.status(), 409);
     first.child.kill().unwrap(); // SIGKILL
     first.child.wait().unwrap();
     assert!(doomed.await.unwrap().is_err(), "the killed server answered");
@@ -199,7 +199,7 @@ async fn a_server_killed_mid_request_and_restarted_runs_the_retry_once() {
     // The client retries as told, until the dead server's lease ends and its retry runs.
     let started = std::time::Instant::now();
     let answer = loop {
-        let r = send(&client, &second.url, "k9", 0).await;
+        let r = send(client, &second.url, "k9", 0).await;
         if r.status() != 409 {
             break seen(r).await;
         }
@@ -215,14 +215,9 @@ async fn a_server_killed_mid_request_and_restarted_runs_the_retry_once() {
         tokio::time::sleep(Duration::from_secs(after)).await;
     };
     assert_eq!((answer.status, answer.replayed), (201, false), "{answer:?}");
-    let again = seen(send(&client, &second.url, "k9", 0).await).await;
+    let again = seen(send(client, &second.url, "k9", 0).await).await;
     assert_eq!((again.replayed, &again.body), (true, &answer.body));
-    assert_eq!(
-        ledger_lines(&ledger).len(),
-        1,
-        "{:?}",
-        ledger_lines(&ledger)
-    );
+    assert_eq!(ledger_lines(ledger).len(), 1, "{:?}", ledger_lines(ledger));
     drop(second);
     Target::pg_cleanup(&s.pool, table).await;
 }
@@ -248,12 +243,7 @@ async fn two_server_processes_on_one_store_run_a_key_once() {
         statuses.iter().all(|s| *s == 201 || *s == 409),
         "{statuses:?}"
     );
-    assert_eq!(
-        ledger_lines(&ledger).len(),
-        1,
-        "{:?}",
-        ledger_lines(&ledger)
-    );
+    assert_eq!(ledger_lines(ledger).len(), 1, "{:?}", ledger_lines(ledger));
     drop(servers);
     Target::pg_cleanup(&s.pool, table).await;
 }
