@@ -34,6 +34,10 @@ async fn a_retry_gets_the_first_response_byte_for_byte_with_the_replay_header() 
         )
         .await;
         assert!(again.replayed, "{}: {again:?}", t.name);
+        // The application's own headers come back; a session cookie is not handed out again.
+        assert_eq!(again.run, first.run);
+        assert_eq!(first.set_cookie.as_deref(), Some("session=1"));
+        assert_eq!(again.set_cookie, None);
         assert_eq!(
             (
                 again.status,

@@ -229,6 +229,10 @@ async fn order(State(probe): State<Arc<Probe>>, body: axum::body::Bytes) -> Resp
         format!("/payments/{run}").parse().unwrap(),
     );
     headers.insert("x-run", run.to_string().parse().unwrap());
+    headers.insert(
+        header::SET_COOKIE,
+        format!("session={run}").parse().unwrap(),
+    );
     (
         StatusCode::CREATED,
         headers,
@@ -331,6 +335,8 @@ pub struct Seen {
     pub content_type: Option<String>,
     pub location: Option<String>,
     pub retry_after: Option<String>,
+    pub run: Option<String>,
+    pub set_cookie: Option<String>,
     pub body: Vec<u8>,
 }
 
@@ -357,6 +363,8 @@ pub async fn seen(r: reqwest::Response) -> Seen {
         content_type,
         location,
         retry_after,
+        run: h("x-run"),
+        set_cookie: h("set-cookie"),
         body: r.bytes().await.unwrap().to_vec(),
     }
 }
