@@ -3,6 +3,7 @@
 //! client, and the real stores.
 
 mod processes;
+mod review;
 mod semantics;
 /// `in_ci` and `server_missing`, shared with the workspace's other tests.
 #[path = "../../../tests/support/mod.rs"]
