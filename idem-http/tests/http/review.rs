@@ -11,7 +11,7 @@ use axum::routing::post;
 use bytes::Bytes;
 use http_body::Frame;
 use idem_http::IdempotencyLayer;
-use idem_runtime::{MemoryStore, RedisStore, Store};
+use idem_runtime::MemoryStore;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -203,37 +203,6 @@ async fn a_response_just_under_the_default_limit_is_replayed_not_410() {
         String::from_utf8_lossy(&retry.body[..retry.body.len().min(300)])
     );
     assert_eq!(runs.load(Ordering::SeqCst), 1);
-}
-
-/// The store is down (Redis on a port nothing listens on): the docs promise `503` with
-/// `Retry-After`, at once. Checks that a client is told to come back rather than hang or get
-/// a bare 500.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unreachable_store_is_503_with_retry_after_promptly() {
-    let client = idem_runtime::redis::Client::open("redis://127.0.0.1:1").unwrap();
-    let store: Arc<dyn Store> = Arc::new(
-        RedisStore::builder_from_client(client)
-            .unwrap()
-            .prefix(unique("review"))
-            .build(),
-    );
-    let (router, runs) = echo_app(IdempotencyLayer::new(store, "review.down"));
-    let (addr, _server) = serve(router).await;
-    let answer = tokio::time::timeout(
-        Duration::from_secs(10),
-        reqwest::Client::new()
-            .post(format!("http://{addr}/payments"))
-            .header("idempotency-key", "down-1")
-            .body("{}")
-            .send(),
-    )
-    .await
-    .expect("no answer within 10 s from a layer whose store is down")
-    .unwrap();
-    let answer = seen(answer).await;
-    answer.assert_problem(503, "unavailable", &["down-1", "review.down"]);
-    assert!(answer.retry_after.is_some());
-    assert_eq!(runs.load(Ordering::SeqCst), 0);
 }
 
 /// A streaming response (server-sent events, a streamed LLM completion, a long export) is
@@ -482,5 +451,112 @@ async fn the_first_response_keeps_the_routes_trailers() {
     assert!(
         first.to_ascii_lowercase().contains("x-checksum: abc123"),
         "the first response lost the route's trailers:\n{first}"
+    );
+}
+
+/// The docs promise a retry "the stored response (status, headers, body)", but `Set-Cookie` is
+/// silently dropped from what is stored: a retry of a request that created a session or a
+/// checkout cart (the client never saw the first response, that is why it retried) gets a 201
+/// without the cookie it needs to go on. Low: dropping it may be meant (a cookie replayed to
+/// whoever holds an anonymous key is a session handed over), but then the docs must say so,
+/// and it should be replayed when keys are scoped per caller, or be a setting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_keeps_the_routes_set_cookie() {
+    async fn checkout() -> Response {
+        let mut headers = HeaderMap::new();
+        headers.insert("set-cookie", "cart=c-42; HttpOnly".parse().unwrap());
+        (StatusCode::CREATED, headers, "cart c-42").into_response()
+    }
+    let router = Router::new()
+        .route("/payments", post(checkout))
+        .layer(IdempotencyLayer::new(MemoryStore::new(), "review.cookie"));
+    let (addr, _server) = serve(router).await;
+    let client = reqwest::Client::new();
+    let send = || {
+        client
+            .post(format!("http://{addr}/payments"))
+            .header("idempotency-key", "cart-1")
+            .body("{}")
+            .send()
+    };
+    let first = send().await.unwrap();
+    assert_eq!(first.headers()["set-cookie"], "cart=c-42; HttpOnly");
+    let retry = send().await.unwrap();
+    assert_eq!(retry.headers()["idempotent-replayed"], "true");
+    assert_eq!(
+        retry.headers().get("set-cookie").map(|v| v.to_str().unwrap()),
+        Some("cart=c-42; HttpOnly"),
+        "the replay dropped Set-Cookie: {:?}",
+        retry.headers()
+    );
+}
+
+/// Who an authentication layer said the caller is.
+#[derive(Clone)]
+struct Account(String);
+
+/// Keys are scoped by an `Account` extension that an authentication middleware sets, and the
+/// middleware is added *before* the idempotency layer (`.layer(auth).layer(idem)`: in axum the
+/// later layer is the outer one, a one-line ordering slip). The caller function then sees no
+/// account on any request and returns `None`, which the layer takes as "the anonymous caller,
+/// one for all" without a word: every account shares one key space, and since a replay is
+/// answered before the inner service runs, a request with *no credentials at all* that sends
+/// another account's key gets that account's stored payment, where the route would answer
+/// 401. Medium (needs the ordering slip, but it is silent and leaks another caller's
+/// response past authentication): with a `caller` configured, a request it names no one for
+/// should not share a key space (pass it through unkeyed, or refuse it), or the layer should
+/// at least make `None` an explicit opt-in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unauthenticated_request_gets_another_accounts_response_when_caller_is_none() {
+    async fn auth(
+        mut req: axum::extract::Request,
+        next: axum::middleware::Next,
+    ) -> Response {
+        match req.headers().get("authorization").and_then(|v| v.to_str().ok()) {
+            Some(token) if token.starts_with("Bearer ") => {
+                let account = Account(token["Bearer ".len()..].to_owned());
+                req.extensions_mut().insert(account);
+                next.run(req).await
+            }
+            _ => StatusCode::UNAUTHORIZED.into_response(),
+        }
+    }
+    async fn pay(axum::Extension(Account(account)): axum::Extension<Account>) -> Response {
+        (StatusCode::CREATED, format!("paid 500 EUR from {account}'s card")).into_response()
+    }
+    let idem = IdempotencyLayer::new(MemoryStore::new(), "review.auth")
+        .caller(|req| req.extensions.get::<Account>().map(|a| a.0.clone()));
+    let router = Router::new()
+        .route("/payments", post(pay))
+        .layer(axum::middleware::from_fn(auth))
+        .layer(idem);
+    let (addr, _server) = serve(router).await;
+    let client = reqwest::Client::new();
+    let alice = client
+        .post(format!("http://{addr}/payments"))
+        .header("authorization", "Bearer alice")
+        .header("idempotency-key", "order-7")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(alice.status(), 201);
+    let stranger = seen(
+        client
+            .post(format!("http://{addr}/payments"))
+            .header("idempotency-key", "order-7")
+            .body("{}")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        stranger.status,
+        401,
+        "a request without credentials got: {} (replayed: {}) {:?}",
+        stranger.status,
+        stranger.replayed,
+        String::from_utf8_lossy(&stranger.body)
     );
 }
