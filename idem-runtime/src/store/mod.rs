@@ -61,6 +61,16 @@ impl Token {
 static NONCE_PID: AtomicU32 = AtomicU32::new(0);
 
 /// This process's id as of its last token (no system call): who the leases it takes belong to.
+// Used by the server stores only (memory has no holders or forced changes).
+#[cfg_attr(
+    not(any(
+        feature = "redis",
+        feature = "postgres",
+        feature = "mysql",
+        feature = "sqlite"
+    )),
+    allow(dead_code, unreachable_pub)
+)]
 pub(crate) fn token_pid() -> u32 {
     match NONCE_PID.load(Ordering::Acquire) {
         0 => std::process::id(),
