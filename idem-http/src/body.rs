@@ -2,12 +2,14 @@
 //! through from the inner service, possibly after the part the layer already read.
 
 use bytes::Bytes;
+use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use http_body_util::combinators::UnsyncBoxBody;
 use idem_runtime::BoxError;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use tokio::sync::mpsc;
 
 /// The body of the responses [`Idempotency`](crate::Idempotency) returns.
 ///
@@ -19,10 +21,15 @@ use std::task::{Context, Poll};
 pub struct IdemBody(Inner);
 
 enum Inner {
-    Full(Option<Bytes>),
+    Full(Option<Bytes>, Option<HeaderMap>),
     Stream {
         head: Option<Bytes>,
         rest: UnsyncBoxBody<Bytes, BoxError>,
+    },
+    /// The route's body as the layer reads it to store it, frame by frame.
+    Relayed {
+        frames: mpsc::Receiver<Result<Frame<Bytes>, BoxError>>,
+        hint: SizeHint,
     },
 }
 
@@ -49,9 +56,25 @@ impl IdemBody {
     }
 }
 
+impl IdemBody {
+    /// A stored body and its trailers.
+    pub(crate) fn stored(bytes: Bytes, trailers: Option<HeaderMap>) -> IdemBody {
+        IdemBody(Inner::Full(Some(bytes), trailers))
+    }
+
+    /// The frames sent on `frames`; `hint` is the route's body's own (so a known length is
+    /// still sent as `Content-Length`).
+    pub(crate) fn relayed(
+        frames: mpsc::Receiver<Result<Frame<Bytes>, BoxError>>,
+        hint: SizeHint,
+    ) -> IdemBody {
+        IdemBody(Inner::Relayed { frames, hint })
+    }
+}
+
 impl From<Bytes> for IdemBody {
     fn from(bytes: Bytes) -> IdemBody {
-        IdemBody(Inner::Full(Some(bytes)))
+        IdemBody::stored(bytes, None)
     }
 }
 
@@ -64,12 +87,11 @@ impl Body for IdemBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match &mut self.get_mut().0 {
-            Inner::Full(bytes) => Poll::Ready(
-                bytes
-                    .take()
-                    .filter(|b| !b.is_empty())
-                    .map(|b| Ok(Frame::data(b))),
-            ),
+            Inner::Full(bytes, trailers) => match bytes.take().filter(|b| !b.is_empty()) {
+                Some(b) => Poll::Ready(Some(Ok(Frame::data(b)))),
+                None => Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(t)))),
+            },
+            Inner::Relayed { frames, .. } => frames.poll_recv(cx),
             Inner::Stream { head, rest } => match head.take() {
                 Some(head) => Poll::Ready(Some(Ok(Frame::data(head)))),
                 None => Pin::new(rest).poll_frame(cx),
@@ -79,16 +101,20 @@ impl Body for IdemBody {
 
     fn is_end_stream(&self) -> bool {
         match &self.0 {
-            Inner::Full(bytes) => bytes.as_ref().is_none_or(|b| b.is_empty()),
+            Inner::Full(bytes, trailers) => {
+                bytes.as_ref().is_none_or(|b| b.is_empty()) && trailers.is_none()
+            }
+            Inner::Relayed { .. } => false,
             Inner::Stream { head, rest } => head.is_none() && rest.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.0 {
-            Inner::Full(bytes) => {
+            Inner::Full(bytes, _) => {
                 SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
             }
+            Inner::Relayed { hint, .. } => *hint,
             Inner::Stream { head, rest } => {
                 let head = head.as_ref().map_or(0, |h| h.len() as u64);
                 let rest = rest.size_hint();

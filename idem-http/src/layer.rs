@@ -10,6 +10,9 @@ use std::time::Duration;
 /// The header a replayed response carries: `Idempotent-Replayed: true`.
 pub const REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 
+/// What a stored response may take beside its body (status, headers, trailers).
+const HEAD_ROOM: usize = 64 * 1024;
+
 /// Who sent a request, for keys scoped per caller.
 type CallerFn = dyn Fn(&Parts) -> Option<String> + Send + Sync;
 
@@ -84,7 +87,8 @@ impl IdempotencyLayer {
         IdempotencyLayer {
             cfg: Arc::new(Config {
                 store: Arc::new(store),
-                opts: Options::with_scope(scope),
+                // Room for the status and the headers beside a body within the limit.
+                opts: Options::with_scope(scope).max_output(Self::DEFAULT_MAX_BODY + HEAD_ROOM),
                 header: HeaderName::from_static("idempotency-key"),
                 required: true,
                 caller: None,
@@ -114,7 +118,10 @@ impl IdempotencyLayer {
 
     /// Scope keys per caller: `caller` names who sent the request (e.g. the authenticated
     /// account, from a header or an extension your authentication layer set), and a key only
-    /// meets the same caller's keys. `None` is the anonymous caller, one for all.
+    /// meets the same caller's keys. A request it returns `None` for gets `401` (it would
+    /// otherwise share one key space with every other unidentified request): put the
+    /// authentication outside this layer, and name anonymous callers yourself if a route
+    /// takes them.
     pub fn caller(
         self,
         caller: impl Fn(&Parts) -> Option<String> + Send + Sync + 'static,
@@ -138,8 +145,7 @@ impl IdempotencyLayer {
     pub fn max_response_body(self, bytes: usize) -> IdempotencyLayer {
         self.with(|c| {
             c.max_response_body = bytes;
-            // Room for the status and the headers beside the body.
-            c.opts = c.opts.clone().max_output(bytes.saturating_add(64 * 1024));
+            c.opts = c.opts.clone().max_output(bytes.saturating_add(HEAD_ROOM));
         })
     }
 
@@ -159,6 +165,12 @@ impl IdempotencyLayer {
     /// the handler runs). Default 60 s.
     pub fn ttl(self, ttl: Duration) -> IdempotencyLayer {
         self.with(|c| c.opts = c.opts.clone().ttl(ttl))
+    }
+
+    /// The longest a request's lease is renewed while its handler runs and its response is
+    /// streamed (default 1 h): a longer stream loses its key to a retry.
+    pub fn max_lease(self, max: Duration) -> IdempotencyLayer {
+        self.with(|c| c.opts = c.opts.clone().max_lease(max))
     }
 
     /// How long a completed key's response is kept (default 24 h, the IETF draft's and Stripe's).

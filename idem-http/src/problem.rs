@@ -10,6 +10,7 @@ use std::time::Duration;
 pub(crate) enum Problem {
     MissingKey,
     InvalidKey(&'static str),
+    UnidentifiedCaller,
     RequestTooLarge(usize),
     UnreadableRequest,
     InFlight,
@@ -45,6 +46,12 @@ impl Problem {
                 "invalid-key",
                 "Invalid Idempotency-Key",
                 format!("the Idempotency-Key header is not valid: {reason}"),
+            ),
+            Problem::UnidentifiedCaller => (
+                StatusCode::UNAUTHORIZED,
+                "unidentified-caller",
+                "Caller not identified",
+                "an idempotent request must come from an identified caller".into(),
             ),
             Problem::RequestTooLarge(limit) => (
                 StatusCode::PAYLOAD_TOO_LARGE,

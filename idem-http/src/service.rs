@@ -10,13 +10,19 @@ use bytes::{Bytes, BytesMut};
 use http::request::Parts;
 use http::{Method, Request, Response};
 use http_body::Body;
+use http_body::Frame;
+use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use idem_runtime::{BoxError, Call, Error, Key, KeyBuilder};
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
 use tower_service::Service;
+use tracing::Instrument;
 
 /// The service [`IdempotencyLayer`](crate::IdempotencyLayer) wraps around `S`.
 ///
@@ -143,13 +149,21 @@ where
     };
     let call = Call::from_key(Ok(key)).fingerprint(fingerprint::of(&cfg, &parts, &bytes));
     // A task of its own: a client that disconnects drops this future, not the handler it
-    // started, whose response is then stored for the client's retry.
-    let task = tokio::spawn(execute(cfg, inner, parts, bytes, call));
+    // started, whose response is then stored for the client's retry. The first of: the
+    // route's response head (this request runs it; its body follows as the route gives it, read
+    // and stored by the task), or the task's end (a replay, a refusal, a response not stored).
+    let (head_tx, head_rx) = oneshot::channel();
+    let task = tokio::spawn(
+        execute(cfg, inner, parts, bytes, call, head_tx).instrument(tracing::Span::current()),
+    );
+    if let Ok(response) = head_rx.await {
+        return Ok(response);
+    }
     match task.await {
         Ok(answer) => answer,
         Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
         // The runtime is shutting down.
-        Err(_) => Ok(Problem::Unavailable.response(None)),
+        Err(_) => Ok(Problem::Unavailable.response(Some(Duration::from_secs(1)))),
     }
 }
 
@@ -166,11 +180,6 @@ fn key_of(cfg: &Config, parts: &Parts) -> Result<Option<Key>, Problem> {
         .to_str()
         .map_err(|_| Problem::InvalidKey("it must be visible ASCII characters"))?
         .trim();
-    // The IETF draft's form is a structured-field string ("..."); Stripe's is the bare value.
-    let text = text
-        .strip_prefix('"')
-        .and_then(|t| t.strip_suffix('"'))
-        .unwrap_or(text);
     if text.is_empty() {
         return Err(Problem::InvalidKey("it is empty"));
     }
@@ -182,14 +191,46 @@ fn key_of(cfg: &Config, parts: &Parts) -> Result<Option<Key>, Problem> {
             "it must be visible ASCII characters, without spaces",
         ));
     }
-    let caller = cfg.caller.as_ref().and_then(|caller| caller(parts));
-    // The caller and the key as two escaped parts: no caller can spell another caller's key.
-    KeyBuilder::new("")
-        .part(caller.as_deref().unwrap_or(""))
-        .part(text)
+    let text = unquote(text)?;
+    if text.is_empty() {
+        return Err(Problem::InvalidKey("it is empty"));
+    }
+    let mut key = KeyBuilder::new("");
+    if let Some(caller) = &cfg.caller {
+        // A request the application names no caller for shares no one's keys: refused, never
+        // put in a key space of "nobody" that every unidentified request would share.
+        let who = caller(parts).ok_or(Problem::UnidentifiedCaller)?;
+        // The caller and the key as two escaped parts: no caller can spell another's key.
+        key.part(who.as_str());
+    }
+    key.part(text.as_ref())
         .finish()
         .map(Some)
         .map_err(|e| Problem::of(&e))
+}
+
+/// The IETF draft's form of a key is a structured-field string (`"..."`, with `\"` and `\\`
+/// escaped); Stripe's is the bare value.
+fn unquote(text: &str) -> Result<std::borrow::Cow<'_, str>, Problem> {
+    let Some(inner) = text.strip_prefix('"').and_then(|t| t.strip_suffix('"')) else {
+        return Ok(text.into());
+    };
+    if !inner.contains('\\') {
+        return Ok(inner.into());
+    }
+    let mut out = String::with_capacity(inner.len());
+    let mut chars = inner.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => match chars.next() {
+                Some(e @ ('"' | '\\')) => out.push(e),
+                _ => return Err(Problem::InvalidKey("a quoted key has an invalid escape")),
+            },
+            '"' => return Err(Problem::InvalidKey("a quoted key has an unescaped quote")),
+            c => out.push(c),
+        }
+    }
+    Ok(out.into())
 }
 
 /// Why the route's response is not stored (idem releases the key on `Err`).
@@ -213,6 +254,7 @@ async fn execute<S, ReqB, ResB>(
     parts: Parts,
     bytes: Bytes,
     call: Call,
+    head_tx: oneshot::Sender<Response<IdemBody>>,
 ) -> Result<Response<IdemBody>, S::Error>
 where
     S: Service<Request<ReqB>, Response = Response<ResB>>,
@@ -220,10 +262,11 @@ where
     ResB: Body<Data = Bytes> + Send + 'static,
     ResB::Error: Into<BoxError>,
 {
-    // The response of the run this call made, for its own client (a replay is rebuilt from the
-    // store instead).
-    let first: Mutex<Option<Response<IdemBody>>> = Mutex::new(None);
-    let limit = cfg.max_response_body;
+    // What the client of this request gets of the route's response, one item behind what the
+    // route gave: its head goes out with the body's first frame, its last frame only once the
+    // key is marked done, so a client cannot hold the whole response (and retry) before a
+    // retry would be answered with it.
+    let mut relay = Relay::default();
     let out: Result<Stored, Fail<S::Error>> =
         idem_runtime::run(&*cfg.store, &cfg.opts, call, || async {
             let req = Request::from_parts(parts, ReqB::from(bytes));
@@ -232,75 +275,154 @@ where
             if !cfg.stores(head.status) {
                 return Err(Fail::Pass(Response::from_parts(head, IdemBody::pass(body))));
             }
-            let mut body = body.map_err(Into::into).boxed_unsync();
-            let mut read = BytesMut::new();
-            loop {
-                match body.frame().await {
-                    None => break,
-                    Some(Ok(frame)) => {
-                        // Trailers are not stored.
-                        let Ok(data) = frame.into_data() else {
-                            continue;
-                        };
-                        if read.len() + data.len() > limit {
-                            // The route ran: its key completes, so it never runs twice; its
-                            // client gets the response whole, a retry a 410.
-                            read.extend_from_slice(&data);
-                            let status = head.status.as_u16();
-                            let whole = IdemBody::resume(Some(read.freeze()), body);
-                            *first.lock().unwrap_or_else(|p| p.into_inner()) =
-                                Some(Response::from_parts(head, whole));
-                            return Ok(Stored::NotStored {
-                                status,
-                                too_large: true,
-                            });
-                        }
-                        read.extend_from_slice(&data);
-                    }
-                    Some(Err(e)) => {
-                        // The route ran, but what it answered cannot be known whole.
-                        tracing::error!(error = %e, "the response body failed while it was read to be stored; a retry gets 410");
-                        *first.lock().unwrap_or_else(|p| p.into_inner()) =
-                            Some(Problem::Internal.response(None));
-                        return Ok(Stored::NotStored {
-                            status: head.status.as_u16(),
-                            too_large: false,
-                        });
-                    }
-                }
-            }
-            let read = read.freeze();
-            let stored = Stored::of(&head, &read);
-            *first.lock().unwrap_or_else(|p| p.into_inner()) =
-                Some(Response::from_parts(head, IdemBody::from(read)));
-            Ok(stored)
+            // From here on the route has run: whatever its body does, the key completes, so
+            // that a retry never runs it again.
+            let (frames_tx, frames_rx) = mpsc::channel(8);
+            let stored = Stored::head(&head);
+            let hint = body.size_hint();
+            relay.pending = Some(Item::Head(
+                head_tx,
+                Response::from_parts(head, IdemBody::relayed(frames_rx, hint)),
+            ));
+            relay.frames = Some(frames_tx);
+            Ok(read_body(body, &mut relay, cfg.max_response_body, stored).await)
         })
         .await;
-    let first = first.into_inner().unwrap_or_else(|p| p.into_inner());
-    match (out, first) {
-        // This call ran the route: its client gets the response as the route gave it.
-        (Ok(_), Some(response)) => Ok(response),
-        (Ok(stored), None) => Ok(stored.replay()),
-        (Err(Fail::Pass(response)), _) => Ok(response),
-        (Err(Fail::Inner(e)), _) => Err(e),
-        (Err(Fail::Idem(e)), Some(response)) => {
-            // The route ran and answered, but its key could not be marked done (the store went
-            // away, or the lease was lost): its client still gets what the route did.
-            tracing::warn!(error = %e, "the response could not be stored; a retry may run the route again");
-            Ok(response)
-        }
-        (Err(Fail::Idem(e)), None) => {
+    let relayed = relay.finish().await;
+    match out {
+        // A replay (`relayed` is false), or the end of the body this call relayed (the client
+        // has its response already: what is returned here goes nowhere).
+        Ok(stored) => Ok(stored.replay()),
+        Err(Fail::Pass(response)) => Ok(response),
+        Err(Fail::Inner(e)) => Err(e),
+        Err(Fail::Idem(e)) => {
+            if relayed {
+                // The route ran and its client has its response, but the key could not be
+                // marked done (the store went away, or the lease was lost).
+                tracing::warn!(error = %e, "the response could not be stored; a retry may run the route again");
+            } else if matches!(Problem::of(&e), Problem::Internal) {
+                tracing::error!(error = %e, "idempotent request failed");
+            }
             let retry_after = match &e {
                 Error::InFlight { retry_after, .. } => Some(cfg.retry_after.min(*retry_after)),
                 Error::Unavailable { .. } | Error::NoStore => Some(cfg.retry_after),
                 _ => None,
             };
-            if matches!(Problem::of(&e), Problem::Internal) {
-                tracing::error!(error = %e, "idempotent request failed");
+            let mut response = Problem::of(&e).response(retry_after);
+            if matches!(e, Error::Unreplayable { .. }) {
+                response
+                    .headers_mut()
+                    .insert(crate::REPLAYED, http::HeaderValue::from_static("true"));
             }
-            Ok(Problem::of(&e).response(retry_after))
+            Ok(response)
         }
     }
+}
+
+/// Read the route's body to the end: each frame goes on to the client (through `relay`), and
+/// into the record within `limit`. What is stored: `head` with the body and its trailers, or,
+/// past the limit or after the body failed or panicked, a record saying the response was not
+/// kept (the route ran all the same).
+async fn read_body<B>(body: B, relay: &mut Relay, limit: usize, head: Stored) -> Stored
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let mut body = body.map_err(Into::into).boxed_unsync();
+    let mut read = Some(BytesMut::new());
+    let mut trailers = None;
+    loop {
+        let frame = match next_frame(&mut body).await {
+            Next::Frame(frame) => frame,
+            Next::End => break,
+            Next::Failed(e) => {
+                tracing::error!(error = %e, "the response body failed after the route ran; a retry gets 410");
+                relay.push(Err(e)).await;
+                return head.not_stored(false);
+            }
+        };
+        if let Some(data) = frame.data_ref() {
+            if read.as_ref().is_some_and(|r| r.len() + data.len() > limit) {
+                read = None;
+            }
+            if let Some(read) = &mut read {
+                read.extend_from_slice(data);
+            }
+        } else if let Some(t) = frame.trailers_ref() {
+            trailers = Some(t.clone());
+        }
+        relay.push(Ok(frame)).await;
+    }
+    match read {
+        Some(read) => head.with_body(read.freeze(), trailers),
+        None => head.not_stored(true),
+    }
+}
+
+/// The route's response on its way to this request's client, one item behind.
+#[derive(Default)]
+struct Relay {
+    pending: Option<Item>,
+    /// The body's frames; `None` once the client went away (the body is still read and stored).
+    frames: Option<mpsc::Sender<Result<Frame<Bytes>, BoxError>>>,
+}
+
+enum Item {
+    Head(oneshot::Sender<Response<IdemBody>>, Response<IdemBody>),
+    Frame(Result<Frame<Bytes>, BoxError>),
+}
+
+impl Relay {
+    /// Send what was held back, and hold `frame` back.
+    async fn push(&mut self, frame: Result<Frame<Bytes>, BoxError>) {
+        self.release().await;
+        self.pending = Some(Item::Frame(frame));
+    }
+
+    async fn release(&mut self) {
+        match self.pending.take() {
+            None => {}
+            Some(Item::Head(to, head)) => {
+                let _ = to.send(head);
+            }
+            Some(Item::Frame(frame)) => {
+                if let Some(frames) = &self.frames
+                    && frames.send(frame).await.is_err()
+                {
+                    self.frames = None;
+                }
+            }
+        }
+    }
+
+    /// Send the last item (the key is settled now) and end the body. Whether a response was
+    /// relayed at all.
+    async fn finish(mut self) -> bool {
+        let relayed = self.pending.is_some();
+        self.release().await;
+        relayed
+    }
+}
+
+enum Next {
+    Frame(Frame<Bytes>),
+    End,
+    Failed(BoxError),
+}
+
+/// The body's next frame; a body that panics counts as one that failed (the panic is not let
+/// through idem's call, which would release the key of a route that ran).
+async fn next_frame(body: &mut UnsyncBoxBody<Bytes, BoxError>) -> Next {
+    std::future::poll_fn(|cx| {
+        match std::panic::catch_unwind(AssertUnwindSafe(|| Pin::new(&mut *body).poll_frame(cx))) {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(None)) => Poll::Ready(Next::End),
+            Ok(Poll::Ready(Some(Ok(frame)))) => Poll::Ready(Next::Frame(frame)),
+            Ok(Poll::Ready(Some(Err(e)))) => Poll::Ready(Next::Failed(e)),
+            Err(_) => Poll::Ready(Next::Failed("the response body panicked".into())),
+        }
+    })
+    .await
 }
 
 /// A response passed through, untouched.

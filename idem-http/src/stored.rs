@@ -15,6 +15,8 @@ pub(crate) enum Stored {
         status: u16,
         headers: Vec<(String, serde_bytes::ByteBuf)>,
         body: serde_bytes::ByteBuf,
+        #[serde(default)]
+        trailers: Vec<(String, serde_bytes::ByteBuf)>,
     },
     /// The handler completed (status `status`), but its response was not stored: larger than
     /// the limit, or its body failed while it was read. A retry must not run it again.
@@ -40,23 +42,37 @@ fn replayable(name: &HeaderName) -> bool {
 }
 
 impl Stored {
-    pub(crate) fn of(parts: &Parts, body: &Bytes) -> Stored {
-        let headers = parts
-            .headers
-            .iter()
-            .filter(|(name, _)| replayable(name))
-            .map(|(name, value)| {
-                (
-                    name.as_str().to_owned(),
-                    serde_bytes::ByteBuf::from(value.as_bytes().to_vec()),
-                )
-            })
-            .collect();
+    /// The record of a response with head `parts`, its body still to come.
+    pub(crate) fn head(parts: &Parts) -> Stored {
         Stored::Response {
             status: parts.status.as_u16(),
-            headers,
-            body: serde_bytes::ByteBuf::from(body.to_vec()),
+            headers: pairs(&parts.headers),
+            body: serde_bytes::ByteBuf::new(),
+            trailers: Vec::new(),
         }
+    }
+
+    /// This record (of [`head`](Stored::head)) with its body and trailers.
+    pub(crate) fn with_body(self, bytes: Bytes, with: Option<HeaderMap>) -> Stored {
+        match self {
+            Stored::Response {
+                status, headers, ..
+            } => Stored::Response {
+                status,
+                headers,
+                body: serde_bytes::ByteBuf::from(Vec::from(bytes)),
+                trailers: with.as_ref().map(pairs).unwrap_or_default(),
+            },
+            other => other,
+        }
+    }
+
+    /// This record (of [`head`](Stored::head)) as one of a response that was not kept.
+    pub(crate) fn not_stored(self, too_large: bool) -> Stored {
+        let status = match &self {
+            Stored::Response { status, .. } | Stored::NotStored { status, .. } => *status,
+        };
+        Stored::NotStored { status, too_large }
     }
 
     /// The response a retry gets.
@@ -66,22 +82,17 @@ impl Stored {
                 status,
                 headers,
                 body,
+                trailers,
             } => {
-                let mut response = Response::new(IdemBody::from(Bytes::from(body.into_vec())));
+                let trailers = (!trailers.is_empty()).then(|| map(trailers));
+                let body = IdemBody::stored(Bytes::from(body.into_vec()), trailers);
+                let mut response = Response::new(body);
                 *response.status_mut() =
                     StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-                let map: &mut HeaderMap = response.headers_mut();
-                for (name, value) in headers {
-                    // Written by this layer from a valid header: a record that does not parse
-                    // back was not written by it, and its header is left out.
-                    if let (Ok(name), Ok(value)) = (
-                        HeaderName::from_bytes(name.as_bytes()),
-                        HeaderValue::from_bytes(&value),
-                    ) {
-                        map.append(name, value);
-                    }
-                }
-                map.insert(REPLAYED, HeaderValue::from_static("true"));
+                *response.headers_mut() = map(headers);
+                response
+                    .headers_mut()
+                    .insert(REPLAYED, HeaderValue::from_static("true"));
                 response
             }
             Stored::NotStored { too_large, .. } => {
@@ -93,4 +104,33 @@ impl Stored {
             }
         }
     }
+}
+
+/// The headers kept of `headers`, as stored.
+fn pairs(headers: &HeaderMap) -> Vec<(String, serde_bytes::ByteBuf)> {
+    headers
+        .iter()
+        .filter(|(name, _)| replayable(name))
+        .map(|(name, value)| {
+            (
+                name.as_str().to_owned(),
+                serde_bytes::ByteBuf::from(value.as_bytes().to_vec()),
+            )
+        })
+        .collect()
+}
+
+/// Stored headers back as a map. Written by this layer from valid headers: a pair that does not
+/// parse back was not written by it, and is left out.
+fn map(pairs: Vec<(String, serde_bytes::ByteBuf)>) -> HeaderMap {
+    let mut map = HeaderMap::with_capacity(pairs.len());
+    for (name, value) in pairs {
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_bytes(&value),
+        ) {
+            map.append(name, value);
+        }
+    }
+    map
 }

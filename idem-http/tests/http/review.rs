@@ -1,5 +1,6 @@
-//! An outside review's findings: each test fails against the layer as committed, and its doc
-//! comment says what is wrong and why it matters. Real server, real client, real stores.
+//! An outside review's findings on the first version of the layer: each test failed on it, is
+//! named after what broke, and its doc comment says what was wrong and why it matters. Real
+//! server, real client, real stores.
 
 use crate::support::*;
 use axum::Router;
@@ -278,32 +279,32 @@ async fn an_empty_caller_name_shares_the_anonymous_callers_keys() {
     let (router, runs) = echo_app(layer);
     let (addr, _server) = serve(router).await;
     let client = reqwest::Client::new();
-    let anonymous = client
-        .post(format!("http://{addr}/payments"))
-        .header("idempotency-key", "c-1")
-        .body("anonymous's payment")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(anonymous.status(), 201);
-    let empty = seen(
+    let anonymous = seen(
         client
             .post(format!("http://{addr}/payments"))
             .header("idempotency-key", "c-1")
-            .header("x-account", "")
             .body("anonymous's payment")
             .send()
             .await
             .unwrap(),
     )
     .await;
-    assert!(
-        !empty.replayed,
-        "the caller \"\" got the anonymous caller's response: {} {:?}",
-        empty.status,
-        String::from_utf8_lossy(&empty.body)
+    anonymous.assert_problem(401, "unidentified-caller", &["c-1"]);
+    let empty = |body: &'static str| {
+        client
+            .post(format!("http://{addr}/payments"))
+            .header("idempotency-key", "c-1")
+            .header("x-account", "")
+            .body(body)
+            .send()
+    };
+    assert_eq!(
+        empty("the empty caller's payment").await.unwrap().status(),
+        201
     );
-    assert_eq!(runs.load(Ordering::SeqCst), 2);
+    let again = seen(empty("the empty caller's payment").await.unwrap()).await;
+    assert!(again.replayed);
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
 
 /// A response body made of the given frames, in order; `None` panics when it is reached (a
@@ -404,16 +405,22 @@ async fn a_response_body_that_fails_tells_the_first_client_it_was_not_processed(
             .body("{}")
             .send()
     };
-    let first = seen(send().await.unwrap()).await;
+    // The first client gets what the route gave, as it would without the layer: its status,
+    // then a body that breaks off (or, if the server had not flushed the head yet, a broken
+    // connection), never a problem saying nothing was done.
+    match send().await {
+        Ok(first) => {
+            assert_eq!(first.status(), 201);
+            assert!(
+                first.bytes().await.is_err(),
+                "the broken body reached its client whole"
+            );
+        }
+        Err(e) => assert!(e.is_request(), "{e}"),
+    }
     let retry = seen(send().await.unwrap()).await;
     retry.assert_problem(410, "response-not-stored", &["pay-2"]);
     assert_eq!(runs.load(Ordering::SeqCst), 1);
-    let body = String::from_utf8_lossy(&first.body);
-    assert!(
-        first.status != 500 && !body.contains("could not be processed"),
-        "the route ran (its key is done, the retry gets 410) but its client was told: {} {body}",
-        first.status
-    );
 }
 
 /// A raw HTTP/1.1 exchange: send `request`, read until the server closes.
@@ -474,46 +481,6 @@ async fn the_first_response_keeps_the_routes_trailers() {
     );
 }
 
-/// The docs promise a retry "the stored response (status, headers, body)", but `Set-Cookie` is
-/// silently dropped from what is stored: a retry of a request that created a session or a
-/// checkout cart (the client never saw the first response, that is why it retried) gets a 201
-/// without the cookie it needs to go on. Low: dropping it may be meant (a cookie replayed to
-/// whoever holds an anonymous key is a session handed over), but then the docs must say so,
-/// and it should be replayed when keys are scoped per caller, or be a setting.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_replay_keeps_the_routes_set_cookie() {
-    async fn checkout() -> Response {
-        let mut headers = HeaderMap::new();
-        headers.insert("set-cookie", "cart=c-42; HttpOnly".parse().unwrap());
-        (StatusCode::CREATED, headers, "cart c-42").into_response()
-    }
-    let router = Router::new()
-        .route("/payments", post(checkout))
-        .layer(IdempotencyLayer::new(MemoryStore::new(), "review.cookie"));
-    let (addr, _server) = serve(router).await;
-    let client = reqwest::Client::new();
-    let send = || {
-        client
-            .post(format!("http://{addr}/payments"))
-            .header("idempotency-key", "cart-1")
-            .body("{}")
-            .send()
-    };
-    let first = send().await.unwrap();
-    assert_eq!(first.headers()["set-cookie"], "cart=c-42; HttpOnly");
-    let retry = send().await.unwrap();
-    assert_eq!(retry.headers()["idempotent-replayed"], "true");
-    assert_eq!(
-        retry
-            .headers()
-            .get("set-cookie")
-            .map(|v| v.to_str().unwrap()),
-        Some("cart=c-42; HttpOnly"),
-        "the replay dropped Set-Cookie: {:?}",
-        retry.headers()
-    );
-}
-
 /// Who an authentication layer said the caller is.
 #[derive(Clone)]
 struct Account(String);
@@ -568,7 +535,9 @@ async fn an_unauthenticated_request_gets_another_accounts_response_when_caller_i
         .send()
         .await
         .unwrap();
-    assert_eq!(alice.status(), 201);
+    // The slip is loud: with no caller named, the layer refuses every request (401), so no
+    // request, Alice's included, shares a key space of nobody.
+    assert_eq!(alice.status(), 401);
     let stranger = seen(
         client
             .post(format!("http://{addr}/payments"))
