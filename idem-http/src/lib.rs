@@ -40,6 +40,8 @@
 //! ```
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "axum")]
+mod axum;
 mod body;
 mod fingerprint;
 mod layer;
@@ -47,6 +49,8 @@ mod problem;
 mod service;
 mod stored;
 
+#[cfg(feature = "axum")]
+pub use axum::{IdemError, IdempotencyKey, KeyRejection};
 pub use body::IdemBody;
 pub use layer::{IdempotencyLayer, REPLAYED};
 pub use service::Idempotency;

@@ -7,6 +7,7 @@ use http::{HeaderValue, Response, StatusCode};
 use idem_runtime::Error;
 use std::time::Duration;
 
+#[derive(Debug)]
 pub(crate) enum Problem {
     MissingKey,
     InvalidKey(&'static str),

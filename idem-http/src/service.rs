@@ -169,13 +169,41 @@ where
 
 /// The key of a request: `Ok(None)` without the header, `Err` with a malformed one.
 fn key_of(cfg: &Config, parts: &Parts) -> Result<Option<Key>, Problem> {
-    let mut values = parts.headers.get_all(&cfg.header).iter();
+    let Some(text) = header_key(&parts.headers, &cfg.header)? else {
+        return Ok(None);
+    };
+    let mut key = KeyBuilder::new("");
+    if let Some(caller) = &cfg.caller {
+        // A request the application names no caller for shares no one's keys: refused, never
+        // put in a key space of "nobody" that every unidentified request would share.
+        let who = caller(parts).ok_or(Problem::UnidentifiedCaller)?;
+        // The caller and the key as two escaped parts: no caller can spell another's key.
+        key.part(who.as_str());
+    }
+    key.part(text.as_str())
+        .finish()
+        .map(Some)
+        .map_err(|e| Problem::of(&e))
+}
+
+/// The key in header `name`: `None` without one; an error if it is malformed or sent twice.
+pub(crate) fn header_key(
+    headers: &http::HeaderMap,
+    name: &http::HeaderName,
+) -> Result<Option<String>, Problem> {
+    let mut values = headers.get_all(name).iter();
     let Some(value) = values.next() else {
         return Ok(None);
     };
     if values.next().is_some() {
         return Err(Problem::InvalidKey("the header was sent more than once"));
     }
+    key_text(value).map(Some)
+}
+
+/// The key a client sent in `value`, checked: 1 to 255 visible ASCII characters, bare or in the
+/// IETF draft's quoted form.
+fn key_text(value: &http::HeaderValue) -> Result<String, Problem> {
     let text = value
         .to_str()
         .map_err(|_| Problem::InvalidKey("it must be visible ASCII characters"))?
@@ -195,18 +223,7 @@ fn key_of(cfg: &Config, parts: &Parts) -> Result<Option<Key>, Problem> {
     if text.is_empty() {
         return Err(Problem::InvalidKey("it is empty"));
     }
-    let mut key = KeyBuilder::new("");
-    if let Some(caller) = &cfg.caller {
-        // A request the application names no caller for shares no one's keys: refused, never
-        // put in a key space of "nobody" that every unidentified request would share.
-        let who = caller(parts).ok_or(Problem::UnidentifiedCaller)?;
-        // The caller and the key as two escaped parts: no caller can spell another's key.
-        key.part(who.as_str());
-    }
-    key.part(text.as_ref())
-        .finish()
-        .map(Some)
-        .map_err(|e| Problem::of(&e))
+    Ok(text.into_owned())
 }
 
 /// The IETF draft's form of a key is a structured-field string (`"..."`, with `\"` and `\\`
