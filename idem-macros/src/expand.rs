@@ -260,9 +260,12 @@ fn expand(mut args: Args, func: &ItemFn, item: TokenStream) -> TokenStream {
     let krate_ret = respan(krate.clone(), ret_span);
     // The body's value is bound to the return type, as a fn body is: a body that ends without
     // its `Result` (an empty body, a stray `;`) is one "mismatched types" error on the body.
+    // A web handler's `Json<T>` (or `(StatusCode, Json<T>)`) is stored as the `T` inside it.
+    let shape = crate::shape::Shape::of(ret);
+    let stored = shape.unwrap_stored(quote!(__idem_out));
     let body = quote!({
         let __idem_out: #ret = #block;
-        __idem_out
+        #stored
     });
     // `async` on the user's own keyword: a borrow conflict in the body points at their fn.
     let async_token = match wrapped.async_span {
@@ -299,6 +302,16 @@ fn expand(mut args: Args, func: &ItemFn, item: TokenStream) -> TokenStream {
     parens.set_span(ret_span);
     run.extend([TokenTree::Group(parens)]);
     run.extend(quote_spanned!(ret_span=> .await));
+    let run = match shape {
+        crate::shape::Shape::Plain => run,
+        _ => {
+            let back = shape.rewrap(quote!(__idem_r));
+            quote!({
+                let __idem_r = #run;
+                #back
+            })
+        }
+    };
     let mut stmts = quote! {
         #store_use
         let __idem_call = #krate::Call::from_key(#key_expr) #fingerprint;

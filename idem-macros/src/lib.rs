@@ -14,6 +14,7 @@ mod key;
 mod krate;
 mod module_item;
 mod params;
+mod shape;
 mod size;
 mod store;
 mod template;

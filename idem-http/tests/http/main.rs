@@ -2,6 +2,7 @@
 //! The `Idempotency-Key` layer against a real axum server on a loopback port, a real HTTP
 //! client, and the real stores.
 
+mod attribute;
 mod processes;
 mod review;
 mod semantics;

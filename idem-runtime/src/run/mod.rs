@@ -66,7 +66,7 @@ impl<T, E> Outcome for Result<T, E> {
 #[diagnostic::on_unimplemented(
     message = "`{Self}` cannot be replayed: idempotent outputs must implement `Serialize` and `Deserialize`",
     label = "the `Ok` type of an idempotent handler is stored so duplicates get it back",
-    note = "derive `serde::Serialize` and `serde::Deserialize` for `{Self}`, or return a type that has them (`()` is fine); a response wrapper such as `Json<T>`: return `T`, and wrap it outside the handler"
+    note = "derive `serde::Serialize` and `serde::Deserialize` for `{Self}`, or return a type that has them (`()` is fine); axum's `Json<T>` and `(StatusCode, Json<T>)` are stored as their `T`, which needs them; another response wrapper: return `T`, and wrap it outside the handler"
 )]
 pub trait Replayable: Serialize + DeserializeOwned + Send {}
 // Report the missing trait by this trait's message, once, rather than each missing bound.
