@@ -279,10 +279,10 @@ where
     ResB: Body<Data = Bytes> + Send + 'static,
     ResB::Error: Into<BoxError>,
 {
-    // What the client of this request gets of the route's response, one item behind what the
-    // route gave: its head goes out with the body's first frame, its last frame only once the
-    // key is marked done, so a client cannot hold the whole response (and retry) before a
-    // retry would be answered with it.
+    // What the client of this request gets of the route's response: all of it as the route
+    // gives it, except what completes it (its last frame, or the end of a body of unknown
+    // length), held back until the key is marked done, so that a client cannot hold the whole
+    // response (and retry) before a retry would be answered with it.
     let mut relay = Relay::default();
     let out: Result<Stored, Fail<S::Error>> =
         idem_runtime::run(&*cfg.store, &cfg.opts, call, || async {
@@ -297,11 +297,15 @@ where
             let (frames_tx, frames_rx) = mpsc::channel(8);
             let stored = Stored::head(&head);
             let hint = body.size_hint();
-            relay.pending = Some(Item::Head(
+            let head = Item::Head(
                 head_tx,
                 Response::from_parts(head, IdemBody::relayed(frames_rx, hint)),
-            ));
+            );
             relay.frames = Some(frames_tx);
+            // A response with no body is whole with its head: held back.
+            relay
+                .pass(head, body.is_end_stream() || hint.exact() == Some(0))
+                .await;
             Ok(read_body(body, &mut relay, cfg.max_response_body, stored).await)
         })
         .await;
@@ -345,20 +349,23 @@ where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
+    let exact = body.size_hint().exact();
     let mut body = body.map_err(Into::into).boxed_unsync();
     let mut read = Some(BytesMut::new());
     let mut trailers = None;
+    let mut seen: u64 = 0;
     loop {
         let frame = match next_frame(&mut body).await {
             Next::Frame(frame) => frame,
             Next::End => break,
             Next::Failed(e) => {
                 tracing::error!(error = %e, "the response body failed after the route ran; a retry gets 410");
-                relay.push(Err(e)).await;
+                relay.pass(Item::Frame(Err(e)), false).await;
                 return head.not_stored(false);
             }
         };
         if let Some(data) = frame.data_ref() {
+            seen += data.len() as u64;
             if read.as_ref().is_some_and(|r| r.len() + data.len() > limit) {
                 read = None;
             }
@@ -368,7 +375,10 @@ where
         } else if let Some(t) = frame.trailers_ref() {
             trailers = Some(t.clone());
         }
-        relay.push(Ok(frame)).await;
+        // The frame that completes the response: the body says it ends, or a known length is
+        // reached (its client would hold the whole response without waiting for the end).
+        let last = body.is_end_stream() || exact.is_some_and(|n| seen >= n);
+        relay.pass(Item::Frame(Ok(frame)), last).await;
     }
     match read {
         Some(read) => head.with_body(read.freeze(), trailers),
@@ -376,12 +386,15 @@ where
     }
 }
 
-/// The route's response on its way to this request's client, one item behind.
+/// The route's response on its way to this request's client.
 #[derive(Default)]
 struct Relay {
-    pending: Option<Item>,
+    /// What completes the response, held back until the key is settled.
+    held: Option<Item>,
     /// The body's frames; `None` once the client went away (the body is still read and stored).
     frames: Option<mpsc::Sender<Result<Frame<Bytes>, BoxError>>>,
+    /// The route answered with a response that is stored (its head was passed on).
+    answered: bool,
 }
 
 enum Item {
@@ -390,19 +403,25 @@ enum Item {
 }
 
 impl Relay {
-    /// Send what was held back, and hold `frame` back.
-    async fn push(&mut self, frame: Result<Frame<Bytes>, BoxError>) {
-        self.release().await;
-        self.pending = Some(Item::Frame(frame));
+    /// Send `item` on (after anything held back), or hold it back if it completes the response.
+    async fn pass(&mut self, item: Item, completes: bool) {
+        self.answered |= matches!(item, Item::Head(..));
+        if let Some(held) = self.held.take() {
+            self.send(held).await;
+        }
+        if completes {
+            self.held = Some(item);
+        } else {
+            self.send(item).await;
+        }
     }
 
-    async fn release(&mut self) {
-        match self.pending.take() {
-            None => {}
-            Some(Item::Head(to, head)) => {
+    async fn send(&mut self, item: Item) {
+        match item {
+            Item::Head(to, head) => {
                 let _ = to.send(head);
             }
-            Some(Item::Frame(frame)) => {
+            Item::Frame(frame) => {
                 if let Some(frames) = &self.frames
                     && frames.send(frame).await.is_err()
                 {
@@ -412,11 +431,13 @@ impl Relay {
         }
     }
 
-    /// Send the last item (the key is settled now) and end the body. Whether a response was
-    /// relayed at all.
+    /// The key is settled: send what was held back, and end the body. Whether the route's
+    /// response went (or goes now) to this request's client.
     async fn finish(mut self) -> bool {
-        let relayed = self.pending.is_some();
-        self.release().await;
+        let relayed = self.answered;
+        if let Some(held) = self.held.take() {
+            self.send(held).await;
+        }
         relayed
     }
 }
