@@ -389,6 +389,8 @@ where
 /// The route's response on its way to this request's client.
 #[derive(Default)]
 struct Relay {
+    /// The response's head, until its first frame goes.
+    head: Option<Item>,
     /// What completes the response, held back until the key is settled.
     held: Option<Item>,
     /// The body's frames; `None` once the client went away (the body is still read and stored).
@@ -403,15 +405,25 @@ enum Item {
 }
 
 impl Relay {
-    /// Send `item` on (after anything held back), or hold it back if it completes the response.
+    /// Send `item` on, or hold it back: the head until the first frame goes (so that a
+    /// response whose one frame completes it goes out whole, in one write, after the mark, not
+    /// its head first and its body a round trip later), and what completes the response until
+    /// the key is settled.
     async fn pass(&mut self, item: Item, completes: bool) {
-        self.answered |= matches!(item, Item::Head(..));
+        if matches!(item, Item::Head(..)) {
+            self.answered = true;
+            self.head = Some(item);
+            return;
+        }
         if let Some(held) = self.held.take() {
             self.send(held).await;
         }
         if completes {
             self.held = Some(item);
         } else {
+            if let Some(head) = self.head.take() {
+                self.send(head).await;
+            }
             self.send(item).await;
         }
     }
@@ -434,11 +446,10 @@ impl Relay {
     /// The key is settled: send what was held back, and end the body. Whether the route's
     /// response went (or goes now) to this request's client.
     async fn finish(mut self) -> bool {
-        let relayed = self.answered;
-        if let Some(held) = self.held.take() {
-            self.send(held).await;
+        for item in [self.head.take(), self.held.take()].into_iter().flatten() {
+            self.send(item).await;
         }
-        relayed
+        self.answered
     }
 }
 
