@@ -5,6 +5,7 @@
 mod attribute;
 mod processes;
 mod review;
+mod review2;
 mod semantics;
 /// `in_ci` and `server_missing`, shared with the workspace's other tests.
 #[path = "../../../tests/support/mod.rs"]
