@@ -225,7 +225,10 @@ async fn a_replay_drops_the_trailers_the_first_response_had() {
     }
     let layered = Router::new()
         .route("/payments", post(pay))
-        .layer(IdempotencyLayer::new(MemoryStore::new(), "review2.trailers"));
+        .layer(IdempotencyLayer::new(
+            MemoryStore::new(),
+            "review2.trailers",
+        ));
     let (addr, _server) = serve(layered).await;
     let request = "POST /payments HTTP/1.1\r\nhost: x\r\nte: trailers\r\nconnection: close\r\n\
                    idempotency-key: t-1\r\ncontent-length: 2\r\n\r\n{}";
@@ -286,7 +289,12 @@ async fn a_content_length_body_ending_in_an_empty_frame_is_whole_before_its_key_
         ];
         let mut headers = HeaderMap::new();
         headers.insert("content-length", "8".parse().unwrap());
-        (StatusCode::CREATED, headers, Body::new(Frames(frames.into()))).into_response()
+        (
+            StatusCode::CREATED,
+            headers,
+            Body::new(Frames(frames.into())),
+        )
+            .into_response()
     }
     let mut wrong = Vec::new();
     for t in targets().await {
@@ -390,3 +398,69 @@ async fn a_streaming_responses_head_waits_for_its_first_event() {
     );
 }
 
+/// A response body fed from a channel: a chunk per message.
+struct ChannelBody(tokio::sync::mpsc::UnboundedReceiver<Bytes>);
+
+impl http_body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        self.0.poll_recv(cx).map(|m| m.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+/// "One item behind" holds back every frame of a live stream until the *next* one exists, not
+/// only the last: a server-sent event (a payment's "confirmed", an LLM's token, a job's
+/// progress) reaches its client only when the route sends the following event, which for a
+/// stream that waits for news can be minutes, or never if the next thing is the end after a
+/// long wait. Without the layer the event is on the wire at once. Medium: a streamed response
+/// is not "relayed to its client as the route gives it" (README); SSE clients see every event
+/// late, heartbeats do not keep proxies' idle timeouts from firing. What must wait for the
+/// mark is the client's *end* of the response (the channel's close, which is what ends a
+/// chunked body, or the byte that completes a content-length), not each frame: send a frame
+/// as soon as the body has nothing more ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_event_reaches_its_client_only_when_the_next_one_is_sent() {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Bytes>();
+    let rx = Arc::new(std::sync::Mutex::new(Some(rx)));
+    let handler = {
+        let rx = rx.clone();
+        move || {
+            let rx = rx.lock().unwrap().take().expect("one run");
+            async move {
+                let mut headers = HeaderMap::new();
+                headers.insert("content-type", "text/event-stream".parse().unwrap());
+                (StatusCode::OK, headers, Body::new(ChannelBody(rx))).into_response()
+            }
+        }
+    };
+    let router = Router::new()
+        .route("/events", post(handler))
+        .layer(IdempotencyLayer::new(MemoryStore::new(), "review2.events"));
+    let (addr, _server) = serve(router).await;
+    tx.send(Bytes::from_static(b"data: confirmed\n\n")).unwrap();
+    let mut response = tokio::time::timeout(
+        Duration::from_secs(3),
+        reqwest::Client::new()
+            .post(format!("http://{addr}/events"))
+            .header("idempotency-key", "ev-2")
+            .body("{}")
+            .send(),
+    )
+    .await
+    .expect("the head (it goes out with the first event)")
+    .unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(2), response.chunk()).await;
+    // The next event, and the end, so nothing is left running.
+    tx.send(Bytes::from_static(b"data: settled\n\n")).unwrap();
+    drop(tx);
+    assert!(
+        matches!(&first, Ok(Ok(Some(c))) if c.starts_with(b"data: confirmed")),
+        "the stream's first event, sent before the request, had not reached its client 2 s \
+         later: {first:?}"
+    );
+}
