@@ -464,3 +464,59 @@ async fn a_streamed_event_reaches_its_client_only_when_the_next_one_is_sent() {
          later: {first:?}"
     );
 }
+
+/// The first review's fix catches a panic in the body's `poll_frame`, but the body is still
+/// *dropped* (and its `size_hint` asked) inside idem's closure without a guard: a body whose
+/// drop panics (a lazily rendered body whose guard or cleanup asserts, a stream whose
+/// producer's `Drop` unwraps) unwinds through idem's call after the route ran, idem releases
+/// the key, and the retry runs the route again. Low (a panicking `Drop` is rare), but the
+/// outcome is a double effect: drop the body inside `catch_unwind` too (and read `size_hint`
+/// there), or drop it after the key is marked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_body_that_panics_when_dropped_lets_the_retry_run_the_route_again() {
+    struct PanicOnDrop(Frames);
+    impl http_body::Body for PanicOnDrop {
+        type Data = Bytes;
+        type Error = std::io::Error;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+            Pin::new(&mut self.0).poll_frame(cx)
+        }
+    }
+    impl Drop for PanicOnDrop {
+        fn drop(&mut self) {
+            if !std::thread::panicking() {
+                panic!("the body's cleanup panicked");
+            }
+        }
+    }
+    async fn pay(State(runs): State<Arc<AtomicU32>>) -> Response {
+        runs.fetch_add(1, Ordering::SeqCst);
+        let body = PanicOnDrop(Frames([Frame::data(Bytes::from_static(b"paid"))].into()));
+        (StatusCode::CREATED, Body::new(body)).into_response()
+    }
+    let runs = Arc::new(AtomicU32::new(0));
+    let router = Router::new()
+        .route("/payments", post(pay))
+        .layer(IdempotencyLayer::new(MemoryStore::new(), "review2.drop"))
+        .with_state(runs.clone());
+    let (addr, _server) = serve(router).await;
+    let client = reqwest::Client::new();
+    for _ in 0..2 {
+        // The first attempt's connection may be dropped by the panic.
+        let _ = client
+            .post(format!("http://{addr}/payments"))
+            .header("idempotency-key", "drop-1")
+            .body("{}")
+            .send()
+            .await
+            .map(|r| r.status());
+    }
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        1,
+        "the route ran twice for one key"
+    );
+}
