@@ -46,6 +46,7 @@ mod body;
 mod fingerprint;
 mod layer;
 mod problem;
+mod relay;
 mod service;
 mod stored;
 
