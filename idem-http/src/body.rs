@@ -1,6 +1,7 @@
 //! The layer's response body: a buffered one (stored or replayed responses), or one passed
 //! through from the inner service, possibly after the part the layer already read.
 
+use crate::relay::Queue;
 use bytes::Bytes;
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
@@ -9,7 +10,6 @@ use http_body_util::combinators::UnsyncBoxBody;
 use idem_runtime::BoxError;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use tokio::sync::mpsc;
 
 /// The body of the responses [`Idempotency`](crate::Idempotency) returns.
 ///
@@ -28,7 +28,7 @@ enum Inner {
     },
     /// The route's body as the layer reads it to store it, frame by frame.
     Relayed {
-        frames: mpsc::Receiver<Result<Frame<Bytes>, BoxError>>,
+        frames: Queue,
         hint: SizeHint,
     },
 }
@@ -64,10 +64,7 @@ impl IdemBody {
 
     /// The frames sent on `frames`; `hint` is the route's body's own (so a known length is
     /// still sent as `Content-Length`).
-    pub(crate) fn relayed(
-        frames: mpsc::Receiver<Result<Frame<Bytes>, BoxError>>,
-        hint: SizeHint,
-    ) -> IdemBody {
+    pub(crate) fn relayed(frames: Queue, hint: SizeHint) -> IdemBody {
         IdemBody(Inner::Relayed { frames, hint })
     }
 }
@@ -91,7 +88,7 @@ impl Body for IdemBody {
                 Some(b) => Poll::Ready(Some(Ok(Frame::data(b)))),
                 None => Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(t)))),
             },
-            Inner::Relayed { frames, .. } => frames.poll_recv(cx),
+            Inner::Relayed { frames, .. } => frames.poll_frame(cx),
             Inner::Stream { head, rest } => match head.take() {
                 Some(head) => Poll::Ready(Some(Ok(Frame::data(head)))),
                 None => Pin::new(rest).poll_frame(cx),
@@ -111,7 +108,13 @@ impl Body for IdemBody {
 
     fn size_hint(&self) -> SizeHint {
         match &self.0 {
-            Inner::Full(bytes, _) => {
+            // With trailers, no exact size: HTTP/1.1 sends trailers only with a chunked body.
+            Inner::Full(bytes, Some(_)) => {
+                let mut hint = SizeHint::new();
+                hint.set_lower(bytes.as_ref().map_or(0, |b| b.len() as u64));
+                hint
+            }
+            Inner::Full(bytes, None) => {
                 SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
             }
             Inner::Relayed { hint, .. } => *hint,

@@ -1,11 +1,12 @@
 //! The service the layer wraps around a route: read the key and the body, then run the route
 //! through idem's lock-check-execute-mark on a task of its own.
 
+use crate::IdempotencyLayer;
 use crate::body::IdemBody;
 use crate::fingerprint;
 use crate::layer::Config;
 use crate::problem::Problem;
-use crate::relay::{Item, Relay, read_body};
+use crate::relay::{Relay, guarded, read_body};
 use crate::stored::Stored;
 use bytes::Bytes;
 use http::request::Parts;
@@ -18,7 +19,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tower_service::Service;
 use tracing::Instrument;
 
@@ -277,11 +278,8 @@ where
     ResB: Body<Data = Bytes> + Send + 'static,
     ResB::Error: Into<BoxError>,
 {
-    // What the client of this request gets of the route's response: all of it as the route
-    // gives it, except what completes it (its last frame, or the end of a body of unknown
-    // length), held back until the key is marked done, so that a client cannot hold the whole
-    // response (and retry) before a retry would be answered with it.
-    let mut relay = Relay::default();
+    // The route's response on its way to this request's client (`relay.rs`).
+    let mut relay = Relay::none();
     let out: Result<Stored, Fail<S::Error>> =
         idem_runtime::run(&*cfg.store, &cfg.opts, call, || async {
             let req = Request::from_parts(parts, ReqB::from(bytes));
@@ -292,22 +290,21 @@ where
             }
             // From here on the route has run: whatever its body does, the key completes, so
             // that a retry never runs it again.
-            let (frames_tx, frames_rx) = mpsc::channel(8);
             let stored = Stored::head(&head);
-            let hint = body.size_hint();
-            let head = Item::Head(
-                head_tx,
-                Response::from_parts(head, IdemBody::relayed(frames_rx, hint)),
-            );
-            relay.frames = Some(frames_tx);
-            // A response with no body is whole with its head: held back.
-            relay
-                .pass(head, body.is_end_stream() || hint.exact() == Some(0))
-                .await;
-            Ok(read_body(body, &mut relay, cfg.max_response_body, stored).await)
+            let length = head
+                .headers
+                .get(http::header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+            let hint = guarded(|| body.size_hint()).unwrap_or_default();
+            // The client may fall behind by a whole stored response before it is cut off.
+            let budget = cfg
+                .max_response_body
+                .max(IdempotencyLayer::DEFAULT_MAX_BODY);
+            relay = Relay::new(head_tx, head, hint, budget);
+            Ok(read_body(body, &mut relay, cfg.max_response_body, stored, length).await)
         })
         .await;
-    let relayed = relay.finish().await;
+    let relayed = relay.finish();
     match out {
         // A replay (`relayed` is false), or the end of the body this call relayed (the client
         // has its response already: what is returned here goes nowhere).

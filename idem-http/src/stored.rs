@@ -23,7 +23,8 @@ pub(crate) enum Stored {
     NotStored { status: u16, too_large: bool },
 }
 
-/// Headers that describe one connection or one transfer, not the response: never replayed.
+/// Headers that describe one connection or one transfer, not the response: never replayed
+/// (`Trailer` is: it announces the trailers, which are replayed).
 fn replayable(name: &HeaderName) -> bool {
     use http::header::*;
     !matches!(
@@ -31,7 +32,6 @@ fn replayable(name: &HeaderName) -> bool {
         CONNECTION
             | TRANSFER_ENCODING
             | TE
-            | TRAILER
             | UPGRADE
             | CONTENT_LENGTH
             | DATE
