@@ -13,31 +13,12 @@ use bytes::Bytes;
 use http_body::Frame;
 use idem_http::IdempotencyLayer;
 use idem_runtime::MemoryStore;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::sync::mpsc;
-
-/// Serve `router` on a loopback port; the server stops with the returned guard.
-async fn serve(router: Router) -> (SocketAddr, AbortOnDrop) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let task = tokio::spawn(async move {
-        axum::serve(listener, router).await.unwrap();
-    });
-    (addr, AbortOnDrop(task))
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
 
 /// Counts runs and answers 201 with the request body it got, byte for byte: a response that
 /// belongs to one payload.
@@ -421,16 +402,6 @@ async fn a_response_body_that_fails_tells_the_first_client_it_was_not_processed(
     let retry = seen(send().await.unwrap()).await;
     retry.assert_problem(410, "response-not-stored", &["pay-2"]);
     assert_eq!(runs.load(Ordering::SeqCst), 1);
-}
-
-/// A raw HTTP/1.1 exchange: send `request`, read until the server closes.
-async fn raw(addr: SocketAddr, request: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(request.as_bytes()).await.unwrap();
-    let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut out)).await;
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The route answers with trailers (a checksum, `grpc-status`, a final status of a streamed

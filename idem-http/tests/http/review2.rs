@@ -22,24 +22,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// Serve `router` on a loopback port; the server stops with the returned guard.
-async fn serve(router: Router) -> (SocketAddr, AbortOnDrop) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let task = tokio::spawn(async move {
-        axum::serve(listener, router).await.unwrap();
-    });
-    (addr, AbortOnDrop(task))
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 /// A response body of the given frames, every one ready at once (an export rendered in
 /// memory, a body built from a stream of ready chunks).
 struct Frames(std::collections::VecDeque<Frame<Bytes>>);
@@ -185,15 +167,6 @@ async fn a_client_that_stops_reading_lets_a_retry_run_the_route_again() {
         t.cleanup().await;
     }
     assert!(wrong.is_empty(), "{wrong:#?}");
-}
-
-/// A raw HTTP/1.1 exchange on a new connection: send `request`, read until the server closes.
-async fn raw(addr: SocketAddr, request: &str) -> String {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(request.as_bytes()).await.unwrap();
-    let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut out)).await;
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The README promises "trailers are relayed and replayed", and the trailers are stored, but
