@@ -36,21 +36,6 @@ fn echo_app(layer: IdempotencyLayer) -> (Router, Arc<AtomicU32>) {
     (router, runs)
 }
 
-/// A response body fed from a channel: a chunk per message, an error on `Err`.
-struct ChannelBody(mpsc::UnboundedReceiver<Result<Bytes, std::io::Error>>);
-
-impl http_body::Body for ChannelBody {
-    type Data = Bytes;
-    type Error = std::io::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
-        self.0.poll_recv(cx).map(|m| m.map(|r| r.map(Frame::data)))
-    }
-}
-
 /// Two payments whose JSON amounts differ, but not as `f64`s (integers past 2^64, decimals past
 /// 17 significant digits), have one fingerprint: `serde_json::Value` without
 /// `arbitrary_precision` rounds them to the same float. The second request, another payment
@@ -203,19 +188,7 @@ async fn a_response_just_under_the_default_limit_is_replayed_not_410() {
 /// the side), or the key completed once the head is in.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_streaming_response_reaches_its_client_before_it_ends() {
-    let (tx, rx) = mpsc::unbounded_channel::<Result<Bytes, std::io::Error>>();
-    let rx = Arc::new(std::sync::Mutex::new(Some(rx)));
-    let handler = {
-        let rx = rx.clone();
-        move || {
-            let rx = rx.lock().unwrap().take().expect("one run");
-            async move {
-                let mut headers = HeaderMap::new();
-                headers.insert("content-type", "text/event-stream".parse().unwrap());
-                (StatusCode::OK, headers, Body::new(ChannelBody(rx))).into_response()
-            }
-        }
-    };
+    let (tx, handler) = event_stream();
     let router = Router::new()
         .route("/payments", post(handler))
         .layer(IdempotencyLayer::new(MemoryStore::new(), "review.stream"));

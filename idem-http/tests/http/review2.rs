@@ -371,21 +371,6 @@ async fn a_streaming_responses_head_waits_for_its_first_event() {
     );
 }
 
-/// A response body fed from a channel: a chunk per message.
-struct ChannelBody(tokio::sync::mpsc::UnboundedReceiver<Bytes>);
-
-impl http_body::Body for ChannelBody {
-    type Data = Bytes;
-    type Error = std::io::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
-        self.0.poll_recv(cx).map(|m| m.map(|b| Ok(Frame::data(b))))
-    }
-}
-
 /// "One item behind" holds back every frame of a live stream until the *next* one exists, not
 /// only the last: a server-sent event (a payment's "confirmed", an LLM's token, a job's
 /// progress) reaches its client only when the route sends the following event, which for a
@@ -398,24 +383,13 @@ impl http_body::Body for ChannelBody {
 /// as soon as the body has nothing more ready.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_streamed_event_reaches_its_client_only_when_the_next_one_is_sent() {
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Bytes>();
-    let rx = Arc::new(std::sync::Mutex::new(Some(rx)));
-    let handler = {
-        let rx = rx.clone();
-        move || {
-            let rx = rx.lock().unwrap().take().expect("one run");
-            async move {
-                let mut headers = HeaderMap::new();
-                headers.insert("content-type", "text/event-stream".parse().unwrap());
-                (StatusCode::OK, headers, Body::new(ChannelBody(rx))).into_response()
-            }
-        }
-    };
+    let (tx, handler) = event_stream();
     let router = Router::new()
         .route("/events", post(handler))
         .layer(IdempotencyLayer::new(MemoryStore::new(), "review2.events"));
     let (addr, _server) = serve(router).await;
-    tx.send(Bytes::from_static(b"data: confirmed\n\n")).unwrap();
+    tx.send(Ok(Bytes::from_static(b"data: confirmed\n\n")))
+        .unwrap();
     let mut response = tokio::time::timeout(
         Duration::from_secs(3),
         reqwest::Client::new()
@@ -429,7 +403,8 @@ async fn a_streamed_event_reaches_its_client_only_when_the_next_one_is_sent() {
     .unwrap();
     let first = tokio::time::timeout(Duration::from_secs(2), response.chunk()).await;
     // The next event, and the end, so nothing is left running.
-    tx.send(Bytes::from_static(b"data: settled\n\n")).unwrap();
+    tx.send(Ok(Bytes::from_static(b"data: settled\n\n")))
+        .unwrap();
     drop(tx);
     assert!(
         matches!(&first, Ok(Ok(Some(c))) if c.starts_with(b"data: confirmed")),

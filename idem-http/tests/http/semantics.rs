@@ -425,36 +425,10 @@ async fn an_unreachable_store_is_503_with_retry_after_and_runs_nothing() {
     assert_eq!(server.probe.runs(), 0);
 }
 
-/// A body fed from a channel, one chunk per message.
-struct Events(tokio::sync::mpsc::UnboundedReceiver<bytes::Bytes>);
-
-impl http_body::Body for Events {
-    type Data = bytes::Bytes;
-    type Error = std::convert::Infallible;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
-        self.0
-            .poll_recv(cx)
-            .map(|m| m.map(|b| Ok(http_body::Frame::data(b))))
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_streamed_response_reaches_its_client_event_by_event_and_is_replayed_whole() {
-    use axum::response::IntoResponse;
     for t in targets().await {
-        let (events, rx) = tokio::sync::mpsc::unbounded_channel::<bytes::Bytes>();
-        let rx = std::sync::Arc::new(std::sync::Mutex::new(Some(rx)));
-        let route = move || {
-            let rx = rx.lock().unwrap().take().expect("one run");
-            async move {
-                let headers = [("content-type", "text/event-stream")];
-                (headers, axum::body::Body::new(Events(rx))).into_response()
-            }
-        };
+        let (events, route) = event_stream();
         let router = axum::Router::new()
             .route("/events", axum::routing::post(route))
             .layer(layer(&t));
@@ -463,12 +437,12 @@ async fn a_streamed_response_reaches_its_client_event_by_event_and_is_replayed_w
         let _server = tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
         let client = reqwest::Client::new();
         let send = || client.post(&url).header("idempotency-key", "sse").send();
-        events.send("data: 1\n\n".into()).unwrap();
+        events.send(Ok("data: 1\n\n".into())).unwrap();
         let mut first = send().await.unwrap();
         // The first event arrives while the route has not produced the second.
         let chunk = first.chunk().await.unwrap();
         assert_eq!(chunk.as_deref(), Some(&b"data: 1\n\n"[..]), "{}", t.name);
-        events.send("data: 2\n\n".into()).unwrap();
+        events.send(Ok("data: 2\n\n".into())).unwrap();
         let chunk = first.chunk().await.unwrap();
         assert_eq!(chunk.as_deref(), Some(&b"data: 2\n\n"[..]), "{}", t.name);
         // A copy while the stream runs is told to come back later.

@@ -416,3 +416,43 @@ pub async fn raw(addr: SocketAddr, request: &str) -> String {
     let _ = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut out)).await;
     String::from_utf8_lossy(&out).into_owned()
 }
+
+/// A response body fed from a channel: a chunk per message, an error on `Err`.
+pub struct ChannelBody(pub mpsc::UnboundedReceiver<Result<bytes::Bytes, std::io::Error>>);
+
+impl http_body::Body for ChannelBody {
+    type Data = bytes::Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, std::io::Error>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|m| m.map(|r| r.map(http_body::Frame::data)))
+    }
+}
+
+type Events = mpsc::UnboundedSender<Result<bytes::Bytes, std::io::Error>>;
+type Answer = std::pin::Pin<Box<dyn std::future::Future<Output = Response> + Send>>;
+
+/// A route that runs once and answers `200 text/event-stream` with the events sent on the
+/// returned sender; the stream ends when the sender is dropped.
+pub fn event_stream() -> (Events, impl Fn() -> Answer + Clone + Send + Sync + 'static) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let rx = Arc::new(std::sync::Mutex::new(Some(rx)));
+    let route = move || -> Answer {
+        let rx = rx.lock().unwrap().take().expect("one run");
+        Box::pin(async move {
+            let headers = [(header::CONTENT_TYPE, "text/event-stream")];
+            (
+                StatusCode::OK,
+                headers,
+                axum::body::Body::new(ChannelBody(rx)),
+            )
+                .into_response()
+        })
+    };
+    (tx, route)
+}
