@@ -123,8 +123,10 @@ async fn a_slow_consumer_info_request_outlives_ack_wait_without_progress_and_the
         },
     )
     .await;
+    // The -NAK's delay is longer than the test: a delivery the loop below sees is JetStream's
+    // ack_wait redelivery, never the one the glue asked for (a 50 ms delay raced the last poll).
     let glue = Glue::new(&orders.consumer)
-        .policy(Policy::default().backoff(Duration::from_millis(50), Duration::from_millis(50)));
+        .policy(Policy::default().backoff(Duration::from_secs(30), Duration::from_secs(30)));
     glue.ensure_dead_letter_stream(&s.js).await.unwrap();
     // A JetStream API that takes the request and does not answer in time.
     let slow_prefix = format!("SLOW{}.API", idem_runtime::Token::generate().to_hex());
