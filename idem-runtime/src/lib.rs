@@ -92,6 +92,7 @@ pub use sql::PgStore;
 pub use sql::SqlStore;
 #[cfg(feature = "sqlite")]
 pub use sql::SqliteStore;
+pub use store::cached::{CachedStore, CachedStoreBuilder};
 pub use store::layered::{LayeredStore, LayeredStoreBuilder};
 pub use store::memory::MemoryStore;
 pub use store::ops::{Changed, Counts, KeyState, ListQuery, Listed, Operations, Page, StateFilter};

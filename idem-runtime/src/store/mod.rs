@@ -1,6 +1,7 @@
 //! The store contract (`protocol.md`): four token-checked, atomic operations, and the stores
 //! that honour it, one folder or file each.
 
+pub(crate) mod cached;
 pub(crate) mod layered;
 pub(crate) mod memory;
 pub(crate) mod ops;
