@@ -5,3 +5,18 @@ mod support;
 
 idem_runtime::store_conformance!(redis_support::shared_store());
 idem_runtime::operations_conformance!(redis_support::shared_store());
+
+/// The same contract through an in-process cache of done records in front of Redis: what the
+/// cache answers must be what Redis would.
+mod cached {
+    use super::redis_support;
+
+    async fn cached() -> Option<idem_runtime::CachedStore<idem_runtime::RedisStore>> {
+        Some(idem_runtime::CachedStore::new(
+            redis_support::shared_store().await?,
+        ))
+    }
+
+    idem_runtime::store_conformance!(cached());
+    idem_runtime::operations_conformance!(cached());
+}
