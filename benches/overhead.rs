@@ -15,7 +15,8 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use std::time::Duration;
 
 use idem_runtime::{
-    Begin, BeginRequest, Call, Key, Lease, MemoryStore, Options, Store, StoreError, idempotent, run,
+    Begin, BeginRequest, CachedStore, Call, Key, Lease, MemoryStore, Options, Store, StoreError,
+    idempotent, run,
 };
 
 #[derive(Debug)]
@@ -130,6 +131,38 @@ fn bench(c: &mut Criterion) {
     g.bench_function("#[idempotent] duplicate (replayed)", |b| {
         b.to_async(&rt)
             .iter(|| async { black_box(issue(black_box(0)).await.ok()) })
+    });
+    // Duplicates through `run`, on the memory store and on it behind the in-process cache of
+    // done records (`CachedStore`): what a duplicate costs when the store is not asked.
+    let dup_opts = Options::new("bench::dup").keep(Duration::from_secs(3600));
+    let cached = CachedStore::new(MemoryStore::new());
+    for n in 0..1_000u64 {
+        let plain: Result<Coupon, AppError> =
+            rt.block_on(run(&store, &dup_opts, Call::new(&n), || issue_direct(n)));
+        let through: Result<Coupon, AppError> =
+            rt.block_on(run(&cached, &dup_opts, Call::new(&n), || issue_direct(n)));
+        plain.ok().unwrap();
+        through.ok().unwrap();
+    }
+    g.bench_function("run() duplicate, memory store", |b| {
+        b.to_async(&rt).iter(|| async {
+            let n = next.fetch_add(1, Ordering::Relaxed) % 1_000;
+            let out: Result<Coupon, AppError> = run(&store, &dup_opts, Call::new(&n), || {
+                issue_direct(black_box(n))
+            })
+            .await;
+            black_box(out.ok())
+        })
+    });
+    g.bench_function("run() duplicate, CachedStore over the memory store", |b| {
+        b.to_async(&rt).iter(|| async {
+            let n = next.fetch_add(1, Ordering::Relaxed) % 1_000;
+            let out: Result<Coupon, AppError> = run(&cached, &dup_opts, Call::new(&n), || {
+                issue_direct(black_box(n))
+            })
+            .await;
+            black_box(out.ok())
+        })
     });
     g.finish();
 }
