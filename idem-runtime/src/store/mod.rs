@@ -34,7 +34,7 @@ impl Token {
     /// assert_ne!(a, b);
     /// ```
     pub fn generate() -> Token {
-        Token::generate_in(std::process::id())
+        Token::generate_in(crate::pid::current())
     }
 
     /// [`Token::generate`] in the process `pid` (the caller's, read once per call: `getpid` is a
@@ -74,7 +74,7 @@ static NONCE_PID: AtomicU32 = AtomicU32::new(0);
 )]
 pub(crate) fn token_pid() -> u32 {
     match NONCE_PID.load(Ordering::Acquire) {
-        0 => std::process::id(),
+        0 => crate::pid::current(),
         pid => pid,
     }
 }
