@@ -514,23 +514,55 @@ where
     Fut: Future<Output = R>,
 {
     // Read once: the token and the watchdog both depend on it (a forked child has its own).
-    let pid = std::process::id();
+    let pid = crate::pid::current();
     let req = request(pid, opts, &key, fingerprint);
-    let mut round = 0;
     let claiming = metrics::Timer::start();
+    // The first claim is awaited here, in a small future: a duplicate (a replay, a refusal) is
+    // answered without building the run's state, which holds the handler's future and is
+    // copied at each level a future is moved through (a duplicate paid more for those copies
+    // than for a cached answer). A granted call builds that state once, on the heap.
+    let granted = match claim::<R>(store, Claimant::Store(store), opts, &req).await {
+        Ok(granted) => granted,
+        Err(Refusal::Answer(answer)) => {
+            // A replay or a refusal is the claim's answer: timed as a claim too.
+            claiming.stop(opts, "claim");
+            return answer;
+        }
+        Err(Refusal::Shadow(would)) => {
+            claiming.stop(opts, "claim");
+            let shadowed = Box::pin(shadowed(opts, &key, would, handler()));
+            return shadowed.await;
+        }
+    };
+    // Bound first: a temporary in the awaiting statement would be kept in this future too.
+    let granted = Box::pin(execute_granted(
+        store, opts, pid, &key, &req, granted, claiming, handler,
+    ));
+    granted.await
+}
+
+/// [`execute_keyed`] once the store granted the key: run `handler` while the watchdog renews
+/// the lease, then mark (or release).
+#[allow(clippy::too_many_arguments)]
+async fn execute_granted<R, F, Fut>(
+    store: &dyn Store,
+    opts: &Options,
+    pid: u32,
+    key: &Key,
+    req: &BeginRequest<'_>,
+    mut granted: Granted,
+    claiming: metrics::Timer,
+    handler: F,
+) -> R
+where
+    R: Outcome,
+    R::Ok: Replayable,
+    R::Err: AbsorbsIdemError,
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = R>,
+{
+    let mut round = 0;
     let (held, twin, mut guard) = loop {
-        let granted = match claim::<R>(store, Claimant::Store(store), opts, &req).await {
-            Ok(granted) => granted,
-            Err(Refusal::Answer(answer)) => {
-                // A replay or a refusal is the claim's answer: timed as a claim too.
-                claiming.stop(opts, "claim");
-                return answer;
-            }
-            Err(Refusal::Shadow(would)) => {
-                claiming.stop(opts, "claim");
-                return shadowed(opts, &key, would, handler()).await;
-            }
-        };
         // Renewed from the watchdog's thread from the moment the store granted it (as far as
         // the caller can tell: when it asked), until the mark or the release is written; a drop
         // of this future finishes in the background (release, or the done mark once the
@@ -553,23 +585,34 @@ where
             Err(StoreError::LeaseLost) if round + 1 < CONFIRM_ROUNDS => {
                 guard.done();
                 round += 1;
+                granted = match claim::<R>(store, Claimant::Store(store), opts, req).await {
+                    Ok(granted) => granted,
+                    Err(Refusal::Answer(answer)) => {
+                        claiming.stop(opts, "claim");
+                        return answer;
+                    }
+                    Err(Refusal::Shadow(would)) => {
+                        claiming.stop(opts, "claim");
+                        return shadowed(opts, key, would, handler()).await;
+                    }
+                };
             }
             Err(StoreError::LeaseLost) => {
                 guard.done();
                 claiming.stop(opts, "claim");
                 if crate::shadow() {
-                    return shadowed(opts, &key, Would::RefuseInFlight, handler()).await;
+                    return shadowed(opts, key, Would::RefuseInFlight, handler()).await;
                 }
-                return lift(opts, taken_over(opts, &key));
+                return lift(opts, taken_over(opts, key));
             }
             // The guard releases the claim in the background.
             Err(e) => {
                 claiming.stop(opts, "claim");
                 drop(guard);
                 if crate::shadow() {
-                    return shadowed(opts, &key, Would::FailClosed, handler()).await;
+                    return shadowed(opts, key, Would::FailClosed, handler()).await;
                 }
-                return lift(opts, store_error(e, Phase::Begin, &opts.scope, &key));
+                return lift(opts, store_error(e, Phase::Begin, &opts.scope, key));
             }
         }
     };
