@@ -19,7 +19,7 @@
 //! run wrote are removed at the end. `IDEM_BENCH_RUNTIME=current` runs the tasks on a
 //! current-thread runtime instead of the default multi-thread one;
 //! `IDEM_BENCH_ONLY=first|done|inflight`, `IDEM_BENCH_CONCURRENCY=1|16|64` and
-//! `IDEM_BENCH_IMPL=idem|correct|baseline` narrow the run. Results and their reading:
+//! `IDEM_BENCH_IMPL=idem|cached|correct|baseline` narrow the run. Results and their reading:
 //! `BENCHMARKS.md`.
 
 use std::collections::HashMap;
@@ -30,8 +30,8 @@ use std::time::{Duration, Instant};
 use idem_runtime::redis::aio::{ConnectionLike, ConnectionManager};
 use idem_runtime::redis::{self, Value};
 use idem_runtime::{
-    Begin, BeginRequest, Call, Error, Key, Lease, Options, RedisStore, Store, StoreError, Token,
-    run,
+    Begin, BeginRequest, CachedStore, Call, Error, Key, Lease, Options, RedisStore, Store,
+    StoreError, Token, run,
 };
 
 const CONCURRENCY: [usize; 3] = [1, 16, 64];
@@ -61,6 +61,8 @@ impl Scenario {
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Impl {
     Idem,
+    /// idem with the in-process cache of done records (`CachedStore`) in front of Redis.
+    IdemCached,
     /// The naive hand-written lock: `SET NX PX`, then a plain `SET` of the result.
     Baseline,
     /// The correct hand-written lock: `SET NX PX`, then a token-checked Lua completion.
@@ -83,6 +85,8 @@ fn sha(src: &str) -> String {
 struct Subject {
     which: Impl,
     store: Counting,
+    /// The same store behind a `CachedStore` (used by `Impl::IdemCached`).
+    cached: CachedStore<Counting>,
     conn: ConnectionManager,
     round_trips: Arc<AtomicU64>,
 }
@@ -151,15 +155,14 @@ impl Subject {
     /// false when the duplicate was refused as in flight.
     async fn call(&self, opts: &Options, n: u64) -> bool {
         match self.which {
-            Impl::Idem => {
+            Impl::Idem | Impl::IdemCached => {
+                let store: &dyn Store = if self.which == Impl::IdemCached {
+                    &self.cached
+                } else {
+                    &self.store
+                };
                 let r: Result<u64, Error> =
-                    run(
-                        &self.store,
-                        opts,
-                        Call::new(&n),
-                        || async move { Ok(output(n)) },
-                    )
-                    .await;
+                    run(store, opts, Call::new(&n), || async move { Ok(output(n)) }).await;
                 match r {
                     Ok(v) => {
                         debug_assert_eq!(v, output(n));
@@ -255,7 +258,7 @@ impl Subject {
             match (scenario, self.which) {
                 (Scenario::First, _) => return,
                 (Scenario::DuplicateDone, _) => assert!(self.call(opts, n).await),
-                (Scenario::DuplicateInFlight, Impl::Idem) => {
+                (Scenario::DuplicateInFlight, Impl::Idem | Impl::IdemCached) => {
                     let key = Key::new(&n).unwrap();
                     let req = BeginRequest {
                         scope,
@@ -429,7 +432,7 @@ async fn measure(
     // Time Redis spent executing the commands clients sent: the scripts (which include what they
     // run inside) for idem, the plain commands for the baseline.
     let exec_usec: u64 = match subject.which {
-        Impl::Idem => delta("evalsha").1 + delta("eval").1,
+        Impl::Idem | Impl::IdemCached => delta("evalsha").1 + delta("eval").1,
         Impl::Baseline | Impl::Correct => ["set", "get", "eval", "evalsha"]
             .iter()
             .map(|k| delta(k).1)
@@ -545,18 +548,21 @@ async fn bench() {
     let store = RedisStore::new(conn.clone());
     let subject = |which| {
         let round_trips = Arc::new(AtomicU64::new(0));
+        let counting = Counting {
+            inner: store.clone(),
+            round_trips: round_trips.clone(),
+        };
         Subject {
             which,
-            store: Counting {
-                inner: store.clone(),
-                round_trips: round_trips.clone(),
-            },
+            cached: CachedStore::new(counting.clone()),
+            store: counting,
             conn: conn.clone(),
             round_trips,
         }
     };
-    let (idem, baseline, correct) = (
+    let (idem, cached, baseline, correct) = (
         subject(Impl::Idem),
+        subject(Impl::IdemCached),
         subject(Impl::Baseline),
         subject(Impl::Correct),
     );
@@ -596,11 +602,12 @@ async fn bench() {
             if only_c.is_some_and(|o| o != c) {
                 continue;
             }
-            for s in [&idem, &correct, &baseline] {
-                // IDEM_BENCH_IMPL=idem|correct|baseline runs one side only (for profiling).
+            for s in [&idem, &cached, &correct, &baseline] {
+                // IDEM_BENCH_IMPL=idem|cached|correct|baseline runs one side only (for profiling).
                 if std::env::var("IDEM_BENCH_IMPL").is_ok_and(|i| {
                     i != match s.which {
                         Impl::Idem => "idem",
+                        Impl::IdemCached => "cached",
                         Impl::Correct => "correct",
                         Impl::Baseline => "baseline",
                     }
@@ -613,6 +620,7 @@ async fn bench() {
                     scenario.label(),
                     match s.which {
                         Impl::Idem => "**idem**",
+                        Impl::IdemCached => "**idem, CachedStore**",
                         Impl::Correct => "correct hand-written",
                         Impl::Baseline => "naive hand-written",
                     },
