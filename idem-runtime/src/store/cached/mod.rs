@@ -7,6 +7,8 @@
 mod ops;
 mod table;
 #[cfg(test)]
+mod review;
+#[cfg(test)]
 mod tests;
 
 use std::fmt;

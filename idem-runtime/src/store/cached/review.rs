@@ -1,0 +1,230 @@
+//! The outside review's findings: each test a rule the cache broke before its fix.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use super::CachedStore;
+use crate::store::ops::{Changed, Counts, KeyState, ListQuery, Operations, Page};
+use crate::store::{Begin, BeginRequest, Lease, Store};
+use crate::{Key, MemoryStore, StoreError, Token};
+
+/// The memory store, with the faults of a network store: a mark whose answer is lost (written,
+/// then `Unavailable`), a forget whose answer never comes (applied, then pending for ever), and
+/// a `keep` clamped as the server stores clamp it (so `Duration::MAX` is accepted).
+#[derive(Clone, Default)]
+struct Faulty {
+    store: MemoryStore,
+    lose_next_mark_answer: Arc<AtomicBool>,
+    hang_after_forget: Arc<AtomicBool>,
+}
+
+const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+#[async_trait::async_trait]
+impl Store for Faulty {
+    async fn begin(&self, req: &BeginRequest<'_>) -> Result<Begin, StoreError> {
+        self.store.begin(req).await
+    }
+    async fn complete(
+        &self,
+        scope: &str,
+        key: &Key,
+        lease: &Lease,
+        output: &[u8],
+        keep: Duration,
+    ) -> Result<(), StoreError> {
+        self.store
+            .complete(scope, key, lease, output, keep.min(CENTURY))
+            .await?;
+        if self.lose_next_mark_answer.swap(false, Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("the answer was lost".into()));
+        }
+        Ok(())
+    }
+    async fn release(&self, scope: &str, key: &Key, lease: &Lease) -> Result<(), StoreError> {
+        self.store.release(scope, key, lease).await
+    }
+    async fn extend(&self, s: &str, k: &Key, l: &Lease, ttl: Duration) -> Result<(), StoreError> {
+        self.store.extend(s, k, l, ttl).await
+    }
+    fn for_watchdog(&self) -> Arc<dyn Store> {
+        Arc::new(self.clone())
+    }
+}
+
+#[async_trait::async_trait]
+impl Operations for Faulty {
+    async fn inspect(&self, scope: &str, key: &Key) -> Result<KeyState, StoreError> {
+        self.store.inspect(scope, key).await
+    }
+    async fn list(&self, scope: &str, query: &ListQuery) -> Result<Page, StoreError> {
+        self.store.list(scope, query).await
+    }
+    async fn counts(&self, scope: &str) -> Result<Counts, StoreError> {
+        self.store.counts(scope).await
+    }
+    async fn forget(&self, scope: &str, key: &Key, force: bool) -> Result<Changed, StoreError> {
+        let changed = self.store.forget(scope, key, force).await;
+        if self.hang_after_forget.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
+        changed
+    }
+    async fn release_stuck(
+        &self,
+        scope: &str,
+        key: &Key,
+        force: bool,
+    ) -> Result<Changed, StoreError> {
+        self.store.release_stuck(scope, key, force).await
+    }
+}
+
+fn req<'a>(key: &'a Key) -> BeginRequest<'a> {
+    BeginRequest {
+        scope: "s",
+        key,
+        token: Token::generate(),
+        ttl: Duration::from_secs(30),
+        fingerprint: None,
+    }
+}
+
+async fn claim(store: &dyn Store, key: &Key) -> Lease {
+    match store.begin(&req(key)).await.unwrap() {
+        Begin::Acquired(lease) => lease,
+        other => panic!("not acquired: {other:?}"),
+    }
+}
+
+/// The wrapper retries a mark whose answer was lost (`run::finish::complete`). The store's record
+/// dates from the first attempt (a retry by the same token changes nothing), so the cache must
+/// not count `keep` from the retry.
+#[tokio::test(start_paused = true)]
+async fn a_retried_mark_is_never_served_after_the_keep_of_the_first_attempt() {
+    let inner = Faulty::default();
+    let cached = CachedStore::new(inner.clone());
+    let key = Key::new("order-1").unwrap();
+    let keep = Duration::from_secs(1);
+    let lease = claim(&cached, &key).await;
+    inner.lose_next_mark_answer.store(true, Ordering::SeqCst);
+    assert!(cached.complete("s", &key, &lease, b"coupon", keep).await.is_err());
+    tokio::time::advance(Duration::from_millis(500)).await;
+    cached.complete("s", &key, &lease, b"coupon", keep).await.unwrap();
+    // The store's record ended at 1 s; the cache's must have too.
+    tokio::time::advance(Duration::from_millis(600)).await;
+    assert!(matches!(
+        inner.store.begin(&req(&key)).await.unwrap(),
+        Begin::Acquired(_)
+    ));
+    inner.store.forget("s", &key, true).await.unwrap();
+    assert!(
+        matches!(cached.begin(&req(&key)).await.unwrap(), Begin::Acquired(_)),
+        "replayed from the cache after the store's record expired"
+    );
+}
+
+/// `max_age(Duration::MAX)` with a `keep` of `Duration::MAX` (both accepted by their setters):
+/// `Instant + Duration` must not overflow after the store took the mark.
+#[tokio::test]
+async fn a_keep_and_max_age_of_duration_max_never_panic_on_complete() {
+    let cached = CachedStore::builder(Faulty::default())
+        .max_age(Duration::MAX)
+        .build();
+    let key = Key::new("order-1").unwrap();
+    let lease = claim(&cached, &key).await;
+    cached
+        .complete("s", &key, &lease, b"coupon", Duration::MAX)
+        .await
+        .unwrap();
+    assert!(matches!(
+        cached.begin(&req(&key)).await.unwrap(),
+        Begin::Completed { .. }
+    ));
+}
+
+#[tokio::test]
+async fn learn_replays_for_duration_max_never_panics() {
+    let inner = Faulty::default();
+    let cached = CachedStore::builder(inner.clone())
+        .max_age(Duration::MAX)
+        .learn_replays_for(Duration::MAX)
+        .build();
+    let key = Key::new("order-1").unwrap();
+    let lease = claim(&inner, &key).await;
+    inner
+        .complete("s", &key, &lease, b"coupon", Duration::from_secs(60))
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        assert!(matches!(
+            cached.begin(&req(&key)).await.unwrap(),
+            Begin::Completed { .. }
+        ));
+    }
+    assert_eq!(cached.hits(), 1);
+}
+
+/// An operator's forget whose future is dropped after the store applied it (an admin request
+/// whose client went away, a timeout around it): the cached record must go too.
+#[tokio::test(start_paused = true)]
+async fn a_forget_dropped_after_the_store_forgot_still_drops_the_cached_record() {
+    let inner = Faulty::default();
+    let cached = CachedStore::new(inner.clone());
+    let key = Key::new("order-1").unwrap();
+    let lease = claim(&cached, &key).await;
+    cached
+        .complete("s", &key, &lease, b"coupon", Duration::from_secs(60))
+        .await
+        .unwrap();
+    inner.hang_after_forget.store(true, Ordering::SeqCst);
+    let forget = tokio::time::timeout(Duration::from_secs(1), cached.forget("s", &key, false));
+    assert!(forget.await.is_err(), "the forget was meant to hang");
+    assert!(
+        matches!(cached.begin(&req(&key)).await.unwrap(), Begin::Acquired(_)),
+        "the cache replayed a record forgotten in the store"
+    );
+}
+
+/// `capacity` is "the most records cached at once": of the whole cache, not of each shard.
+#[tokio::test]
+async fn capacity_bounds_the_whole_cache_not_each_of_its_shards() {
+    for capacity in [1, 5, 17] {
+        let cached = CachedStore::builder(MemoryStore::new())
+            .capacity(capacity)
+            .build();
+        for i in 0..200u32 {
+            let key = Key::new(&i).unwrap();
+            let lease = claim(&cached, &key).await;
+            cached
+                .complete("s", &key, &lease, b"coupon", Duration::from_secs(60))
+                .await
+                .unwrap();
+        }
+        assert!(
+            cached.cached() <= capacity,
+            "capacity {capacity}: {} cached",
+            cached.cached()
+        );
+        assert!(cached.cached() > 0, "capacity {capacity}: nothing cached");
+    }
+}
+
+/// `max_bytes` is "the most bytes of outputs cached at once", of the whole cache.
+#[tokio::test]
+async fn max_bytes_bounds_the_whole_cache() {
+    let cached = CachedStore::builder(MemoryStore::new())
+        .max_bytes(100)
+        .build();
+    for i in 0..200u32 {
+        let key = Key::new(&i).unwrap();
+        let lease = claim(&cached, &key).await;
+        cached
+            .complete("s", &key, &lease, b"1234567", Duration::from_secs(60))
+            .await
+            .unwrap();
+    }
+    // Seven bytes an output: at most 14 records.
+    assert!(cached.cached() <= 14, "{} cached", cached.cached());
+}
