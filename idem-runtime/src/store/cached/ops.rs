@@ -21,10 +21,10 @@ impl<S: Store + Operations> Operations for CachedStore<S> {
     }
 
     async fn forget(&self, scope: &str, key: &Key, force: bool) -> Result<Changed, StoreError> {
-        let changed = self.inner.forget(scope, key, force).await;
-        // Also when the store failed: it may have forgotten the key before the error.
-        self.table.remove(scope, key);
-        changed
+        // Also when the store failed, or the future is dropped while the store answers: it may
+        // have forgotten the key before the error, or before its answer was read.
+        let _drop = DropOnExit(self, scope, key);
+        self.inner.forget(scope, key, force).await
     }
 
     async fn release_stuck(
@@ -33,8 +33,17 @@ impl<S: Store + Operations> Operations for CachedStore<S> {
         key: &Key,
         force: bool,
     ) -> Result<Changed, StoreError> {
-        let changed = self.inner.release_stuck(scope, key, force).await;
-        self.table.remove(scope, key);
-        changed
+        let _drop = DropOnExit(self, scope, key);
+        self.inner.release_stuck(scope, key, force).await
+    }
+}
+
+/// Drops the key's cached record when the operation ends, however it ends (an answer, an error,
+/// or its future dropped: an admin request whose client went away).
+struct DropOnExit<'a, S>(&'a CachedStore<S>, &'a str, &'a Key);
+
+impl<S> Drop for DropOnExit<'_, S> {
+    fn drop(&mut self) {
+        self.0.table.remove(self.1, self.2);
     }
 }
