@@ -203,13 +203,16 @@ impl<S> CachedStore<S> {
 }
 
 impl<S: Store> CachedStoreBuilder<S> {
-    /// The most records cached at once (at least 1; default 10 000). Past it, the oldest go first.
+    /// The most records cached at once, in all (at least 1; default 10 000). Past it, the oldest
+    /// go first (of the key's share of the cache: it is split in up to 16 shards).
     pub fn capacity(mut self, records: usize) -> Self {
         self.capacity = records.max(1);
         self
     }
 
-    /// The most bytes of outputs cached at once (default 64 MiB). Past it, the oldest go first.
+    /// The most bytes of outputs cached at once, in all (default 64 MiB). Past it, the oldest go
+    /// first. The cache is split in up to 16 shards, each with its share: an output larger than
+    /// a share (`max_bytes / 16` with 16 or more records) is not cached.
     pub fn max_bytes(mut self, bytes: usize) -> Self {
         self.max_bytes = bytes;
         self
@@ -249,6 +252,15 @@ impl<S: Store> CachedStoreBuilder<S> {
     }
 }
 
+/// `from + by`, or about a century later where that overflows (`Duration::MAX` is a valid `keep`
+/// and `max_age`), or `from` (not cached at all) where even that does.
+fn later(from: Instant, by: Duration) -> Instant {
+    const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+    from.checked_add(by)
+        .or_else(|| from.checked_add(CENTURY))
+        .unwrap_or(from)
+}
+
 #[async_trait::async_trait]
 impl<S: Store> Store for CachedStore<S> {
     async fn begin(&self, req: &BeginRequest<'_>) -> Result<Begin, StoreError> {
@@ -272,7 +284,7 @@ impl<S: Store> Store for CachedStore<S> {
                 req.key,
                 output,
                 *fingerprint,
-                Instant::now() + age,
+                later(Instant::now(), age),
             );
         }
         Ok(answer)
@@ -291,7 +303,7 @@ impl<S: Store> Store for CachedStore<S> {
         let epoch = self.table.epoch();
         self.inner.complete(scope, key, lease, output, keep).await?;
         if output.len() <= self.max_output {
-            let until = sent + keep.min(self.max_age);
+            let until = later(sent, keep.min(self.max_age));
             self.table
                 .insert(epoch, scope, key, output, lease.fingerprint, until);
         }

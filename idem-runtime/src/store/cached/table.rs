@@ -45,19 +45,22 @@ pub(super) struct Table {
 }
 
 impl Table {
+    /// At most `capacity` records and `max_bytes` of outputs in all: each shard holds its share,
+    /// rounded down (fewer shards than [`SHARDS`] when `capacity` is smaller).
     pub(super) fn new(capacity: usize, max_bytes: usize) -> Self {
+        let shards = SHARDS.min(capacity).max(1);
         Table {
-            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            shards: (0..shards).map(|_| Mutex::default()).collect(),
             hasher: Default::default(),
-            per_shard: capacity.div_ceil(SHARDS).max(1),
-            bytes_per_shard: max_bytes.div_ceil(SHARDS),
+            per_shard: (capacity / shards).max(1),
+            bytes_per_shard: max_bytes / shards,
             epoch: AtomicU64::new(0),
             hits: AtomicU64::new(0),
         }
     }
 
     fn shard(&self, key: &Key) -> MutexGuard<'_, Shard> {
-        let i = (self.hasher.hash_one(key) as usize) % SHARDS;
+        let i = (self.hasher.hash_one(key) as usize) % self.shards.len();
         // A panic never happens while a shard is changed halfway; take it back if one did.
         self.shards[i].lock().unwrap_or_else(|p| p.into_inner())
     }
