@@ -42,7 +42,8 @@ const DEFAULT_MAX_AGE: Duration = Duration::from_secs(60);
 /// store underneath returned `Ok` through this store, with the fingerprint it was completed with.
 /// It is served until the first of
 /// - its `keep`, measured from just **before** the `complete` was sent (so never after the store's
-///   own record expires: the store starts its clock later),
+///   own record expires: the store starts its clock later); for a retry of a `complete` that
+///   failed (its answer lost, the record maybe written), from before the first attempt,
 /// - [`max_age`](CachedStoreBuilder::max_age) after it was cached (60 s by default),
 /// - its eviction: the cache holds at most [`capacity`](CachedStoreBuilder::capacity) records
 ///   and [`max_bytes`](CachedStoreBuilder::max_bytes) of outputs (oldest out first); an output
@@ -301,7 +302,12 @@ impl<S: Store> Store for CachedStore<S> {
         // Before the call: the store's record lives until at least `sent + keep`.
         let sent = Instant::now();
         let epoch = self.table.epoch();
+        // A retry of a mark that failed (its answer lost) counts from the first attempt.
+        self.table.marking(key, lease.token, sent, keep);
         self.inner.complete(scope, key, lease, output, keep).await?;
+        let Some(sent) = self.table.marked(key, lease.token, sent) else {
+            return Ok(());
+        };
         if output.len() <= self.max_output {
             let until = later(sent, keep.min(self.max_age));
             self.table

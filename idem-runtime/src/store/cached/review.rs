@@ -228,3 +228,28 @@ async fn max_bytes_bounds_the_whole_cache() {
     // Seven bytes an output: at most 14 records.
     assert!(cached.cached() <= 14, "{} cached", cached.cached());
 }
+
+/// When the cache has no room to remember a failed mark, no retry of it may be cached with the
+/// retry's clock: none is cached until that mark's `keep` has passed.
+#[tokio::test(start_paused = true)]
+async fn a_retried_mark_the_cache_had_no_room_to_track_is_not_cached() {
+    let inner = Faulty::default();
+    let cached = CachedStore::builder(inner.clone()).capacity(1).build();
+    let keep = Duration::from_secs(1);
+    let (a, b) = (Key::new("a").unwrap(), Key::new("b").unwrap());
+    let (lease_a, lease_b) = (claim(&cached, &a).await, claim(&cached, &b).await);
+    for (key, lease) in [(&a, &lease_a), (&b, &lease_b)] {
+        inner.lose_next_mark_answer.store(true, Ordering::SeqCst);
+        assert!(cached.complete("s", key, lease, b"coupon", keep).await.is_err());
+    }
+    tokio::time::advance(Duration::from_millis(500)).await;
+    cached.complete("s", &b, &lease_b, b"coupon", keep).await.unwrap();
+    assert_eq!(cached.cached(), 0);
+    // Once the keep of every mark it could not track has passed (the retry's own too), marks
+    // are cached again.
+    tokio::time::advance(Duration::from_millis(1100)).await;
+    let c = Key::new("c").unwrap();
+    let lease_c = claim(&cached, &c).await;
+    cached.complete("s", &c, &lease_c, b"coupon", keep).await.unwrap();
+    assert_eq!(cached.cached(), 1);
+}

@@ -7,7 +7,9 @@ use std::sync::{Mutex, MutexGuard};
 
 use tokio::time::Instant;
 
-use crate::store::Begin;
+use std::time::Duration;
+
+use crate::store::{Begin, Token};
 use crate::{Fingerprint, Key};
 
 const SHARDS: usize = 16;
@@ -31,6 +33,14 @@ struct Shard {
     order: VecDeque<(u64, Key, Box<str>)>,
     bytes: usize,
     next_seq: u64,
+    /// The marks sent and not (yet) taken, by lease token: when the first attempt was sent, and
+    /// until when that matters (its `keep` later, when a record it wrote has expired and a retry
+    /// writes a new one). A retry by the same token changes nothing in the store, so its record
+    /// lives from the first attempt, not the retry. Never larger than the shard's capacity.
+    marking: HashMap<Token, (Instant, Instant)>,
+    /// A mark could not be entered in `marking` (full): until then, no mark of this shard is
+    /// cached, as any could be a retry of it.
+    untrusted_until: Option<Instant>,
 }
 
 pub(super) struct Table {
@@ -148,6 +158,36 @@ impl Table {
             };
             shard.evict(seq, &key, &scope);
         }
+    }
+
+    /// A mark of `key` by `token` is about to be sent at `sent`, to be kept for `keep`.
+    pub(super) fn marking(&self, key: &Key, token: Token, sent: Instant, keep: Duration) {
+        let mut shard = self.shard(key);
+        if shard.marking.contains_key(&token) {
+            return;
+        }
+        if shard.marking.len() >= self.per_shard {
+            shard.marking.retain(|_, (_, matters)| *matters > sent);
+        }
+        let matters = super::later(sent, keep);
+        if shard.marking.len() >= self.per_shard {
+            let until = shard.untrusted_until.map_or(matters, |u| u.max(matters));
+            shard.untrusted_until = Some(until);
+            return;
+        }
+        shard.marking.insert(token, (sent, matters));
+    }
+
+    /// The mark of `key` by `token` was taken: from when its record may count as kept, or `None`
+    /// when that is not known (do not cache it).
+    pub(super) fn marked(&self, key: &Key, token: Token, sent: Instant) -> Option<Instant> {
+        let mut shard = self.shard(key);
+        let first = shard.marking.remove(&token);
+        if shard.untrusted_until.is_some_and(|u| u > Instant::now()) {
+            return None;
+        }
+        shard.untrusted_until = None;
+        Some(first.map_or(sent, |(first, _)| first))
     }
 
     pub(super) fn remove(&self, scope: &str, key: &Key) {
