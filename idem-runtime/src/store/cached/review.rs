@@ -253,3 +253,59 @@ async fn a_retried_mark_the_cache_had_no_room_to_track_is_not_cached() {
     cached.complete("s", &c, &lease_c, b"coupon", keep).await.unwrap();
     assert_eq!(cached.cached(), 1);
 }
+
+/// The cache replays only the store's record: a key marked anew here (its record forgotten by
+/// another process, the old one still cached) with an output too large to cache must not be
+/// answered with the old record, whose fingerprint the store no longer has.
+#[tokio::test]
+async fn a_mark_too_large_to_cache_replaces_the_keys_record_of_before() {
+    let inner = Faulty::default();
+    let cached = CachedStore::builder(inner.clone()).max_output(10).build();
+    let key = Key::new("order-1").unwrap();
+    let fp = |t: &str| crate::Fingerprint::of(&t).unwrap();
+    let with = |f| BeginRequest {
+        fingerprint: Some(f),
+        ..req(&key)
+    };
+    let Begin::Acquired(lease) = cached.begin(&with(fp("old"))).await.unwrap() else {
+        panic!()
+    };
+    cached
+        .complete("s", &key, &lease, b"old", Duration::from_secs(60))
+        .await
+        .unwrap();
+    inner.store.forget("s", &key, false).await.unwrap(); // another process's operator
+    let Begin::Acquired(lease) = cached.begin(&with(fp("new"))).await.unwrap() else {
+        panic!()
+    };
+    cached
+        .complete("s", &key, &lease, &[7; 64], Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(
+        cached.begin(&with(fp("old"))).await.unwrap(),
+        Begin::Mismatch,
+        "the cache answered with the record the store replaced"
+    );
+}
+
+/// `clear` drops the cached records, not what the cache knows of marks in progress.
+#[tokio::test(start_paused = true)]
+async fn a_clear_between_a_failed_mark_and_its_retry_keeps_the_first_attempts_clock() {
+    let inner = Faulty::default();
+    let cached = CachedStore::new(inner.clone());
+    let key = Key::new("order-1").unwrap();
+    let keep = Duration::from_secs(1);
+    let lease = claim(&cached, &key).await;
+    inner.lose_next_mark_answer.store(true, Ordering::SeqCst);
+    assert!(cached.complete("s", &key, &lease, b"coupon", keep).await.is_err());
+    cached.clear();
+    tokio::time::advance(Duration::from_millis(500)).await;
+    cached.complete("s", &key, &lease, b"coupon", keep).await.unwrap();
+    tokio::time::advance(Duration::from_millis(600)).await;
+    inner.store.forget("s", &key, true).await.unwrap();
+    assert!(matches!(
+        cached.begin(&req(&key)).await.unwrap(),
+        Begin::Acquired(_)
+    ));
+}
