@@ -306,12 +306,16 @@ impl<S: Store> Store for CachedStore<S> {
         self.table.marking(key, lease.token, sent, keep);
         self.inner.complete(scope, key, lease, output, keep).await?;
         let Some(sent) = self.table.marked(key, lease.token, sent) else {
+            self.table.take(scope, key);
             return Ok(());
         };
         if output.len() <= self.max_output {
             let until = later(sent, keep.min(self.max_age));
             self.table
                 .insert(epoch, scope, key, output, lease.fingerprint, until);
+        } else {
+            // The key's record of before, if any, is not the store's any more.
+            self.table.take(scope, key);
         }
         Ok(())
     }

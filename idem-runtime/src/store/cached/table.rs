@@ -126,10 +126,13 @@ impl Table {
         fingerprint: Option<Fingerprint>,
         until: Instant,
     ) {
+        let mut guard = self.shard(key);
         if output.len() > self.bytes_per_shard {
+            // Not cached; nor is the key's record of before (its output or fingerprint is not
+            // the store's any more).
+            guard.take(scope, key);
             return;
         }
-        let mut guard = self.shard(key);
         if self.epoch.load(Ordering::Acquire) != epoch {
             return;
         }
@@ -190,27 +193,29 @@ impl Table {
         Some(first.map_or(sent, |(first, _)| first))
     }
 
+    /// Drop the key's record without invalidating inserts in progress: a mark this process just
+    /// had taken, too large to cache, replaces it.
+    pub(super) fn take(&self, scope: &str, key: &Key) {
+        self.shard(key).take(scope, key);
+    }
+
     pub(super) fn remove(&self, scope: &str, key: &Key) {
         let mut shard = self.shard(key);
         // Under the shard's lock: an insert of this key either ran before (and is removed now)
         // or runs after and sees the new epoch.
         self.epoch.fetch_add(1, Ordering::AcqRel);
-        if let Some(scoped) = shard.map.get_mut(key)
-            && let Some(i) = scoped.iter().position(|(s, _)| &**s == scope)
-        {
-            let (_, gone) = scoped.swap_remove(i);
-            if scoped.is_empty() {
-                shard.map.remove(key);
-            }
-            shard.bytes -= gone.output.len();
-        }
+        shard.take(scope, key);
     }
 
     pub(super) fn clear(&self) {
         for shard in self.shards.iter() {
             let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
             self.epoch.fetch_add(1, Ordering::AcqRel);
-            *shard = Shard::default();
+            // The marks in progress stay: a retry after the clear still counts from its first.
+            let shard = &mut *shard;
+            shard.map.clear();
+            shard.order.clear();
+            shard.bytes = 0;
         }
     }
 
@@ -230,6 +235,19 @@ impl Table {
 }
 
 impl Shard {
+    /// Drop the key's record of `scope`, if any.
+    fn take(&mut self, scope: &str, key: &Key) {
+        if let Some(scoped) = self.map.get_mut(key)
+            && let Some(i) = scoped.iter().position(|(s, _)| &**s == scope)
+        {
+            let (_, gone) = scoped.swap_remove(i);
+            if scoped.is_empty() {
+                self.map.remove(key);
+            }
+            self.bytes -= gone.output.len();
+        }
+    }
+
     /// Drop the entry an eviction-order item stands for, if it is still that one (the key may
     /// have been removed, or cached again since, with a later `seq`).
     fn evict(&mut self, seq: u64, key: &Key, scope: &str) {
