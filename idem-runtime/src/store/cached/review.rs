@@ -309,3 +309,45 @@ async fn a_clear_between_a_failed_mark_and_its_retry_keeps_the_first_attempts_cl
         Begin::Acquired(_)
     ));
 }
+
+/// The docs: "a done mark the watchdog finishes in the background is not cached (the next
+/// duplicate asks the store)", and the transactional form is the store's, never the cache's.
+#[tokio::test]
+async fn the_watchdogs_store_and_the_transactional_form_are_the_stores_underneath() {
+    let inner = Faulty::default();
+    let cached = CachedStore::new(inner.clone());
+    assert!(cached.transactional().is_none());
+    let key = Key::new("order-1").unwrap();
+    let lease = claim(&cached, &key).await;
+    cached
+        .for_watchdog()
+        .complete("s", &key, &lease, b"coupon", Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(cached.cached(), 0);
+    assert!(matches!(
+        cached.begin(&req(&key)).await.unwrap(),
+        Begin::Completed { .. }
+    ));
+    assert_eq!(cached.hits(), 0);
+}
+
+/// Through the wrapper: a handler whose mark's first answer is lost runs once, and its duplicate
+/// is replayed (from the store, then the cache), never run again.
+#[tokio::test]
+async fn through_run_a_lost_mark_answer_runs_the_handler_once() {
+    let inner = Faulty::default();
+    let cached = CachedStore::new(inner.clone());
+    let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    inner.lose_next_mark_answer.store(true, Ordering::SeqCst);
+    let opts = crate::Options::new("s");
+    for _ in 0..3 {
+        let out = crate::run(&cached, &opts, crate::Call::new("order-1"), || async {
+            runs.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, crate::Error>(7u32)
+        })
+        .await;
+        assert_eq!(out.unwrap(), 7);
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
