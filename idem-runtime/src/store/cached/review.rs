@@ -351,3 +351,21 @@ async fn through_run_a_lost_mark_answer_runs_the_handler_once() {
     }
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
+
+/// `Options::keep(Duration::MAX)` is accepted; the memory store under the cache must take it.
+#[tokio::test]
+async fn the_memory_store_takes_a_keep_of_duration_max() {
+    let cached = CachedStore::builder(MemoryStore::new())
+        .max_age(Duration::MAX)
+        .build();
+    let key = Key::new("order-1").unwrap();
+    let lease = claim(&cached, &key).await;
+    cached
+        .complete("s", &key, &lease, b"coupon", Duration::MAX)
+        .await
+        .unwrap();
+    assert!(matches!(
+        cached.inner().begin(&req(&key)).await.unwrap(),
+        Begin::Completed { .. }
+    ));
+}
