@@ -147,7 +147,7 @@ impl MemoryStore {
             return Ok(match &e.state {
                 State::Forgotten { .. } => unreachable!("excluded above"),
                 State::InFlight { token, fence, .. } if *token == req.token => {
-                    e.expires = now + req.ttl;
+                    e.expires = after(now, req.ttl);
                     Begin::Acquired(req.lease(*fence))
                 }
                 State::InFlight { .. } => Begin::InFlight {
@@ -171,7 +171,7 @@ impl MemoryStore {
                     fence,
                     since: now,
                 },
-                expires: now + req.ttl,
+                expires: after(now, req.ttl),
                 fingerprint: req.fingerprint,
             },
         );
@@ -197,7 +197,7 @@ impl MemoryStore {
             Some(e) if e.expires > now => match &e.state {
                 State::InFlight { token, .. } if *token == lease.token => {
                     e.state = done;
-                    e.expires = now + keep;
+                    e.expires = after(now, keep);
                     e.fingerprint = lease.fingerprint;
                 }
                 State::Done { token, .. } if *token == lease.token => return Ok(()),
@@ -208,7 +208,7 @@ impl MemoryStore {
             Some(e) => {
                 *e = Entry {
                     state: done,
-                    expires: now + keep,
+                    expires: after(now, keep),
                     fingerprint: lease.fingerprint,
                 }
             }
@@ -217,7 +217,7 @@ impl MemoryStore {
                     id.to_owned(),
                     Entry {
                         state: done,
-                        expires: now + keep,
+                        expires: after(now, keep),
                         fingerprint: lease.fingerprint,
                     },
                 );
@@ -242,6 +242,13 @@ impl MemoryStore {
             shard.signal();
         }
     }
+}
+
+/// `now + d`, capped at about a century (as the server stores cap it): `Duration::MAX` is a
+/// valid `keep` and `ttl`, and `Instant + Duration::MAX` overflows.
+fn after(now: Instant, d: Duration) -> Instant {
+    const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+    now + d.min(CENTURY)
 }
 
 fn lock(m: &Mutex<ShardMap>) -> MutexGuard<'_, ShardMap> {
@@ -312,7 +319,7 @@ impl Store for MemoryStore {
                     expires,
                     ..
                 }) if *token == lease.token => {
-                    *expires = now + ttl;
+                    *expires = after(now, ttl);
                     Ok(())
                 }
                 _ => Err(StoreError::LeaseLost),
