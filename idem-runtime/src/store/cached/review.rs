@@ -11,7 +11,8 @@ use crate::{Key, MemoryStore, StoreError, Token};
 
 /// The memory store, with the faults of a network store: a mark whose answer is lost (written,
 /// then `Unavailable`), a forget whose answer never comes (applied, then pending for ever), and
-/// a `keep` clamped as the server stores clamp it (so `Duration::MAX` is accepted).
+/// a `keep` clamped and rounded down to milliseconds as Redis keeps it (so `Duration::MAX` is
+/// accepted).
 #[derive(Clone, Default)]
 struct Faulty {
     store: MemoryStore,
@@ -34,9 +35,9 @@ impl Store for Faulty {
         output: &[u8],
         keep: Duration,
     ) -> Result<(), StoreError> {
-        self.store
-            .complete(scope, key, lease, output, keep.min(CENTURY))
-            .await?;
+        // As Redis keeps it: in whole milliseconds, rounded down.
+        let keep = Duration::from_millis(keep.min(CENTURY).as_millis() as u64);
+        self.store.complete(scope, key, lease, output, keep).await?;
         if self.lose_next_mark_answer.swap(false, Ordering::SeqCst) {
             return Err(StoreError::Unavailable("the answer was lost".into()));
         }
@@ -368,4 +369,22 @@ async fn the_memory_store_takes_a_keep_of_duration_max() {
         cached.inner().begin(&req(&key)).await.unwrap(),
         Begin::Completed { .. }
     ));
+}
+
+/// Redis keeps `keep` in whole milliseconds (rounded down), SQLite's clock has millisecond
+/// precision: the store's record may end up to a millisecond before `sent + keep`. The cache
+/// must have stopped serving it by then.
+#[tokio::test(start_paused = true)]
+async fn a_record_is_never_served_after_a_keep_the_store_rounded_down() {
+    let inner = Faulty::default();
+    let cached = CachedStore::new(inner.clone());
+    let key = Key::new("order-1").unwrap();
+    let lease = claim(&cached, &key).await;
+    let keep = Duration::from_secs(1) + Duration::from_micros(999);
+    cached.complete("s", &key, &lease, b"coupon", keep).await.unwrap();
+    tokio::time::advance(Duration::from_micros(1_000_500)).await;
+    assert!(
+        matches!(cached.begin(&req(&key)).await.unwrap(), Begin::Acquired(_)),
+        "replayed from the cache after the store's record expired"
+    );
 }
