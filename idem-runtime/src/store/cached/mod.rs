@@ -31,6 +31,10 @@ const DEFAULT_MAX_OUTPUT: usize = 64 << 10;
 /// longer: this bounds how long a record forgotten elsewhere (by another process's operator) is
 /// still replayed here.
 const DEFAULT_MAX_AGE: Duration = Duration::from_secs(60);
+/// A record is served this much less than its `keep`: stores keep time to the millisecond (Redis
+/// rounds `keep` down to whole milliseconds, SQLite's clock has millisecond precision), so their
+/// record may end up to a millisecond before `sent + keep`.
+const CLOCK_MARGIN: Duration = Duration::from_millis(2);
 
 /// A store with an in-process cache of DONE records in front of it: a duplicate of a key this
 /// process completed is answered from memory, without a round trip (Powertools calls this the
@@ -42,7 +46,8 @@ const DEFAULT_MAX_AGE: Duration = Duration::from_secs(60);
 /// store underneath returned `Ok` through this store, with the fingerprint it was completed with.
 /// It is served until the first of
 /// - its `keep`, measured from just **before** the `complete` was sent (so never after the store's
-///   own record expires: the store starts its clock later); for a retry of a `complete` that
+///   own record expires: the store starts its clock later; less 2 ms, for the stores that keep
+///   time to the millisecond); for a retry of a `complete` that
 ///   failed (its answer lost, the record maybe written), from before the first attempt,
 /// - [`max_age`](CachedStoreBuilder::max_age) after it was cached (60 s by default),
 /// - its eviction: the cache holds at most [`capacity`](CachedStoreBuilder::capacity) records
@@ -310,7 +315,7 @@ impl<S: Store> Store for CachedStore<S> {
             return Ok(());
         };
         if output.len() <= self.max_output {
-            let until = later(sent, keep.min(self.max_age));
+            let until = later(sent, keep.min(self.max_age).saturating_sub(CLOCK_MARGIN));
             self.table
                 .insert(epoch, scope, key, output, lease.fingerprint, until);
         } else {

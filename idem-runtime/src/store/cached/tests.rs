@@ -96,18 +96,27 @@ async fn a_duplicate_of_a_key_completed_here_is_answered_without_the_store() {
 async fn a_record_is_never_served_after_its_keep() {
     let (inner, cached, key) = setup();
     done(&cached, "s", &key, None, Duration::from_millis(100)).await;
-    tokio::time::advance(Duration::from_millis(99)).await;
+    // Served until its keep, less the 2 ms margin for the stores' millisecond clocks.
+    tokio::time::advance(Duration::from_millis(97)).await;
     assert!(matches!(
         cached.begin(&req("s", &key, None)).await.unwrap(),
         Begin::Completed { .. }
     ));
+    assert_eq!(cached.hits(), 1);
+    // From then on the store answers: its record until its keep, then none.
     tokio::time::advance(Duration::from_millis(1)).await;
     let before = inner.begins.load(Ordering::SeqCst);
     assert!(matches!(
         cached.begin(&req("s", &key, None)).await.unwrap(),
+        Begin::Completed { .. }
+    ));
+    tokio::time::advance(Duration::from_millis(2)).await;
+    assert!(matches!(
+        cached.begin(&req("s", &key, None)).await.unwrap(),
         Begin::Acquired(_)
     ));
-    assert_eq!(inner.begins.load(Ordering::SeqCst), before + 1);
+    assert_eq!(inner.begins.load(Ordering::SeqCst), before + 2);
+    assert_eq!(cached.hits(), 1);
 }
 
 #[tokio::test(start_paused = true)]
