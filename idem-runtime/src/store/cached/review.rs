@@ -292,7 +292,7 @@ async fn a_mark_too_large_to_cache_replaces_the_keys_record_of_before() {
 
 /// `clear` drops the cached records, not what the cache knows of marks in progress.
 #[tokio::test(start_paused = true)]
-async fn a_clear_between_a_failed_mark_and_its_retry_keeps_the_first_attempts_clock() {
+async fn a_clear_between_a_failed_mark_and_its_retry_still_knows_the_retry() {
     let inner = Faulty::default();
     let cached = CachedStore::new(inner.clone());
     let key = Key::new("order-1").unwrap();
@@ -386,5 +386,25 @@ async fn a_record_is_never_served_after_a_keep_the_store_rounded_down() {
     assert!(
         matches!(cached.begin(&req(&key)).await.unwrap(), Begin::Acquired(_)),
         "replayed from the cache after the store's record expired"
+    );
+}
+
+/// The wrapper's last resort for a large output (`run::finish::complete`) retries the mark with
+/// another output (an unreplayable marker): when an earlier attempt landed, the store keeps that
+/// attempt's output. The cache must not answer with the retry's.
+#[tokio::test]
+async fn a_retried_mark_with_another_output_is_never_the_cached_answer() {
+    let inner = Faulty::default();
+    let cached = CachedStore::new(inner.clone());
+    let key = Key::new("order-1").unwrap();
+    let keep = Duration::from_secs(60);
+    let lease = claim(&cached, &key).await;
+    inner.lose_next_mark_answer.store(true, Ordering::SeqCst);
+    assert!(cached.complete("s", &key, &lease, b"first", keep).await.is_err());
+    cached.complete("s", &key, &lease, b"other", keep).await.unwrap();
+    assert_eq!(
+        cached.begin(&req(&key)).await.unwrap(),
+        inner.store.begin(&req(&key)).await.unwrap(),
+        "the cache's answer is not the store's"
     );
 }
