@@ -47,12 +47,16 @@ const CLOCK_MARGIN: Duration = Duration::from_millis(2);
 /// It is served until the first of
 /// - its `keep`, measured from just **before** the `complete` was sent (so never after the store's
 ///   own record expires: the store starts its clock later; less 2 ms, for the stores that keep
-///   time to the millisecond); for a retry of a `complete` that
-///   failed (its answer lost, the record maybe written), from before the first attempt,
+///   time to the millisecond),
 /// - [`max_age`](CachedStoreBuilder::max_age) after it was cached (60 s by default),
 /// - its eviction: the cache holds at most [`capacity`](CachedStoreBuilder::capacity) records
 ///   and [`max_bytes`](CachedStoreBuilder::max_bytes) of outputs (oldest out first); an output
 ///   larger than [`max_output`](CachedStoreBuilder::max_output) is not cached.
+///
+/// A retry of a `complete` that failed through this store (its answer lost, the record maybe
+/// written by it) is not cached: the store's record may be the earlier attempt's, with its clock
+/// and its output. Nor, while the cache had no room to track a failed `complete`, is any mark of
+/// its shard, until that `complete`'s `keep` has passed.
 ///
 /// Records another process completed are answered by the store as before, and are not cached,
 /// unless you opt in with [`learn_replays_for`](CachedStoreBuilder::learn_replays_for): the store's
@@ -307,13 +311,14 @@ impl<S: Store> Store for CachedStore<S> {
         // Before the call: the store's record lives until at least `sent + keep`.
         let sent = Instant::now();
         let epoch = self.table.epoch();
-        // A retry of a mark that failed (its answer lost) counts from the first attempt.
-        self.table.marking(key, lease.token, sent, keep);
+        // A retry of a mark that failed (its answer lost) is not cached: the store's record may
+        // be the earlier attempt's, with its clock and its output.
+        let first = self.table.marking(key, lease.token, sent, keep);
         self.inner.complete(scope, key, lease, output, keep).await?;
-        let Some(sent) = self.table.marked(key, lease.token, sent) else {
+        if !self.table.marked(key, lease.token, first) {
             self.table.take(scope, key);
             return Ok(());
-        };
+        }
         if output.len() <= self.max_output {
             let until = later(sent, keep.min(self.max_age).saturating_sub(CLOCK_MARGIN));
             self.table

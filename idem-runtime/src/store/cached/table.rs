@@ -33,11 +33,12 @@ struct Shard {
     order: VecDeque<(u64, Key, Box<str>)>,
     bytes: usize,
     next_seq: u64,
-    /// The marks sent and not (yet) taken, by lease token: when the first attempt was sent, and
-    /// until when that matters (its `keep` later, when a record it wrote has expired and a retry
-    /// writes a new one). A retry by the same token changes nothing in the store, so its record
-    /// lives from the first attempt, not the retry. Never larger than the shard's capacity.
-    marking: HashMap<Token, (Instant, Instant)>,
+    /// The marks sent and not (yet) taken, by lease token, and until when that matters (the
+    /// attempt's `keep` later: a record it wrote has expired by then, and a retry writes a new
+    /// one). A retry by the same token changes nothing in the store: its record is the earlier
+    /// attempt's (its clock, and its output, which the wrapper's last resort for a large output
+    /// changes), so a retry is not cached. Never larger than the shard's capacity.
+    marking: HashMap<Token, Instant>,
     /// A mark could not be entered in `marking` (full): until then, no mark of this shard is
     /// cached, as any could be a retry of it.
     untrusted_until: Option<Instant>,
@@ -163,34 +164,37 @@ impl Table {
         }
     }
 
-    /// A mark of `key` by `token` is about to be sent at `sent`, to be kept for `keep`.
-    pub(super) fn marking(&self, key: &Key, token: Token, sent: Instant, keep: Duration) {
+    /// A mark of `key` by `token` is about to be sent at `sent`, to be kept for `keep`: whether
+    /// it is the lease's first attempt through this cache, as far as is known.
+    pub(super) fn marking(&self, key: &Key, token: Token, sent: Instant, keep: Duration) -> bool {
         let mut shard = self.shard(key);
         if shard.marking.contains_key(&token) {
-            return;
+            return false;
         }
         if shard.marking.len() >= self.per_shard {
-            shard.marking.retain(|_, (_, matters)| *matters > sent);
+            shard.marking.retain(|_, matters| *matters > sent);
         }
         let matters = super::later(sent, keep);
         if shard.marking.len() >= self.per_shard {
             let until = shard.untrusted_until.map_or(matters, |u| u.max(matters));
             shard.untrusted_until = Some(until);
-            return;
+            return false;
         }
-        shard.marking.insert(token, (sent, matters));
+        shard.marking.insert(token, matters);
+        true
     }
 
-    /// The mark of `key` by `token` was taken: from when its record may count as kept, or `None`
-    /// when that is not known (do not cache it).
-    pub(super) fn marked(&self, key: &Key, token: Token, sent: Instant) -> Option<Instant> {
+    /// The mark of `key` by `token` was taken; `first`: what [`Table::marking`] said of it.
+    /// Whether to cache it: a first attempt, unless an attempt of this shard could not be
+    /// tracked lately (this could be its retry).
+    pub(super) fn marked(&self, key: &Key, token: Token, first: bool) -> bool {
         let mut shard = self.shard(key);
-        let first = shard.marking.remove(&token);
+        shard.marking.remove(&token);
         if shard.untrusted_until.is_some_and(|u| u > Instant::now()) {
-            return None;
+            return false;
         }
         shard.untrusted_until = None;
-        Some(first.map_or(sent, |(first, _)| first))
+        first
     }
 
     /// Drop the key's record without invalidating inserts in progress: a mark this process just
