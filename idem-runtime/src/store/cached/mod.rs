@@ -5,9 +5,9 @@
 //! as well as in the store.
 
 mod ops;
-mod table;
 #[cfg(test)]
 mod review;
+mod table;
 #[cfg(test)]
 mod tests;
 

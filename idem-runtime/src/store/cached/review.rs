@@ -110,9 +110,17 @@ async fn a_retried_mark_is_never_served_after_the_keep_of_the_first_attempt() {
     let keep = Duration::from_secs(1);
     let lease = claim(&cached, &key).await;
     inner.lose_next_mark_answer.store(true, Ordering::SeqCst);
-    assert!(cached.complete("s", &key, &lease, b"coupon", keep).await.is_err());
+    assert!(
+        cached
+            .complete("s", &key, &lease, b"coupon", keep)
+            .await
+            .is_err()
+    );
     tokio::time::advance(Duration::from_millis(500)).await;
-    cached.complete("s", &key, &lease, b"coupon", keep).await.unwrap();
+    cached
+        .complete("s", &key, &lease, b"coupon", keep)
+        .await
+        .unwrap();
     // The store's record ended at 1 s; the cache's must have too.
     tokio::time::advance(Duration::from_millis(600)).await;
     assert!(matches!(
@@ -241,17 +249,28 @@ async fn a_retried_mark_the_cache_had_no_room_to_track_is_not_cached() {
     let (lease_a, lease_b) = (claim(&cached, &a).await, claim(&cached, &b).await);
     for (key, lease) in [(&a, &lease_a), (&b, &lease_b)] {
         inner.lose_next_mark_answer.store(true, Ordering::SeqCst);
-        assert!(cached.complete("s", key, lease, b"coupon", keep).await.is_err());
+        assert!(
+            cached
+                .complete("s", key, lease, b"coupon", keep)
+                .await
+                .is_err()
+        );
     }
     tokio::time::advance(Duration::from_millis(500)).await;
-    cached.complete("s", &b, &lease_b, b"coupon", keep).await.unwrap();
+    cached
+        .complete("s", &b, &lease_b, b"coupon", keep)
+        .await
+        .unwrap();
     assert_eq!(cached.cached(), 0);
     // Once the keep of every mark it could not track has passed (the retry's own too), marks
     // are cached again.
     tokio::time::advance(Duration::from_millis(1100)).await;
     let c = Key::new("c").unwrap();
     let lease_c = claim(&cached, &c).await;
-    cached.complete("s", &c, &lease_c, b"coupon", keep).await.unwrap();
+    cached
+        .complete("s", &c, &lease_c, b"coupon", keep)
+        .await
+        .unwrap();
     assert_eq!(cached.cached(), 1);
 }
 
@@ -299,10 +318,18 @@ async fn a_clear_between_a_failed_mark_and_its_retry_still_knows_the_retry() {
     let keep = Duration::from_secs(1);
     let lease = claim(&cached, &key).await;
     inner.lose_next_mark_answer.store(true, Ordering::SeqCst);
-    assert!(cached.complete("s", &key, &lease, b"coupon", keep).await.is_err());
+    assert!(
+        cached
+            .complete("s", &key, &lease, b"coupon", keep)
+            .await
+            .is_err()
+    );
     cached.clear();
     tokio::time::advance(Duration::from_millis(500)).await;
-    cached.complete("s", &key, &lease, b"coupon", keep).await.unwrap();
+    cached
+        .complete("s", &key, &lease, b"coupon", keep)
+        .await
+        .unwrap();
     tokio::time::advance(Duration::from_millis(600)).await;
     inner.store.forget("s", &key, true).await.unwrap();
     assert!(matches!(
@@ -381,7 +408,10 @@ async fn a_record_is_never_served_after_a_keep_the_store_rounded_down() {
     let key = Key::new("order-1").unwrap();
     let lease = claim(&cached, &key).await;
     let keep = Duration::from_secs(1) + Duration::from_micros(999);
-    cached.complete("s", &key, &lease, b"coupon", keep).await.unwrap();
+    cached
+        .complete("s", &key, &lease, b"coupon", keep)
+        .await
+        .unwrap();
     tokio::time::advance(Duration::from_micros(1_000_500)).await;
     assert!(
         matches!(cached.begin(&req(&key)).await.unwrap(), Begin::Acquired(_)),
@@ -400,8 +430,16 @@ async fn a_retried_mark_with_another_output_is_never_the_cached_answer() {
     let keep = Duration::from_secs(60);
     let lease = claim(&cached, &key).await;
     inner.lose_next_mark_answer.store(true, Ordering::SeqCst);
-    assert!(cached.complete("s", &key, &lease, b"first", keep).await.is_err());
-    cached.complete("s", &key, &lease, b"other", keep).await.unwrap();
+    assert!(
+        cached
+            .complete("s", &key, &lease, b"first", keep)
+            .await
+            .is_err()
+    );
+    cached
+        .complete("s", &key, &lease, b"other", keep)
+        .await
+        .unwrap();
     assert_eq!(
         cached.begin(&req(&key)).await.unwrap(),
         inner.store.begin(&req(&key)).await.unwrap(),
