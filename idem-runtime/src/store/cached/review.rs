@@ -18,6 +18,7 @@ struct Faulty {
     store: MemoryStore,
     lose_next_mark_answer: Arc<AtomicBool>,
     hang_after_forget: Arc<AtomicBool>,
+    hang_after_mark: Arc<AtomicBool>,
 }
 
 const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
@@ -38,6 +39,9 @@ impl Store for Faulty {
         // As Redis keeps it: in whole milliseconds, rounded down.
         let keep = Duration::from_millis(keep.min(CENTURY).as_millis() as u64);
         self.store.complete(scope, key, lease, output, keep).await?;
+        if self.hang_after_mark.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
         if self.lose_next_mark_answer.swap(false, Ordering::SeqCst) {
             return Err(StoreError::Unavailable("the answer was lost".into()));
         }
@@ -445,4 +449,83 @@ async fn a_retried_mark_with_another_output_is_never_the_cached_answer() {
         inner.store.begin(&req(&key)).await.unwrap(),
         "the cache's answer is not the store's"
     );
+}
+
+/// Cancellation: a mark whose future is dropped while the store answers (written, answer not
+/// read) is not cached, nor is its retry (the store's record is the dropped attempt's).
+#[tokio::test(start_paused = true)]
+async fn a_mark_dropped_at_its_await_and_its_retry_are_not_cached() {
+    let inner = Faulty::default();
+    let cached = CachedStore::new(inner.clone());
+    let key = Key::new("order-1").unwrap();
+    let keep = Duration::from_secs(1);
+    let lease = claim(&cached, &key).await;
+    inner.hang_after_mark.store(true, Ordering::SeqCst);
+    let mark = cached.complete("s", &key, &lease, b"coupon", keep);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), mark)
+            .await
+            .is_err()
+    );
+    assert_eq!(cached.cached(), 0);
+    inner.hang_after_mark.store(false, Ordering::SeqCst);
+    cached
+        .complete("s", &key, &lease, b"coupon", keep)
+        .await
+        .unwrap();
+    assert_eq!(cached.cached(), 0);
+    tokio::time::advance(Duration::from_millis(600)).await;
+    inner.store.forget("s", &key, true).await.unwrap();
+    assert!(matches!(
+        cached.begin(&req(&key)).await.unwrap(),
+        Begin::Acquired(_)
+    ));
+}
+
+/// The docs: `learn_replays_for` is "bounded by `max_age`".
+#[tokio::test(start_paused = true)]
+async fn a_learned_replay_is_served_at_most_max_age() {
+    let inner = Faulty::default();
+    let cached = CachedStore::builder(inner.clone())
+        .max_age(Duration::from_secs(1))
+        .learn_replays_for(Duration::from_secs(10))
+        .build();
+    let key = Key::new("order-1").unwrap();
+    let lease = claim(&inner, &key).await;
+    inner
+        .complete("s", &key, &lease, b"coupon", Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert!(matches!(
+        cached.begin(&req(&key)).await.unwrap(),
+        Begin::Completed { .. }
+    ));
+    tokio::time::advance(Duration::from_millis(999)).await;
+    assert!(matches!(
+        cached.begin(&req(&key)).await.unwrap(),
+        Begin::Completed { .. }
+    ));
+    assert_eq!(cached.hits(), 1);
+    tokio::time::advance(Duration::from_millis(1)).await;
+    inner.store.forget("s", &key, true).await.unwrap();
+    assert!(matches!(
+        cached.begin(&req(&key)).await.unwrap(),
+        Begin::Acquired(_)
+    ));
+}
+
+/// The docs: `release_stuck` through the cached store drops the key here too.
+#[tokio::test]
+async fn release_stuck_through_the_cached_store_drops_the_cached_record() {
+    let inner = Faulty::default();
+    let cached = CachedStore::new(inner.clone());
+    let key = Key::new("order-1").unwrap();
+    let lease = claim(&cached, &key).await;
+    cached
+        .complete("s", &key, &lease, b"coupon", Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(cached.cached(), 1);
+    let _ = cached.release_stuck("s", &key, true).await;
+    assert_eq!(cached.cached(), 0);
 }
