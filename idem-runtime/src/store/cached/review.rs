@@ -529,3 +529,26 @@ async fn release_stuck_through_the_cached_store_drops_the_cached_record() {
     let _ = cached.release_stuck("s", &key, true).await;
     assert_eq!(cached.cached(), 0);
 }
+
+/// A record whose time is over when it would be cached (a `keep` under the 2 ms margin, a
+/// `max_age` of zero) is not cached: it would only push a live record out.
+#[tokio::test]
+async fn a_record_over_before_it_is_cached_never_evicts_a_live_one() {
+    let cached = CachedStore::builder(MemoryStore::new()).capacity(1).build();
+    let (a, b) = (Key::new("a").unwrap(), Key::new("b").unwrap());
+    let lease = claim(&cached, &a).await;
+    cached
+        .complete("s", &a, &lease, b"coupon", Duration::from_secs(60))
+        .await
+        .unwrap();
+    let lease = claim(&cached, &b).await;
+    cached
+        .complete("s", &b, &lease, b"coupon", Duration::from_millis(1))
+        .await
+        .unwrap();
+    assert!(matches!(
+        cached.begin(&req(&a)).await.unwrap(),
+        Begin::Completed { .. }
+    ));
+    assert_eq!(cached.hits(), 1);
+}
