@@ -128,9 +128,10 @@ impl Table {
         until: Instant,
     ) {
         let mut guard = self.shard(key);
-        if output.len() > self.bytes_per_shard {
-            // Not cached; nor is the key's record of before (its output or fingerprint is not
-            // the store's any more).
+        if output.len() > self.bytes_per_shard || until <= Instant::now() {
+            // Not cached (too large, or over already: it would only push a live record out);
+            // nor is the key's record of before (its output or fingerprint is not the store's
+            // any more).
             guard.take(scope, key);
             return;
         }
