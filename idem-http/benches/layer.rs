@@ -1,7 +1,7 @@
 //! The layer's cost, measured from outside: the same axum service without the layer, with it on
-//! the memory store, and with it on Redis, served by a second process (this binary started again
-//! as the server), loaded by keep-alive connections from this one. First requests (a new key
-//! each) and replays (a key seen before).
+//! the memory store, on Redis, and on Redis behind `CachedStore`, served by a second process
+//! (this binary started again as the server), loaded by keep-alive connections from this one.
+//! First requests (a new key each) and replays (a key seen before).
 //!
 //! ```text
 //! cargo bench -p idem-http --bench layer
@@ -13,7 +13,7 @@ use axum::Router;
 use axum::http::StatusCode;
 use axum::routing::post;
 use idem_http::IdempotencyLayer;
-use idem_runtime::{MemoryStore, RedisStore};
+use idem_runtime::{CachedStore, MemoryStore, RedisStore};
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 const ROLE: &str = "IDEM_HTTP_BENCH_SERVER";
 /// Keys made before the replay runs, then replayed round-robin.
 const PREPARED: u64 = 2_000;
-const SERVERS: [&str; 3] = ["none", "memory", "redis"];
+const SERVERS: [&str; 4] = ["none", "memory", "redis", "redis-cached"];
 
 async fn pay(body: axum::body::Bytes) -> (StatusCode, String) {
     // A small JSON answer, as a payment API gives.
@@ -44,7 +44,7 @@ fn serve(which: &str) {
         let router = match which {
             "none" => router,
             "memory" => router.layer(IdempotencyLayer::new(MemoryStore::new(), "bench").keep(keep)),
-            "redis" => {
+            "redis" | "redis-cached" => {
                 let url =
                     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
                 let client = idem_runtime::redis::Client::open(url).unwrap();
@@ -53,7 +53,13 @@ fn serve(which: &str) {
                     .unwrap()
                     .prefix(prefix)
                     .build();
-                router.layer(IdempotencyLayer::new(store, "bench").keep(keep))
+                if which == "redis" {
+                    router.layer(IdempotencyLayer::new(store, "bench").keep(keep))
+                } else {
+                    // Replays of responses this server stored answered from its memory.
+                    let store = CachedStore::new(store);
+                    router.layer(IdempotencyLayer::new(store, "bench").keep(keep))
+                }
             }
             other => panic!("unknown server {other}"),
         };
@@ -196,9 +202,9 @@ fn main() {
     let mut run = 0;
     for scenario in [Scenario::First, Scenario::Replay] {
         for &c in &concurrency {
-            // The three servers in turn, round after round, so that drift in the machine's
+            // The servers in turn, round after round, so that drift in the machine's
             // load falls on all of them alike.
-            let mut seen: [Vec<Measured>; 3] = Default::default();
+            let mut seen: [Vec<Measured>; 4] = Default::default();
             for _ in 0..rounds {
                 for (i, which) in SERVERS.iter().enumerate() {
                     run += 1;
@@ -221,7 +227,8 @@ fn main() {
                 let server = match *which {
                     "none" => "axum, no layer",
                     "memory" => "**idem-http**, memory",
-                    _ => "**idem-http**, Redis",
+                    "redis" => "**idem-http**, Redis",
+                    _ => "**idem-http**, Redis + `CachedStore`",
                 };
                 println!(
                     "| {name} | {c} | {server} | {:.0} | {} µs | {} µs | {:.2} |",
