@@ -349,40 +349,9 @@ where
                 return Ok(Granted { lease, asked });
             }
             Ok(Begin::Completed { output, .. }) => {
-                tracing::debug!(scope, key = %key, "duplicate of a completed key: replayed");
-                return Err(Refusal::Answer(match codec::decode::<R::Ok>(&output) {
-                    Ok(v) => {
-                        metrics::record(opts, CallOutcome::Replayed, Some(key), None);
-                        R::from_result(Ok(v))
-                    }
-                    Err(Undecodable::Unreplayable(reason)) => lift(
-                        opts,
-                        Error::Unreplayable {
-                            scope: scope.to_owned(),
-                            key: key.clone(),
-                            reason,
-                        },
-                    ),
-                    Err(Undecodable::Corrupt(reason)) => lift(
-                        opts,
-                        Error::Corrupt {
-                            scope: scope.to_owned(),
-                            key: key.clone(),
-                            reason,
-                        },
-                    ),
-                }));
+                return Err(Refusal::Answer(replayed(opts, scope, key, &output)));
             }
-            Ok(Begin::Mismatch) => {
-                tracing::info!(scope, key = %key, "same key, another payload: refused");
-                return Err(Refusal::Answer(lift(
-                    opts,
-                    Error::Mismatch {
-                        scope: scope.to_owned(),
-                        key: key.clone(),
-                    },
-                )));
-            }
+            Ok(Begin::Mismatch) => return Err(Refusal::Answer(mismatched(opts, scope, key))),
             Ok(Begin::InFlight { retry_after }) => {
                 let now = Instant::now();
                 let deadline = opts
@@ -419,6 +388,54 @@ where
             }
         }
     }
+}
+
+/// What a duplicate of a completed key gets: its stored output, decoded.
+pub(crate) fn replayed<R>(opts: &Options, scope: &str, key: &Key, output: &[u8]) -> R
+where
+    R: Outcome,
+    R::Ok: Replayable,
+    R::Err: AbsorbsIdemError,
+{
+    tracing::debug!(scope, key = %key, "duplicate of a completed key: replayed");
+    match codec::decode::<R::Ok>(output) {
+        Ok(v) => {
+            metrics::record(opts, CallOutcome::Replayed, Some(key), None);
+            R::from_result(Ok(v))
+        }
+        Err(Undecodable::Unreplayable(reason)) => lift(
+            opts,
+            Error::Unreplayable {
+                scope: scope.to_owned(),
+                key: key.clone(),
+                reason,
+            },
+        ),
+        Err(Undecodable::Corrupt(reason)) => lift(
+            opts,
+            Error::Corrupt {
+                scope: scope.to_owned(),
+                key: key.clone(),
+                reason,
+            },
+        ),
+    }
+}
+
+/// What a call with a completed key and another payload gets.
+pub(crate) fn mismatched<R>(opts: &Options, scope: &str, key: &Key) -> R
+where
+    R: Outcome,
+    R::Err: AbsorbsIdemError,
+{
+    tracing::info!(scope, key = %key, "same key, another payload: refused");
+    lift(
+        opts,
+        Error::Mismatch {
+            scope: scope.to_owned(),
+            key: key.clone(),
+        },
+    )
 }
 
 /// A grant read too late was taken over before the handler started: another holder has the key.
