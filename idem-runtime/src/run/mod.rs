@@ -30,6 +30,8 @@ pub(crate) use finish::{Finish, release, release_later};
 use tracing::Instrument;
 
 #[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
+pub(crate) use tx::replay_committed;
+#[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
 pub(crate) use tx::{Marked, NESTED, Owned, claim_outside, execute_tx};
 pub use tx::{TxConnection, run_tx_future, tx_access};
 

@@ -157,6 +157,33 @@ where
     }
 }
 
+/// Where a claim in the transaction takes the whole database's write lock (SQLite), a duplicate
+/// of a key done and committed is answered before a transaction is begun, from a plain read:
+/// duplicates then cost what the plain store's do, and do not queue behind every writer. A done
+/// record stays done, so this is the answer the claim would give. `None` (go on as before) for
+/// anything else: a key not done, a bad key, a failed read, shadow mode.
+#[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
+pub(crate) async fn replay_committed<R>(txs: &dyn TxStore, opts: &Options, call: &Call) -> Option<R>
+where
+    R: Outcome,
+    R::Ok: Replayable,
+    R::Err: AbsorbsIdemError,
+{
+    if !txs.claims_in_tx() || txs.waits_in_tx() || crate::shadow() {
+        return None;
+    }
+    let (key, fingerprint) = call.parts().ok()?;
+    let claiming = metrics::Timer::start();
+    let (output, kept) = txs.committed_done(&opts.scope, &key).await.ok()??;
+    record_key(&key);
+    let answer = match (kept, fingerprint) {
+        (Some(a), Some(b)) if a != b => super::mismatched(opts, &opts.scope, &key),
+        _ => super::replayed(opts, &opts.scope, &key, &output),
+    };
+    claiming.stop(opts, "claim");
+    Some(answer)
+}
+
 /// A done mark written in a transaction: what a caller that commits it may copy elsewhere (the
 /// layered store's front).
 #[cfg_attr(

@@ -16,6 +16,7 @@ use super::{Backend, DONE, SqlStore, db_error, micros, stored_scope};
 use crate::observe::CallOutcome;
 use crate::run::{
     Marked, NESTED, Owned, TxConnection, claim_outside, execute_tx, lift, release, release_later,
+    replay_committed,
 };
 use crate::store::{Begin, BeginRequest, Lease, Store, TxStore};
 use crate::{
@@ -50,6 +51,11 @@ impl<DB: Backend> TxStore for SqlStore<DB> {
             // A lease outside the transaction, through a pool of its own: the caller's
             // transaction holds a connection of the application's pool, which may be its last.
             return self.outside()?.begin(req).await;
+        }
+        if DB::CLAIM_LOCKS_DATABASE
+            && let Some(answer) = self.done_outside(req).await
+        {
+            return Ok(answer);
         }
         let scope = stored_scope(req.scope);
         let holder = crate::store::ops::this_holder();
@@ -205,6 +211,22 @@ impl<DB: Backend> TxStore for SqlStore<DB> {
 }
 
 impl<DB: Backend> SqlStore<DB> {
+    /// Where the claim in the transaction takes the whole database's write lock (SQLite), a
+    /// duplicate of a key done and committed is answered from a read on the store's side pool
+    /// first, without that lock: duplicates no longer queue behind every writer. A done record
+    /// stays done (until its `keep`, or an operator's forget, as for any duplicate). `None`
+    /// (claim as before) for anything else, or if the read fails: the claim then decides.
+    async fn done_outside(&self, req: &BeginRequest<'_>) -> Option<Begin> {
+        let (output, kept) = self.committed_done(req.scope, req.key).await.ok()??;
+        Some(match (kept, req.fingerprint) {
+            (Some(a), Some(b)) if a != b => Begin::Mismatch,
+            _ => Begin::Completed {
+                output,
+                fingerprint: kept,
+            },
+        })
+    }
+
     /// The store for claims made outside the caller's transaction (MySQL/MariaDB).
     fn outside(&self) -> Result<&SqlStore<DB>, StoreError> {
         self.side().ok_or_else(|| {
@@ -268,6 +290,11 @@ where
     // the transaction: it holds a connection of the pool already, and the claim goes through
     // the store's own (in `execute_tx`).
     let claimed = if txs.claims_in_tx() || tx.is_some() {
+        if tx.is_none()
+            && let Some(answer) = replay_committed::<R>(txs, opts, &call).await
+        {
+            return (answer, None);
+        }
         None
     } else {
         match claim_outside::<R>(store, opts, &call).await {
