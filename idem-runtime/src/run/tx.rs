@@ -157,8 +157,9 @@ where
     }
 }
 
-/// Where a claim in the transaction takes the whole database's write lock (SQLite), a duplicate
-/// of a key done and committed is answered before a transaction is begun, from a plain read:
+/// Where a claim in the transaction takes the whole database's write lock (SQLite, see
+/// [`TxStore::replays_committed_first`]), a duplicate of a key done and committed is answered
+/// before the claim (and, for `run_in_tx`, before a transaction is begun), from a plain read:
 /// duplicates then cost what the plain store's do, and do not queue behind every writer. A done
 /// record stays done, so this is the answer the claim would give. `None` (go on as before) for
 /// anything else: a key not done, a bad key, a failed read, shadow mode.
@@ -169,7 +170,7 @@ where
     R::Ok: Replayable,
     R::Err: AbsorbsIdemError,
 {
-    if !txs.claims_in_tx() || txs.waits_in_tx() || crate::shadow() {
+    if !txs.replays_committed_first() || crate::shadow() {
         return None;
     }
     let (key, fingerprint) = call.parts().ok()?;
@@ -214,6 +215,13 @@ pub(crate) struct Owned {
     /// Shadow mode let the handler run (or its mark failed) and it returned `Ok`: its writes
     /// are committed, as they would be without idem.
     pub(crate) commit: bool,
+    /// The caller looked for a committed done record already (`replay_committed`), before it
+    /// began the transaction: not again.
+    #[cfg_attr(
+        not(any(feature = "postgres", feature = "mysql", feature = "sqlite")),
+        allow(dead_code)
+    )]
+    pub(crate) peeked: bool,
 }
 
 /// A savepoint name no other call uses: nested calls on one transaction must not share one
@@ -247,6 +255,13 @@ where
     F: FnOnce(&'c mut C) -> Fut,
     Fut: Future<Output = (R, &'c mut C)>,
 {
+    #[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
+    if claimed.is_none()
+        && !owner.as_deref().is_some_and(|o| o.peeked)
+        && let Some(answer) = replay_committed::<R>(txs, opts, &call).await
+    {
+        return answer;
+    }
     let (key, fingerprint) = match call.into_parts() {
         Ok(parts) => parts,
         Err(e) => return lift(opts, e),

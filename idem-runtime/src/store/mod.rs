@@ -349,6 +349,16 @@ pub trait TxStore: Send + Sync {
         true
     }
 
+    /// Whether a duplicate of a key done and committed is answered from
+    /// [`committed_done`](Self::committed_done) before any claim in the transaction (so before
+    /// the transaction is begun, where idem begins it): where that claim takes a lock that
+    /// would make duplicates queue behind every writer (SQLite's write lock). Not for a store
+    /// that must see every duplicate's claim (a layered store copies the done record to its
+    /// front then). Off by default.
+    fn replays_committed_first(&self) -> bool {
+        false
+    }
+
     /// What renews a transactional lease while the handler runs, and releases it if the caller
     /// is cancelled: `None` when the transaction itself holds the lease (it ends with the
     /// transaction, a crash included).

@@ -52,11 +52,6 @@ impl<DB: Backend> TxStore for SqlStore<DB> {
             // transaction holds a connection of the application's pool, which may be its last.
             return self.outside()?.begin(req).await;
         }
-        if DB::CLAIM_LOCKS_DATABASE
-            && let Some(answer) = self.done_outside(req).await
-        {
-            return Ok(answer);
-        }
         let scope = stored_scope(req.scope);
         let holder = crate::store::ops::this_holder();
         let claim = Claim {
@@ -205,28 +200,16 @@ impl<DB: Backend> TxStore for SqlStore<DB> {
         !DB::CLAIM_LOCKS_DATABASE
     }
 
+    fn replays_committed_first(&self) -> bool {
+        DB::CLAIMS_IN_TX && DB::CLAIM_LOCKS_DATABASE
+    }
+
     fn renewer_in_tx(&self) -> Option<Arc<dyn Store>> {
         (!DB::CLAIMS_IN_TX).then(|| self.for_watchdog())
     }
 }
 
 impl<DB: Backend> SqlStore<DB> {
-    /// Where the claim in the transaction takes the whole database's write lock (SQLite), a
-    /// duplicate of a key done and committed is answered from a read on the store's side pool
-    /// first, without that lock: duplicates no longer queue behind every writer. A done record
-    /// stays done (until its `keep`, or an operator's forget, as for any duplicate). `None`
-    /// (claim as before) for anything else, or if the read fails: the claim then decides.
-    async fn done_outside(&self, req: &BeginRequest<'_>) -> Option<Begin> {
-        let (output, kept) = self.committed_done(req.scope, req.key).await.ok()??;
-        Some(match (kept, req.fingerprint) {
-            (Some(a), Some(b)) if a != b => Begin::Mismatch,
-            _ => Begin::Completed {
-                output,
-                fingerprint: kept,
-            },
-        })
-    }
-
     /// The store for claims made outside the caller's transaction (MySQL/MariaDB).
     fn outside(&self) -> Result<&SqlStore<DB>, StoreError> {
         self.side().ok_or_else(|| {
@@ -289,11 +272,15 @@ where
     // waits holds no connection for a transaction it will not use. Not when the caller began
     // the transaction: it holds a connection of the pool already, and the claim goes through
     // the store's own (in `execute_tx`).
+    let mut peeked = false;
     let claimed = if txs.claims_in_tx() || tx.is_some() {
-        if tx.is_none()
-            && let Some(answer) = replay_committed::<R>(txs, opts, &call).await
-        {
-            return (answer, None);
+        // Where the claim would take the database's write lock (SQLite), a duplicate of a key
+        // done and committed is answered before a transaction is begun at all.
+        if tx.is_none() && txs.replays_committed_first() {
+            peeked = true;
+            if let Some(answer) = replay_committed::<R>(txs, opts, &call).await {
+                return (answer, None);
+            }
         }
         None
     } else {
@@ -332,7 +319,10 @@ where
     if let Some(mut unrun) = unrun {
         unrun.armed = false;
     }
-    let mut owned = Owned::default();
+    let mut owned = Owned {
+        peeked,
+        ..Owned::default()
+    };
     let run = execute_tx(
         store,
         txs,
