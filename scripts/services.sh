@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Start (if not running) the servers the test suite talks to: Redis, PostgreSQL, MariaDB, and the
-# brokers the adapters' tests need (NATS with JetStream, RabbitMQ). Idempotent: a running service
+# brokers the adapters' tests need (NATS with JetStream, RabbitMQ, tansu for Kafka). Idempotent: a running service
 # is left alone. Installs what is missing from Debian's packages. Exits non-zero if one of them
 # cannot be reached.
 set -uo pipefail
@@ -80,5 +80,37 @@ if ! port_open 127.0.0.1 5672; then
   rabbitmq-server -detached >/dev/null 2>&1 || true
 fi
 wait_for rabbitmq "port_open 127.0.0.1 5672 && rabbitmqctl -q await_startup" 120 || status=1
+
+# tansu, a Kafka-protocol broker (required: idem-kafka), with its PostgreSQL engine in a database
+# of its own (`tansu`, schema from tansu's repository at v0.6.0: the crate does not ship it).
+# Installed with cargo if missing (about 7 min on 2 cores), started on 127.0.0.1:9092.
+tansu_root=/opt/idem-brokers
+tansu_bin="$tansu_root/bin/tansu"
+if [ ! -x "$tansu_bin" ]; then
+  echo "installing: tansu 0.6.0 (cargo install, about 7 min)"
+  tansu_build=$(mktemp -d /tmp/tansu-build.XXXXXX)
+  cargo install --locked --root "$tansu_root" --features dynostore,postgres tansu@0.6.0 \
+    --target-dir "$tansu_build" || echo "could not install tansu (idem-kafka's tests need it)" >&2
+  rm -rf "$tansu_build"
+fi
+tansu_db_ready() {
+  psql -h 127.0.0.1 -U postgres -d tansu -tAc "SELECT to_regclass('public.record') IS NOT NULL" 2>/dev/null | grep -q t
+}
+if ! tansu_db_ready; then
+  psql -h 127.0.0.1 -U postgres -tAc "SELECT 1 FROM pg_database WHERE datname = 'tansu'" | grep -q 1 \
+    || psql -h 127.0.0.1 -U postgres -qc "CREATE DATABASE tansu" || true
+  psql -h 127.0.0.1 -U postgres -d tansu -v ON_ERROR_STOP=1 -q \
+    -f "$(dirname "$0")/tansu/pg-schema-0.6.0.sql" >/dev/null || true
+fi
+tansu_db_ready || { echo "tansu's database: schema NOT loaded" >&2; status=1; }
+if ! port_open 127.0.0.1 9092 && [ -x "$tansu_bin" ]; then
+  mkdir -p /var/log/tansu
+  nohup "$tansu_bin" broker \
+    --listener-url tcp://127.0.0.1:9092 \
+    --advertised-listener-url tcp://127.0.0.1:9092 \
+    --storage-engine "postgres://postgres@127.0.0.1:5432/tansu?sslmode=disable" \
+    >>/var/log/tansu/broker.log 2>&1 </dev/null &
+fi
+wait_for tansu "port_open 127.0.0.1 9092" 60 || status=1
 
 exit "$status"
