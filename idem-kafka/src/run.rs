@@ -290,10 +290,11 @@ async fn worker<H, Fut, T, E>(
             .waiting
             .fetch_sub(1, Ordering::Relaxed)
             .saturating_sub(1);
-        if waiting <= inner.max_buffered / 2 && flow.paused.swap(false, Ordering::Relaxed) {
-            if let Err(error) = inner.consumer.resume(&life.tpl(None)) {
-                tracing::debug!(broker = "kafka", %error, "could not resume a partition");
-            }
+        if waiting <= inner.max_buffered / 2
+            && flow.paused.swap(false, Ordering::Relaxed)
+            && let Err(error) = inner.consumer.resume(&life.tpl(None))
+        {
+            tracing::debug!(broker = "kafka", %error, "could not resume a partition");
         }
         let offset = msg.offset();
         let msg = Arc::new(msg);
