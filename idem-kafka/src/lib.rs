@@ -108,7 +108,7 @@ use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::KafkaResult;
 use rdkafka::producer::FutureProducer;
-use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::topic_partition_list::TopicPartitionList;
 
 pub use error::Error;
 
@@ -140,8 +140,9 @@ pub(crate) struct Shared {
     /// assigned again).
     epochs: Mutex<HashMap<(String, i32), u64>>,
     next_epoch: AtomicU64,
-    /// The offsets the broker confirmed as committed (the next offset to consume).
-    confirmed: Mutex<HashMap<(String, i32), i64>>,
+    /// The offsets the broker confirmed as committed (the next offset to consume), by the
+    /// loop's synchronous confirmation commits.
+    pub(crate) confirmed: Mutex<HashMap<(String, i32), i64>>,
     stats: Counters,
 }
 
@@ -201,12 +202,13 @@ pub struct Stats {
     pub runs: u64,
     /// Records final as done (executed or replayed).
     pub done: u64,
-    /// Offset commits sent.
+    /// Offset commits sent, one per final record (asynchronously, at once).
     pub commits_requested: u64,
-    /// Offset commits the broker confirmed.
+    /// Confirmation commits the broker answered `Ok`: once a second, the loop commits
+    /// synchronously the final offsets the broker has not confirmed yet.
     pub commits_confirmed: u64,
-    /// Offset commits the broker refused (a later commit covers them; a record is redelivered
-    /// only if none does before a crash or a rebalance).
+    /// Commits that failed (the broker refused them, or was away); the next second's
+    /// confirmation commit sends the final offsets again, until one succeeds.
     pub commit_failures: u64,
     /// Records copied to their dead-letter topic (and so final).
     pub dead_letters: u64,
@@ -263,7 +265,7 @@ pub enum End {
 }
 
 /// The consumer context the glue installs: it tells the partition workers about revoked and
-/// assigned partitions, and counts commits the broker confirmed.
+/// assigned partitions.
 pub struct GlueContext {
     shared: Arc<Shared>,
 }
@@ -293,24 +295,10 @@ impl ConsumerContext for GlueContext {
         }
     }
 
-    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
-        match result {
-            Ok(()) => {
-                bump(&self.shared.stats.commits_confirmed);
-                let mut confirmed = lock(&self.shared.confirmed);
-                for e in offsets.elements() {
-                    if let Offset::Offset(o) = e.offset() {
-                        let slot = confirmed
-                            .entry((e.topic().to_owned(), e.partition()))
-                            .or_insert(o);
-                        *slot = (*slot).max(o);
-                    }
-                }
-            }
-            Err(error) => {
-                bump(&self.shared.stats.commit_failures);
-                tracing::warn!(broker = "kafka", %error, "an offset commit failed");
-            }
+    fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
+        // Not relied upon (the loop confirms its commits synchronously); logged when it comes.
+        if let Err(error) = result {
+            tracing::debug!(broker = "kafka", %error, "an asynchronous offset commit failed");
         }
     }
 }
@@ -382,7 +370,8 @@ impl Glue {
     }
 
     /// The offset the broker confirmed as committed for a partition (the next offset to
-    /// consume), as far as this glue committed it.
+    /// consume), by the loop's last successful confirmation commit (once a second, and at the
+    /// end of [`run_until`](Glue::run_until)); only for partitions it still owned then.
     pub fn confirmed_offset(&self, topic: &str, partition: i32) -> Option<i64> {
         lock(&self.inner.shared.confirmed)
             .get(&(topic.to_owned(), partition))

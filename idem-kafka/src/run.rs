@@ -25,6 +25,75 @@ use crate::{End, Error, Glue, Inner, Settled, Stats, bump, lock};
 /// How often a waiting worker looks whether its partition is still its own.
 const LIVENESS_TICK: Duration = Duration::from_millis(50);
 
+/// How often the loop confirms its commits (a synchronous commit of the final offsets the
+/// broker has not confirmed yet).
+const CONFIRM_TICK: Duration = Duration::from_secs(1);
+
+/// One synchronous commit of the final offsets not confirmed yet, on the blocking pool.
+type Confirming = tokio::task::JoinHandle<(Vec<(String, i32, i64)>, Result<(), KafkaError>)>;
+
+/// At each tick: take the answer of the last confirmation commit, and start the next one when
+/// final offsets are not confirmed yet (one at a time; a broker that is away holds it until it
+/// answers, and then it is sent again).
+async fn confirm(inner: &Arc<Inner>, finals: &Finals, job: &mut Option<Confirming>) {
+    if let Some(running) = job {
+        if !running.is_finished() {
+            return;
+        }
+        if let Ok((sent, result)) = job.take().expect("a job").await {
+            match result {
+                Ok(()) => {
+                    bump(&inner.shared.stats.commits_confirmed);
+                    let mut confirmed = lock(&inner.shared.confirmed);
+                    for (topic, partition, next) in sent {
+                        let slot = confirmed.entry((topic, partition)).or_insert(next);
+                        *slot = (*slot).max(next);
+                    }
+                }
+                Err(error) => {
+                    bump(&inner.shared.stats.commit_failures);
+                    tracing::warn!(broker = "kafka", %error, "an offset commit failed: it is sent again");
+                }
+            }
+        }
+    }
+    let pending: Vec<(String, i32, i64)> = {
+        let confirmed = lock(&inner.shared.confirmed);
+        owned_finals(inner, finals)
+            .into_iter()
+            .filter(|(t, p, next)| confirmed.get(&(t.clone(), *p)) != Some(next))
+            .collect()
+    };
+    if pending.is_empty() {
+        return;
+    }
+    let inner = Arc::clone(inner);
+    *job = Some(tokio::task::spawn_blocking(move || {
+        let tpl = tpl_of(&pending);
+        let result = inner.consumer.commit(&tpl, CommitMode::Sync);
+        (pending, result)
+    }));
+}
+
+fn tpl_of(offsets: &[(String, i32, i64)]) -> TopicPartitionList {
+    let mut tpl = TopicPartitionList::new();
+    for (topic, partition, next) in offsets {
+        let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(*next));
+    }
+    tpl
+}
+
+/// The last final offset (+ 1) of each partition whose worker still owns it.
+fn owned_finals(inner: &Inner, finals: &Finals) -> Vec<(String, i32, i64)> {
+    lock(finals)
+        .iter()
+        .filter(|((topic, partition), (epoch, _))| {
+            inner.shared.is_current(topic, *partition, *epoch)
+        })
+        .map(|((topic, partition), (_, next))| (topic.clone(), *partition, *next))
+        .collect()
+}
+
 /// The last final offset (+ 1) each worker committed, with its assignment epoch.
 type Finals = Arc<std::sync::Mutex<HashMap<(String, i32), (u64, i64)>>>;
 
@@ -156,6 +225,9 @@ impl Glue {
         let mut workers: HashMap<(String, i32), Worker> = HashMap::new();
         let mut tasks = JoinSet::new();
         let mut shutdown = std::pin::pin!(shutdown);
+        let mut tick = tokio::time::interval(CONFIRM_TICK);
+        let mut confirming: Option<Confirming> = None;
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let inner = &self.inner;
         let fatal = loop {
             while let Some(joined) = tasks.try_join_next() {
@@ -166,6 +238,10 @@ impl Glue {
             let received = tokio::select! {
                 biased;
                 () = &mut shutdown => break None,
+                _ = tick.tick() => {
+                    confirm(inner, &finals, &mut confirming).await;
+                    continue;
+                }
                 m = inner.consumer.recv() => m,
             };
             let msg = match received {
@@ -250,21 +326,28 @@ impl Glue {
             });
         }
         // The last final offset of each partition still owned, committed synchronously.
-        let mut tpl = TopicPartitionList::new();
-        for ((topic, partition), (epoch, next)) in lock(&finals).iter() {
-            if inner.shared.is_current(topic, *partition, *epoch) {
-                let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(*next));
-            }
-        }
-        if tpl.count() > 0 {
-            let inner = Arc::clone(inner);
-            tokio::task::spawn_blocking(move || inner.consumer.commit(&tpl, CommitMode::Sync))
-                .await
-                .map_err(|_| Error::Kafka {
+        let last = owned_finals(inner, &finals);
+        if !last.is_empty() {
+            let (tpl, shared) = (tpl_of(&last), Arc::clone(inner));
+            let committed =
+                tokio::task::spawn_blocking(move || shared.consumer.commit(&tpl, CommitMode::Sync))
+                    .await
+                    .map_err(|_| Error::Kafka {
+                        op: "commit",
+                        source: KafkaError::Canceled,
+                    })?;
+            if let Err(error) = committed {
+                bump(&inner.shared.stats.commit_failures);
+                return Err(Error::Kafka {
                     op: "commit",
-                    source: KafkaError::Canceled,
-                })?
-                .map_err(Error::kafka("commit"))?;
+                    source: error,
+                });
+            }
+            bump(&inner.shared.stats.commits_confirmed);
+            let mut confirmed = lock(&inner.shared.confirmed);
+            for (topic, partition, next) in last {
+                confirmed.insert((topic, partition), next);
+            }
         }
         Ok(self.stats())
     }
