@@ -103,6 +103,9 @@ async fn one_order_produced_twice_has_one_effect_and_both_are_committed() {
     assert_eq!(effect_count(&f.pool, &f.ctx.effects).await, 1);
     assert_eq!(committed(&f.group, &f.topic, 1).await, [Some(2)]);
     let s = glue.stats();
+    // The loop's last synchronous commit confirmed it.
+    assert_eq!(glue.confirmed_offset(&f.topic, 0), Some(2));
+    assert!(s.commits_confirmed >= 1, "{s:?}");
     row(
         "1 one order produced twice",
         s.records,
@@ -315,6 +318,8 @@ async fn an_in_flight_record_holds_back_its_own_partition_only() {
         [(50, 1), (51, 1), (52, 1), (53, 1)]
     );
     let s = glue.stats();
+    assert_eq!(glue.confirmed_offset(&f.topic, 0), Some(2));
+    assert_eq!(glue.confirmed_offset(&f.topic, 1), Some(2));
     assert!(s.in_flight_retries >= 1, "{s:?}");
     row(
         "5 in-flight record holds back its partition only",

@@ -103,8 +103,12 @@ pub fn unique(prefix: &str) -> String {
 }
 
 pub async fn create_topic(name: &str, partitions: i32) {
+    create_topic_at(&brokers(), name, partitions).await
+}
+
+pub async fn create_topic_at(bootstrap: &str, name: &str, partitions: i32) {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
+        .set("bootstrap.servers", bootstrap)
         .create()
         .unwrap();
     let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
@@ -118,8 +122,12 @@ pub async fn create_topic(name: &str, partitions: i32) {
 }
 
 pub fn producer() -> FutureProducer {
+    producer_at(&brokers())
+}
+
+pub fn producer_at(bootstrap: &str) -> FutureProducer {
     ClientConfig::new()
-        .set("bootstrap.servers", brokers())
+        .set("bootstrap.servers", bootstrap)
         .set("acks", "all")
         .set("linger.ms", "0")
         .create()
@@ -142,8 +150,12 @@ pub async fn produce(p: &FutureProducer, topic: &str, partition: i32, key: &str,
 
 /// The consumer configuration the tests use (the issue's: a short session timeout).
 pub fn config(group: &str) -> ClientConfig {
+    config_at(&brokers(), group)
+}
+
+pub fn config_at(bootstrap: &str, group: &str) -> ClientConfig {
     let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", brokers())
+    c.set("bootstrap.servers", bootstrap)
         .set("group.id", group)
         .set("auto.offset.reset", "earliest")
         .set("session.timeout.ms", "6000")
@@ -195,9 +207,18 @@ pub async fn wait_until(secs: u64, what: &str, mut done: impl FnMut() -> bool) {
 /// The offsets the broker has committed for `group` (the next offset to consume; `None` when
 /// nothing was committed), per partition 0..`partitions`.
 pub async fn committed(group: &str, topic: &str, partitions: i32) -> Vec<Option<i64>> {
-    let (group, topic) = (group.to_owned(), topic.to_owned());
+    committed_at(&brokers(), group, topic, partitions).await
+}
+
+pub async fn committed_at(
+    bootstrap: &str,
+    group: &str,
+    topic: &str,
+    partitions: i32,
+) -> Vec<Option<i64>> {
+    let (group, topic, bootstrap) = (group.to_owned(), topic.to_owned(), bootstrap.to_owned());
     tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = config(&group).create().unwrap();
+        let consumer: BaseConsumer = config_at(&bootstrap, &group).create().unwrap();
         let mut tpl = TopicPartitionList::new();
         for p in 0..partitions {
             tpl.add_partition(&topic, p);
@@ -433,4 +454,112 @@ impl Ctx {
         )
         .await
     }
+}
+
+/// A tansu broker of the test's own, on a free port, with a PostgreSQL database of its own
+/// (created, loaded with tansu's schema, dropped by `remove`). `kill` and `start` again keep
+/// its topics and offsets (they are in the database).
+pub struct OwnBroker {
+    pub port: u16,
+    pub db: String,
+    child: Option<std::process::Child>,
+}
+
+pub const TANSU: &str = "/opt/idem-brokers/bin/tansu";
+
+impl OwnBroker {
+    pub async fn new(admin: &PgPool) -> Option<OwnBroker> {
+        if !std::path::Path::new(TANSU).exists() {
+            server_missing("tansu", TANSU, "not installed");
+            return None;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let db = unique("tansu_own");
+        sqlx::raw_sql(AssertSqlSafe(format!("CREATE DATABASE {db}")))
+            .execute(admin)
+            .await
+            .unwrap();
+        let url = format!("{}/{db}", pg_url().rsplit_once('/').unwrap().0);
+        let pool = PgPool::connect(&url).await.unwrap();
+        sqlx::raw_sql(AssertSqlSafe(
+            include_str!("../../../scripts/tansu/pg-schema-0.6.0.sql").to_owned(),
+        ))
+        .execute(&pool)
+        .await
+        .unwrap();
+        pool.close().await;
+        let mut b = OwnBroker {
+            port,
+            db,
+            child: None,
+        };
+        b.start().await;
+        Some(b)
+    }
+
+    pub fn bootstrap(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub async fn start(&mut self) {
+        assert!(self.child.is_none());
+        let listener = format!("tcp://127.0.0.1:{}", self.port);
+        let storage = format!(
+            "{}/{}?sslmode=disable",
+            pg_url().rsplit_once('/').unwrap().0,
+            self.db
+        );
+        let child = std::process::Command::new(TANSU)
+            .args(["broker", "--listener-url", &listener])
+            .args(["--advertised-listener-url", &listener])
+            .args(["--storage-engine", &storage, "--cluster-id", &self.db])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "tansu did not start on {}",
+                self.port
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGKILL: the broker stops at once.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub async fn remove(mut self, admin: &PgPool) {
+        self.kill();
+        sqlx::raw_sql(AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.db
+        )))
+        .execute(admin)
+        .await
+        .unwrap();
+    }
+}
+
+impl Drop for OwnBroker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// One record to partition 0 of a topic on another broker.
+pub async fn produce_at(bootstrap: &str, topic: &str, key: &str, payload: &[u8]) {
+    produce(&producer_at(bootstrap), topic, 0, key, payload).await
 }
