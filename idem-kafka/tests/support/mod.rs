@@ -29,9 +29,12 @@ pub fn server_missing(service: &str, url: &str, err: impl Display) {
     if in_ci() {
         panic!("{service} at {url} is required under CI=true and is not reachable: {err}");
     }
-    eprintln!(
+    // Written to the process's stderr directly: libtest captures `eprintln!`, and a skip must
+    // be seen.
+    let notice = format!(
         "\n!!!!! SKIPPED: {service} at {url} is not reachable ({err}).\n!!!!! This test did NOT run. Start it with `bash scripts/services.sh`.\n"
     );
+    let _ = std::io::Write::write_all(&mut std::io::stderr(), notice.as_bytes());
 }
 
 pub fn brokers() -> String {
