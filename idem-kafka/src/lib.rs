@@ -186,6 +186,7 @@ pub(crate) struct Counters {
     pub(crate) unsettled_retries: AtomicU64,
     pub(crate) abandoned: AtomicU64,
     pub(crate) consume_errors: AtomicU64,
+    pub(crate) pauses: AtomicU64,
 }
 
 pub(crate) fn bump(c: &AtomicU64) {
@@ -224,6 +225,9 @@ pub struct Stats {
     pub abandoned: u64,
     /// Errors the consumer reported (a broker that went away, ...); the loop goes on.
     pub consume_errors: u64,
+    /// Times a partition's fetching was paused because its worker had more than
+    /// [`GlueBuilder::max_buffered`] records waiting.
+    pub pauses: u64,
 }
 
 /// One record's outcome, as [`GlueBuilder::on_settled`] sees it.
@@ -396,6 +400,7 @@ impl Glue {
             unsettled_retries: g(&c.unsettled_retries),
             abandoned: g(&c.abandoned),
             consume_errors: g(&c.consume_errors),
+            pauses: g(&c.pauses),
         }
     }
 }

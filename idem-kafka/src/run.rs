@@ -303,8 +303,11 @@ impl Glue {
             if waiting > inner.max_buffered && !w.flow.paused.swap(true, Ordering::Relaxed) {
                 let mut tpl = TopicPartitionList::new();
                 tpl.add_partition(&key.0, key.1);
-                if let Err(error) = inner.consumer.pause(&tpl) {
-                    tracing::debug!(broker = "kafka", %error, "could not pause a partition");
+                match inner.consumer.pause(&tpl) {
+                    Ok(()) => bump(&inner.shared.stats.pauses),
+                    Err(error) => {
+                        tracing::debug!(broker = "kafka", %error, "could not pause a partition");
+                    }
                 }
             }
             if w.tx.send(msg).is_err() {

@@ -348,3 +348,124 @@ async fn a_poison_record_that_panics_is_dead_lettered_and_the_partition_goes_on(
     );
     f.cleanup().await;
 }
+
+/// A held partition with more records waiting than `max_buffered`: its fetching is paused,
+/// then resumed; every record is handled once, in order, and committed; the other partition is
+/// not held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pausing_a_held_partition_loses_and_reorders_nothing() {
+    let Some(pool) = servers().await else { return };
+    let f = fixture(pool).await;
+    let (topic, group) = (unique("idem_kafka_pause"), unique("g"));
+    create_topic(&topic, 2).await;
+    let p = producer();
+    for o in 100..112 {
+        produce(&p, &topic, 0, &o.to_string(), &order(o, 0)).await;
+    }
+    for o in 200..205 {
+        produce(&p, &topic, 1, &o.to_string(), &order(o, 0)).await;
+    }
+    // Order 100 (partition 0's first) is held elsewhere for 2 s.
+    let holder_ctx = Ctx {
+        worker: Arc::from("holder"),
+        ..f.ctx.clone()
+    };
+    let holder = tokio::spawn(async move { holder_ctx.handle_plain(&order(100, 2000)).await });
+    while effect_count(&f.pool, &f.ctx.effects).await < 1 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let log = Log::default();
+    let l = log.clone();
+    let glue = Glue::builder(config(&group))
+        .policy(Policy::default().in_flight(Duration::from_millis(100), Duration::from_millis(300)))
+        .max_buffered(2)
+        .on_settled(move |s| l.0.lock().unwrap().push(s.clone()))
+        .build()
+        .unwrap();
+    glue.subscribe(&[&topic]).unwrap();
+    let ctx = f.ctx.clone();
+    let l = log.clone();
+    glue.run_until(
+        move |record| {
+            let ctx = ctx.clone();
+            async move { ctx.handle_plain(record.payload().unwrap_or_default()).await }
+        },
+        wait_until(60, "not every record was settled", move || l.len() >= 17),
+    )
+    .await
+    .unwrap();
+    holder.await.unwrap().unwrap();
+    let offsets = |p: i32| log.finals(p).iter().map(|s| s.offset).collect::<Vec<_>>();
+    assert_eq!(offsets(0), (0..12).collect::<Vec<i64>>());
+    assert_eq!(offsets(1), (0..5).collect::<Vec<i64>>());
+    assert_eq!(committed(&group, &topic, 2).await, [Some(12), Some(5)]);
+    let per_order = effects_per_order(&f.pool, &f.ctx.effects).await;
+    assert_eq!(per_order.len(), 17, "{per_order:?}");
+    assert!(per_order.iter().all(|(_, n)| *n == 1), "{per_order:?}");
+    let s = glue.stats();
+    assert_eq!(s.abandoned, 0, "{s:?}");
+    assert!(s.pauses >= 1, "partition 0 was never paused: {s:?}");
+    row(
+        "R5 held partition paused and resumed",
+        s.records,
+        s.runs,
+        17,
+        s.commits_requested,
+        0,
+    );
+    f.cleanup().await;
+}
+
+/// `run_until` stops while a record waits for a retry in place (its key held elsewhere): the
+/// wait is abandoned at once, nothing is committed for it, and `run_until` returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_during_a_retry_in_place_abandons_it_uncommitted() {
+    let Some(pool) = servers().await else { return };
+    let f = fixture(pool).await;
+    let (topic, group) = (unique("idem_kafka_stop"), unique("g"));
+    create_topic(&topic, 1).await;
+    produce(&producer(), &topic, 0, "110", &order(110, 0)).await;
+    let holder_ctx = Ctx {
+        worker: Arc::from("holder"),
+        ..f.ctx.clone()
+    };
+    let holder = tokio::spawn(async move { holder_ctx.handle_plain(&order(110, 4000)).await });
+    while effect_count(&f.pool, &f.ctx.effects).await < 1 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let log = Log::default();
+    let glue = glue(&group, Policy::default(), &log);
+    glue.subscribe(&[&topic]).unwrap();
+    let ctx = f.ctx.clone();
+    let g = glue.clone();
+    let stopped = tokio::time::timeout(
+        Duration::from_secs(3),
+        glue.run_until(
+            move |record| {
+                let ctx = ctx.clone();
+                async move { ctx.handle_plain(record.payload().unwrap_or_default()).await }
+            },
+            wait_until(30, "no retry in place", move || {
+                g.stats().in_flight_retries >= 1
+            }),
+        ),
+    )
+    .await
+    .expect("run_until did not return within 3 s of the stop")
+    .unwrap();
+    assert_eq!(log.all().len(), 1);
+    assert_eq!(log.all()[0].end, End::Abandoned);
+    assert_eq!(stopped.done, 0);
+    assert_eq!(committed(&group, &topic, 1).await, [None]);
+    holder.await.unwrap().unwrap();
+    assert_eq!(effect_count(&f.pool, &f.ctx.effects).await, 1);
+    row(
+        "R6 stop during a retry in place",
+        stopped.records,
+        stopped.runs,
+        1,
+        0,
+        0,
+    );
+    f.cleanup().await;
+}
