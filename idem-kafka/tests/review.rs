@@ -469,3 +469,70 @@ async fn stopping_during_a_retry_in_place_abandons_it_uncommitted() {
     );
     f.cleanup().await;
 }
+
+/// The dead-letter topic does not exist: the copy is not taken, so the record is not committed
+/// (its partition waits, the copy is tried again); once the topic exists the copy lands and the
+/// record is committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_dead_letter_topic_commits_nothing_until_the_copy_lands() {
+    let Some(pool) = servers().await else { return };
+    let f = fixture(pool).await;
+    let (topic, group) = (unique("idem_kafka_nodlq"), unique("g"));
+    let dlq = format!("{topic}.dlq");
+    create_topic(&topic, 1).await;
+    produce(&producer(), &topic, 0, "poison", b"not json").await;
+    let log = Log::default();
+    let l = log.clone();
+    let mut producer_config = rdkafka::ClientConfig::new();
+    producer_config
+        .set("bootstrap.servers", brokers())
+        .set("message.timeout.ms", "1500");
+    let glue = Glue::builder(config(&group))
+        .policy(
+            Policy::default()
+                .max_attempts(1)
+                .backoff(Duration::from_millis(100), Duration::from_millis(100)),
+        )
+        .producer_config(producer_config)
+        .on_settled(move |s| l.0.lock().unwrap().push(s.clone()))
+        .build()
+        .unwrap();
+    glue.subscribe(&[&topic]).unwrap();
+    let ctx = f.ctx.clone();
+    let (g, l, tpc, grp) = (glue.clone(), log.clone(), topic.clone(), group.clone());
+    let dlq2 = dlq.clone();
+    let check = async move {
+        wait_until(30, "no dead letter was refused", || {
+            g.stats().dead_letter_failures >= 1
+        })
+        .await;
+        assert!(l.all().is_empty(), "{:?}", l.all());
+        assert_eq!(committed(&grp, &tpc, 1).await, [None]);
+        create_topic(&dlq2, 1).await;
+    };
+    let l = log.clone();
+    let (ran, ()) = tokio::join!(
+        glue.run_until(
+            move |record| {
+                let ctx = ctx.clone();
+                async move { ctx.handle_tx(record.payload().unwrap_or_default()).await }
+            },
+            wait_until(60, "the dead letter never landed", move || l.len() >= 1),
+        ),
+        check
+    );
+    ran.unwrap();
+    assert!(matches!(log.all()[0].end, End::DeadLettered { .. }));
+    assert_eq!(committed(&group, &topic, 1).await, [Some(1)]);
+    assert_eq!(read_all(&dlq, 0, 1, 20).await.len(), 1);
+    let s = glue.stats();
+    row(
+        "R7 dead-letter topic missing, then created",
+        s.records,
+        s.runs,
+        0,
+        s.commits_requested,
+        s.dead_letters,
+    );
+    f.cleanup().await;
+}
