@@ -18,7 +18,8 @@ use rdkafka::Message;
 use support::*;
 
 /// The consumer process. Env: IDEM_KAFKA_CHILD (group), IDEM_KAFKA_TOPIC, IDEM_KAFKA_RUN,
-/// IDEM_KAFKA_EFFECTS, IDEM_KAFKA_TABLE, IDEM_KAFKA_HANG (hang after the effect's commit).
+/// IDEM_KAFKA_EFFECTS, IDEM_KAFKA_TABLE, IDEM_KAFKA_HANG (hang after the effect's commit),
+/// IDEM_KAFKA_UNTIL_OFFSET.
 /// Prints `HANDLED <order>` after each handler's commit (a run or a replay) and `SETTLED <offset> <end>` per record;
 /// exits after one settled record.
 #[test]
@@ -28,6 +29,9 @@ fn child_consumer() {
     };
     let var = |k: &str| std::env::var(k).unwrap();
     let hang = std::env::var("IDEM_KAFKA_HANG").is_ok();
+    let until_offset: Option<i64> = std::env::var("IDEM_KAFKA_UNTIL_OFFSET")
+        .ok()
+        .map(|v| v.parse().unwrap());
     // The glue's log lines (WARN and above; IDEM_KAFKA_DEBUG for DEBUG) on the child's stderr.
     let level = if std::env::var("IDEM_KAFKA_DEBUG").is_ok() {
         tracing_subscriber::filter::LevelFilter::DEBUG
@@ -74,7 +78,16 @@ fn child_consumer() {
                     Ok::<_, AppError>(coupon)
                 }
             },
-            wait_until(120, "the child settled nothing", move || l.len() >= 1),
+            // Exits after one settled record, or with IDEM_KAFKA_UNTIL_OFFSET=n once the record
+            // at offset n - 1 is settled.
+            wait_until(
+                120,
+                "the child did not settle what it should",
+                move || match until_offset {
+                    None => l.len() >= 1,
+                    Some(n) => l.all().iter().any(|s| s.offset + 1 >= n),
+                },
+            ),
         )
         .await
         .unwrap();
@@ -203,6 +216,141 @@ async fn a_consumer_killed_after_the_effect_before_the_commit_is_replaced_with_o
         0,
     );
     let _ = p;
+    drop_table(&pool, &effects).await;
+    drop_store(&pool, &table).await;
+}
+
+/// The child's stdout, line by line (the part from `HANDLED` or `SETTLED` on), through a thread.
+fn line_feed(child: &mut Child) -> std::sync::mpsc::Receiver<String> {
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            for tag in ["HANDLED", "SETTLED"] {
+                if let Some(at) = line.find(tag) {
+                    let _ = tx.send(line[at..].to_owned());
+                }
+            }
+        }
+    });
+    rx
+}
+
+/// (Figures: deliveries are handler runs that returned, commits the records settled as committed,
+/// as the children printed them before they were killed.)
+/// Consumers `kill -9`ed at varied points (mid-handler, between the effect and the commit, after
+/// a commit), each replaced by a new process of the group, then one that runs to the end: one
+/// effect per order, every offset committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumers_killed_at_varied_points_leave_one_effect_per_order() {
+    let Some(pool) = servers().await else { return };
+    let (topic, group, table, effects, run) = (
+        unique("idem_kafka_kills"),
+        unique("g"),
+        unique("idem_kafka"),
+        unique("eff"),
+        unique("run"),
+    );
+    const ORDERS: i64 = 12;
+    const KILLS: u64 = 4;
+    create_topic(&topic, 1).await;
+    create_effects(&pool, &effects).await;
+    drop(pg_store(&pool, &table).await);
+    let p = producer();
+    for o in 0..ORDERS {
+        produce(&p, &topic, 0, &o.to_string(), &order(o, 120)).await;
+    }
+    let started = Instant::now();
+    let (mut handled, mut settled) = (0, 0u64);
+    for k in 0..KILLS {
+        let mut child = spawn_child(&group, &topic, &run, &effects, &table, false);
+        let feed = line_feed(&mut child);
+        // Let it handle one or two records, then kill it 0-110 ms later.
+        let want = 1 + (k % 2);
+        let mut got = 0;
+        while got < want {
+            match feed.recv_timeout(Duration::from_secs(60)) {
+                Ok(l) if l.starts_with("HANDLED") => got += 1,
+                Ok(l) => settled += u64::from(l.contains("Committed")),
+                Err(e) => panic!("child {k}: {e}"),
+            }
+        }
+        handled += got;
+        std::thread::sleep(Duration::from_millis(k * 37 % 111));
+        let status = Command::new("kill")
+            .args(["-9", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let _ = child.wait();
+        // What it printed before the kill (the feed ends with its stdout).
+        while let Ok(l) = feed.recv_timeout(Duration::from_secs(5)) {
+            if l.starts_with("HANDLED") {
+                handled += 1;
+            } else {
+                settled += u64::from(l.contains("Committed"));
+            }
+        }
+    }
+    // The last one runs to the end (the record at offset ORDERS - 1).
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args([
+        "--exact",
+        "child_consumer",
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .env("IDEM_KAFKA_CHILD", &group)
+    .env("IDEM_KAFKA_TOPIC", &topic)
+    .env("IDEM_KAFKA_RUN", &run)
+    .env("IDEM_KAFKA_EFFECTS", &effects)
+    .env("IDEM_KAFKA_TABLE", &table)
+    .env("IDEM_KAFKA_UNTIL_OFFSET", ORDERS.to_string())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::inherit());
+    let mut last = cmd.spawn().unwrap();
+    let feed = line_feed(&mut last);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let code = loop {
+        while let Ok(l) = feed.try_recv() {
+            if l.starts_with("HANDLED") {
+                handled += 1;
+            } else {
+                settled += u64::from(l.contains("Committed"));
+            }
+        }
+        if let Some(s) = last.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the last consumer did not finish"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(code.success());
+    // What it printed before it exited (the feed ends with its stdout).
+    while let Ok(l) = feed.recv_timeout(Duration::from_secs(5)) {
+        if l.starts_with("HANDLED") {
+            handled += 1;
+        } else {
+            settled += u64::from(l.contains("Committed"));
+        }
+    }
+    let per_order = effects_per_order(&pool, &effects).await;
+    assert_eq!(per_order.len() as i64, ORDERS, "{per_order:?}");
+    assert!(per_order.iter().all(|(_, n)| *n == 1), "{per_order:?}");
+    assert_eq!(committed(&group, &topic, 1).await, [Some(ORDERS)]);
+    eprintln!("{KILLS} kills: {:?}", started.elapsed());
+    row(
+        &format!("2b {KILLS} consumers kill -9ed at varied points, then one to the end"),
+        ORDERS as u64,
+        handled,
+        ORDERS,
+        settled,
+        0,
+    );
     drop_table(&pool, &effects).await;
     drop_store(&pool, &table).await;
 }
