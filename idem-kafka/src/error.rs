@@ -24,6 +24,15 @@ pub enum Error {
     /// `true`.
     #[error("invalid configuration: {0}")]
     Config(&'static str),
+    /// [`Glue::run`](crate::Glue::run) or [`run_until`](crate::Glue::run_until) was called on a
+    /// glue (or a clone of it) whose loop runs or has run. One loop per glue: two loops would
+    /// split a partition's records between two workers, and a later record's commit would cover
+    /// an earlier one still in flight; and a loop that ended dropped the records it had fetched
+    /// but not finished, which the consumer's position is past, so a second loop on the same
+    /// consumer would commit past them. Build a new glue (a new consumer of the group: it
+    /// starts from the committed offsets).
+    #[error("this glue's loop runs or has run: build a new glue to consume again")]
+    LoopUsed,
 }
 
 impl Error {

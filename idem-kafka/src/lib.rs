@@ -130,6 +130,8 @@ pub(crate) struct Inner {
     max_buffered: usize,
     shared: Arc<Shared>,
     on_settled: Option<OnSettled>,
+    /// A loop ran (or runs) on this glue: it runs one, once.
+    pub(crate) used: std::sync::atomic::AtomicBool,
 }
 
 /// What the rebalance callbacks and the workers share.
@@ -510,6 +512,7 @@ impl GlueBuilder {
                 max_buffered: self.max_buffered,
                 shared,
                 on_settled: self.on_settled,
+                used: std::sync::atomic::AtomicBool::new(false),
             }),
         })
     }

@@ -170,7 +170,8 @@ impl Glue {
     /// place, so it is a closure the glue can call more than once.
     ///
     /// Dropping this future aborts the handlers where they are (as a crash would); stop with
-    /// [`run_until`](Self::run_until) to let them finish.
+    /// [`run_until`](Self::run_until) to let them finish. A glue runs one loop, once: a second
+    /// call is [`Error::LoopUsed`]; to consume again, build a new glue.
     ///
     /// ```no_run
     /// # async fn f(glue: idem_kafka::Glue) -> Result<(), idem_kafka::Error> {
@@ -219,6 +220,10 @@ impl Glue {
         E: Send + 'static,
         S: Future<Output = ()>,
     {
+        // One loop per glue, ever (see `Error::LoopUsed`).
+        if self.inner.used.swap(true, Ordering::AcqRel) {
+            return Err(Error::LoopUsed);
+        }
         let handler = Arc::new(handler);
         let stopping = Arc::new(AtomicBool::new(false));
         let finals: Finals = Arc::default();

@@ -536,3 +536,47 @@ async fn a_missing_dead_letter_topic_commits_nothing_until_the_copy_lands() {
     );
     f.cleanup().await;
 }
+
+/// Two loops on one glue (it is `Clone`) would split a partition's records between two
+/// workers, and a later record's commit would cover an earlier one still in flight; a second
+/// loop after the first ended would start past the records the first dropped. Both refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_loop_on_the_same_glue_is_refused() {
+    if kafka().await.is_none() {
+        return;
+    }
+    let (topic, group) = (unique("idem_kafka_twice"), unique("g"));
+    create_topic(&topic, 1).await;
+    let log = Log::default();
+    let glue = glue(&group, Policy::default(), &log);
+    glue.subscribe(&[&topic]).unwrap();
+    let other = glue.clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = Arc::clone(&stop);
+    let (first, second) = tokio::join!(
+        glue.run_until(
+            |_record| async { Ok::<(), std::io::Error>(()) },
+            wait_until(30, "not stopped", move || s.load(Ordering::SeqCst)),
+        ),
+        async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let r = other
+                .run_until(|_record| async { Ok::<(), std::io::Error>(()) }, async {})
+                .await;
+            stop.store(true, Ordering::SeqCst);
+            r
+        }
+    );
+    first.unwrap();
+    assert!(
+        matches!(second, Err(idem_kafka::Error::LoopUsed)),
+        "{second:?}"
+    );
+    let again = glue
+        .run_until(|_record| async { Ok::<(), std::io::Error>(()) }, async {})
+        .await;
+    assert!(
+        matches!(again, Err(idem_kafka::Error::LoopUsed)),
+        "{again:?}"
+    );
+}
