@@ -79,6 +79,16 @@
 //! (`rd_kafka_pause_partitions`) and resumes it once it has worked off half of them, so a
 //! held partition does not fill the memory.
 //!
+//! ## Commits
+//!
+//! Each final record's offset (+ 1) is committed at once, asynchronously. Once a second the loop
+//! also commits synchronously (on tokio's blocking pool) the final offsets the broker has not
+//! confirmed yet, and sends them again until it answers `Ok`: a commit lost while the broker was
+//! away is not left behind ([`Stats::commits_confirmed`], [`Stats::commit_failures`],
+//! [`Glue::confirmed_offset`]). rdkafka's commit callback is not relied upon.
+//!
+//! One loop per glue ([`Error::LoopUsed`]): build a new glue to consume again.
+//!
 //! ## Rebalances, shutdown, cancellation
 //!
 //! When a partition is revoked (or lost), its worker stops: a handler that is running is let
