@@ -36,8 +36,7 @@
 //! The pieces: the [`Store`] trait (the contract every backend honours), the [`MemoryStore`],
 //! the [`Error`] a caller matches on, [`current_lease`] (the lease inside a handler), and [`run`],
 //! the same wrapper without the macro.
-// One exception, in `pid.rs`: a fork hook, so that the process id is not a system call per call.
-#![deny(unsafe_code)]
+#![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod ack;

@@ -1,64 +1,25 @@
-//! This process's id without a system call per call: `getpid` costs 0.1-0.2 µs in a virtual
-//! machine, more than the rest of a cached duplicate. It is read once, and again in a child made
-//! by `fork`, where a fork hook has reset it (the child has none of the parent's threads, the
-//! watchdog's included, and must make tokens of its own).
-
-use std::sync::atomic::{AtomicU32, Ordering};
-
-/// The cached id; 0 until read, and again in a forked child.
-static PID: AtomicU32 = AtomicU32::new(0);
+//! This process's id, read from the kernel at each call (`getpid`, 0.1-0.2 µs in a virtual
+//! machine).
+//!
+//! It was cached once, and reset in a child of `fork` by a `pthread_atfork` hook. That hook does
+//! not run in every child: `_Fork` (POSIX.1-2024, glibc 2.34+), `clone` by system call, and
+//! whatever a runtime or sandbox uses in their place copy the memory without it. Such a child
+//! kept the parent's id: it issued the parent's very tokens (one lease, two owners: both run),
+//! and looked up the parent's watchdog, whose thread does not exist in the child, so its leases
+//! lapsed under running handlers and duplicates ran again (`tests/fork_no_hooks.rs`). glibc
+//! itself stopped caching the id in `getpid` (2.25) for the same reason. The token nonce and the
+//! watchdog are tied to this id: it must be the kernel's.
 
 /// This process's id.
+#[inline]
 pub(crate) fn current() -> u32 {
-    match PID.load(Ordering::Relaxed) {
-        0 => refresh(),
-        pid => pid,
-    }
-}
-
-#[cold]
-fn refresh() -> u32 {
-    let pid = std::process::id();
-    // Cached only once the hook that resets it in a forked child is in place. A fork between
-    // the two stores below and the hook's run in the child leaves 0 there: the child reads its
-    // own id.
-    if hook::installed() {
-        PID.store(pid, Ordering::Relaxed);
-    }
-    pid
-}
-
-#[cfg(unix)]
-#[allow(unsafe_code)]
-mod hook {
-    use std::sync::OnceLock;
-
-    /// Runs in the child after `fork`, on its only thread: an atomic store (async-signal-safe).
-    extern "C" fn in_child() {
-        super::PID.store(0, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    pub(super) fn installed() -> bool {
-        static INSTALLED: OnceLock<bool> = OnceLock::new();
-        // SAFETY: `in_child` is an `extern "C" fn()` that lives as long as the program and
-        // only stores to an atomic, which is allowed in a forked child of a threaded process.
-        *INSTALLED.get_or_init(|| unsafe { libc::pthread_atfork(None, None, Some(in_child)) } == 0)
-    }
-}
-
-#[cfg(not(unix))]
-mod hook {
-    /// No `fork` here: the id never changes.
-    pub(super) fn installed() -> bool {
-        true
-    }
+    std::process::id()
 }
 
 #[cfg(test)]
 mod tests {
     #[test]
-    fn the_cached_id_is_this_processs() {
-        assert_eq!(super::current(), std::process::id());
+    fn the_id_is_this_processs() {
         assert_eq!(super::current(), std::process::id());
     }
 }
