@@ -370,3 +370,48 @@ async fn a_transactional_duplicate_of_a_done_key_does_not_wait_for_the_write_loc
         .await
         .unwrap();
 }
+
+/// Review: the committed-done read (`committed_done`, "a read that never waits for one") is made
+/// for every transactional call on SQLite, before its claim, through the store's side pool. On a
+/// database in rollback-journal mode (SQLite's default) a caller's transaction that holds the
+/// EXCLUSIVE lock (`BEGIN EXCLUSIVE`, or any transaction whose writes spilled from the page
+/// cache) keeps every reader out: the read waited for that very transaction, which waits for the
+/// call, for the whole `busy_timeout`, then failed, and only then did the call claim in the
+/// transaction as before. Every call, duplicates or not, paid the busy timeout.
+#[tokio::test]
+async fn a_transactional_call_in_an_exclusive_transaction_does_not_wait_for_its_own_lock() {
+    use std::time::{Duration, Instant};
+
+    use idem_runtime::{Call, Error, Options, SqliteStore};
+
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("idem-tx-exclusive.sqlite");
+    let _ = std::fs::remove_file(&path);
+    let connect = SqliteConnectOptions::new()
+        .filename(&path)
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Delete)
+        .busy_timeout(Duration::from_secs(4));
+    let pool = SqlitePoolOptions::new()
+        .max_connections(2)
+        .connect_with(connect)
+        .await
+        .expect("open the SQLite file");
+    let store = SqliteStore::new(pool.clone());
+    store.migrate().await.unwrap();
+    let opts = Options::new("sql_sqlite::tx_exclusive");
+    for n in 0..2 {
+        let tx = pool.begin_with("BEGIN EXCLUSIVE").await.unwrap();
+        let started = Instant::now();
+        let out: Result<u32, Error> = store
+            .run_with_tx(tx, &opts, Call::new(&format!("order-{n}")), |_tx| {
+                Box::pin(async move { Ok(n) })
+            })
+            .await;
+        assert_eq!(out.unwrap(), n);
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "the call waited {:?} for its own transaction's lock",
+            started.elapsed()
+        );
+    }
+}
