@@ -253,6 +253,14 @@ pub(crate) fn watchdog_pool<DB: sqlx::Database>(pool: &sqlx::Pool<DB>, max: u32)
 /// does outside the caller's transaction (see `SqlStore::side`). It keeps no minimum, so it
 /// costs nothing until used.
 pub(crate) fn side_pool<DB: sqlx::Database>(pool: &sqlx::Pool<DB>) -> sqlx::Pool<DB> {
+    side_pool_with(pool, (*pool.connect_options()).clone())
+}
+
+/// [`side_pool`] whose connections are opened with `connect` (the application's, adjusted).
+pub(crate) fn side_pool_with<DB: sqlx::Database>(
+    pool: &sqlx::Pool<DB>,
+    connect: <DB::Connection as sqlx::Connection>::Options,
+) -> sqlx::Pool<DB> {
     let options = pool.options().clone();
     let max = options.get_max_connections().max(1);
     options
@@ -261,7 +269,7 @@ pub(crate) fn side_pool<DB: sqlx::Database>(pool: &sqlx::Pool<DB>) -> sqlx::Pool
         // Its connections close when idle: it is used by bursts of transactional calls.
         .idle_timeout(Some(std::time::Duration::from_secs(60)))
         .max_lifetime(None)
-        .connect_lazy_with((*pool.connect_options()).clone())
+        .connect_lazy_with(connect)
 }
 
 #[cfg(feature = "postgres")]

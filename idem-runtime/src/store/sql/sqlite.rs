@@ -5,7 +5,7 @@ use sqlx::{Pool, Row, SqlStr, Sqlite, SqliteConnection};
 
 use super::sealed::{At, Claim, Current, Mark, Migrations, Ops, Seen, Table};
 use super::{
-    Backend, MAX_RACES, apply_migrations, corrupt, db_error as unavailable, done_by, side_pool,
+    Backend, MAX_RACES, apply_migrations, corrupt, db_error as unavailable, done_by, side_pool_with,
     token_bytes, watchdog_pool,
 };
 use crate::StoreError;
@@ -120,10 +120,16 @@ impl Ops for Sqlite, SqliteConnection {
     const CLAIM_LOCKS_DATABASE: bool = true;
     fn side_pool(pool: &Pool<Sqlite>) -> Option<Pool<Sqlite>> {
         // As for the watchdog: only a database in a file can be reached by another pool.
+        // Used only for the committed-done read, which must never wait for a lock: in
+        // rollback-journal mode a transaction holding the EXCLUSIVE lock (`BEGIN EXCLUSIVE`, or
+        // writes spilled from the page cache) keeps readers out, and that transaction may be the
+        // very one the read is made for. Busy at once, the read gives up and the claim in the
+        // transaction answers, as before the read existed.
+        let connect = (*pool.connect_options()).clone().busy_timeout(std::time::Duration::ZERO);
         pool.connect_options()
             .get_filename()
             .is_file()
-            .then(|| side_pool(pool))
+            .then(|| side_pool_with(pool, connect))
     }
 
     fn watchdog_pool(pool: &Pool<Sqlite>) -> Option<Pool<Sqlite>> {
