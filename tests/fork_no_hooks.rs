@@ -114,5 +114,7 @@ fn main() {
         shared == 0 && child_watchdog.as_deref() == Some("true 1"),
         "{shared} tokens issued in both parent and child; the child's watchdog (\"renewed, runs of the handler\"): {child_watchdog:?}"
     );
-    println!("_Fork: parent and child issued distinct tokens; the child's watchdog renewed its lease");
+    println!(
+        "_Fork: parent and child issued distinct tokens; the child's watchdog renewed its lease"
+    );
 }

@@ -5,8 +5,8 @@ use sqlx::{Pool, Row, SqlStr, Sqlite, SqliteConnection};
 
 use super::sealed::{At, Claim, Current, Mark, Migrations, Ops, Seen, Table};
 use super::{
-    Backend, MAX_RACES, apply_migrations, corrupt, db_error as unavailable, done_by, side_pool_with,
-    token_bytes, watchdog_pool,
+    Backend, MAX_RACES, apply_migrations, corrupt, db_error as unavailable, done_by,
+    side_pool_with, token_bytes, watchdog_pool,
 };
 use crate::StoreError;
 use crate::store::{Begin, Token};
