@@ -1,0 +1,145 @@
+//! A second outside review: a partition worker that dies (a handler that panics before it
+//! returns its future, an `on_settled` that panics) must not let a fresh worker commit past the
+//! records the dead one held.
+mod support;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use idem_kafka::{End, Glue};
+use idem_runtime::ack::Policy;
+use rdkafka::Message;
+use rdkafka::message::OwnedMessage;
+
+use support::*;
+
+/// Every offset below the committed one was settled final (done or dead-lettered) in `log`.
+fn assert_nothing_skipped(log: &Log, committed: Option<i64>) {
+    let finals: HashSet<i64> = log.finals(0).iter().map(|s| s.offset).collect();
+    for o in 0..committed.unwrap_or(0) {
+        assert!(
+            finals.contains(&o),
+            "offset {o} is committed past (committed {committed:?}) but was never final: \
+             settled {:?}",
+            log.all()
+                .iter()
+                .map(|s| (s.offset, s.end.clone()))
+                .collect::<Vec<_>>()
+        );
+    }
+}
+
+fn policy() -> Policy {
+    Policy::default()
+        .max_attempts(2)
+        .backoff(Duration::from_millis(20), Duration::from_millis(50))
+}
+
+/// A handler closure that panics on a poison record before it returns its future (a body that
+/// does not parse, `unwrap`ed outside the `async` block): a failure of the handler like a panic
+/// inside the future (retried, then dead-lettered), never a dead worker whose queued records a
+/// fresh worker commits past.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_that_panics_before_its_future_loses_no_record() {
+    if kafka().await.is_none() {
+        return;
+    }
+    let (topic, group) = (unique("idem_kafka_syncpanic"), unique("g"));
+    let dlq = format!("{topic}.dlq");
+    create_topic(&topic, 1).await;
+    create_topic(&dlq, 1).await;
+    let p = producer();
+    produce(&p, &topic, 0, "a", b"a").await;
+    produce(&p, &topic, 0, "boom", b"boom").await;
+    produce(&p, &topic, 0, "c", b"c").await;
+    let log = Log::default();
+    let glue = glue(&group, policy(), &log);
+    glue.subscribe(&[&topic]).unwrap();
+    let (l, p2, t2) = (log.clone(), p.clone(), topic.clone());
+    let result = glue
+        .run_until(
+            |record: Arc<OwnedMessage>| {
+                // Synchronous work before the future, as a closure body often has.
+                assert_ne!(
+                    record.payload(),
+                    Some(&b"boom"[..]),
+                    "a poison record (on purpose)"
+                );
+                async { Ok::<(), std::io::Error>(()) }
+            },
+            async move {
+                wait_until(30, "the first record was not settled", || l.len() >= 1).await;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                // A record produced after the poison one: it reaches whichever worker the loop
+                // has for the partition now.
+                produce(&p2, &t2, 0, "d", b"d").await;
+                for _ in 0..150 {
+                    if l.len() >= 4 {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            },
+        )
+        .await;
+    let committed = committed(&group, &topic, 1).await[0];
+    assert_nothing_skipped(&log, committed);
+    result.unwrap();
+    assert_eq!(committed, Some(4));
+    assert!(
+        log.all()
+            .iter()
+            .any(|s| s.offset == 1 && matches!(s.end, End::DeadLettered { .. }))
+    );
+    assert_eq!(read_all(&dlq, 0, 1, 20).await.len(), 1);
+}
+
+/// An `on_settled` callback that panics kills the partition's worker with the records queued
+/// behind it: the loop must not start a fresh worker for the same assignment that commits past
+/// them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_dies_does_not_let_a_fresh_one_commit_past_its_records() {
+    if kafka().await.is_none() {
+        return;
+    }
+    let (topic, group) = (unique("idem_kafka_deadworker"), unique("g"));
+    create_topic(&topic, 1).await;
+    let p = producer();
+    for k in ["a", "b", "c"] {
+        produce(&p, &topic, 0, k, k.as_bytes()).await;
+    }
+    let log = Log::default();
+    let l = log.clone();
+    let glue = Glue::builder(config(&group))
+        .policy(policy())
+        .on_settled(move |s| {
+            l.0.lock().unwrap().push(s.clone());
+            // A bug in the callback, on the first record.
+            assert_ne!(s.offset, 0, "on_settled panics (on purpose)");
+        })
+        .build()
+        .unwrap();
+    glue.subscribe(&[&topic]).unwrap();
+    let (l, p2, t2) = (log.clone(), p.clone(), topic.clone());
+    let result = glue
+        .run_until(
+            |_record: Arc<OwnedMessage>| async {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                Ok::<(), std::io::Error>(())
+            },
+            async move {
+                wait_until(30, "the first record was not settled", || l.len() >= 1).await;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                produce(&p2, &t2, 0, "d", b"d").await;
+                tokio::time::sleep(Duration::from_secs(4)).await;
+            },
+        )
+        .await;
+    let committed = committed(&group, &topic, 1).await[0];
+    assert_nothing_skipped(&log, committed);
+    // Whether the loop stops with an error or goes on, nothing is committed past offset 1
+    // unless offsets 1 and 2 were final.
+    let _ = result;
+}
