@@ -441,11 +441,19 @@ where
         }
         runs += 1;
         bump(&stats.runs);
-        let mut work = std::pin::pin!(handler(Arc::clone(msg)));
+        // The handler is called on the first poll, inside `catch_unwind`: a closure that panics
+        // before it returns its future (an `unwrap` outside its `async` block) is a failure of
+        // the handler too, never a dead worker.
+        let mut work = std::pin::pin!(None::<Fut>);
         // A panic inside the handler is a failure of it, caught inside `observe` so that the
         // report of the call that panicked is kept.
         let caught = std::future::poll_fn(|cx| {
-            match catch_unwind(AssertUnwindSafe(|| work.as_mut().poll(cx))) {
+            match catch_unwind(AssertUnwindSafe(|| {
+                if work.is_none() {
+                    work.set(Some(handler(Arc::clone(msg))));
+                }
+                work.as_mut().as_pin_mut().expect("the handler's future").poll(cx)
+            })) {
                 Ok(Poll::Ready(out)) => Poll::Ready(Ok(out)),
                 Ok(Poll::Pending) => Poll::Pending,
                 Err(_panic) => Poll::Ready(Err(())),
