@@ -33,6 +33,18 @@ pub enum Error {
     /// starts from the committed offsets).
     #[error("this glue's loop runs or has run: build a new glue to consume again")]
     LoopUsed,
+    /// A partition's worker task died (a panic outside the handler, e.g. in
+    /// [`GlueBuilder::on_settled`](crate::GlueBuilder::on_settled)) with records queued behind
+    /// it. The loop stops rather than start a fresh worker that would commit past them; nothing
+    /// after the dead worker's last final record is committed, and the next owner of the
+    /// partition gets them again.
+    #[error("the worker of {topic} partition {partition} died: the loop stopped")]
+    WorkerFailed {
+        /// The partition's topic.
+        topic: String,
+        /// The partition.
+        partition: i32,
+    },
 }
 
 impl Error {

@@ -234,10 +234,21 @@ impl Glue {
         let mut confirming: Option<Confirming> = None;
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let inner = &self.inner;
-        let fatal = loop {
-            while let Some(joined) = tasks.try_join_next() {
-                if let Err(e) = joined {
-                    tracing::error!(broker = "kafka", error = %e, "a partition worker failed");
+        // Which partition each worker task works for, to name the one that died.
+        let mut task_partitions: HashMap<tokio::task::Id, (String, i32)> = HashMap::new();
+        let fatal = 'run: loop {
+            while let Some(joined) = tasks.try_join_next_with_id() {
+                match joined {
+                    Ok((id, ())) => {
+                        task_partitions.remove(&id);
+                    }
+                    Err(e) => {
+                        tracing::error!(broker = "kafka", error = %e, "a partition worker failed");
+                        // Its queued records are gone: stop before anything commits past them.
+                        let (topic, partition) =
+                            task_partitions.remove(&e.id()).unwrap_or_default();
+                        break 'run Some(Error::WorkerFailed { topic, partition });
+                    }
                 }
             }
             let received = tokio::select! {
@@ -254,7 +265,10 @@ impl Glue {
                 Err(error) => {
                     bump(&inner.shared.stats.consume_errors);
                     if matches!(error, KafkaError::MessageConsumptionFatal(_)) {
-                        break Some(error);
+                        break Some(Error::Kafka {
+                            op: "consume",
+                            source: error,
+                        });
                     }
                     tracing::warn!(broker = "kafka", %error, "the consumer reported an error");
                     continue;
@@ -266,7 +280,16 @@ impl Glue {
             let epoch = inner.shared.epoch_for(&topic, partition);
             let key = (topic, partition);
             let fresh = match workers.get(&key) {
-                Some(w) => w.epoch != epoch || w.tx.is_closed(),
+                // A worker of this assignment whose channel is closed died (a panic outside the
+                // handler, in `on_settled`): the records it had queued are gone, and a fresh
+                // worker would commit past them. Stop; the next owner starts from the commits.
+                Some(w) if w.epoch == epoch && w.tx.is_closed() => {
+                    break Some(Error::WorkerFailed {
+                        topic: key.0.clone(),
+                        partition,
+                    });
+                }
+                Some(w) => w.epoch != epoch,
                 None => true,
             };
             if fresh {
@@ -293,13 +316,14 @@ impl Glue {
                         let _ = inner.consumer.resume(&life.tpl(None));
                     }
                 }
-                tasks.spawn(worker(
+                let task = tasks.spawn(worker(
                     life,
                     Arc::clone(&handler),
                     rx,
                     flow,
                     Arc::clone(&finals),
                 ));
+                task_partitions.insert(task.id(), key.clone());
             }
             let Some(w) = workers.get(&key) else {
                 continue;
@@ -316,7 +340,12 @@ impl Glue {
                 }
             }
             if w.tx.send(msg).is_err() {
+                // It died between the look above and this record (as above).
                 bump(&inner.shared.stats.abandoned);
+                break Some(Error::WorkerFailed {
+                    topic: key.0.clone(),
+                    partition,
+                });
             }
         };
         // Stop: no new record starts; the workers finish the one they have.
@@ -328,10 +357,7 @@ impl Glue {
             }
         }
         if let Some(error) = fatal {
-            return Err(Error::Kafka {
-                op: "consume",
-                source: error,
-            });
+            return Err(error);
         }
         // The last final offset of each partition still owned, committed synchronously.
         let last = owned_finals(inner, &finals);
@@ -452,7 +478,10 @@ where
                 if work.is_none() {
                     work.set(Some(handler(Arc::clone(msg))));
                 }
-                work.as_mut().as_pin_mut().expect("the handler's future").poll(cx)
+                work.as_mut()
+                    .as_pin_mut()
+                    .expect("the handler's future")
+                    .poll(cx)
             })) {
                 Ok(Poll::Ready(out)) => Poll::Ready(Ok(out)),
                 Ok(Poll::Pending) => Poll::Pending,

@@ -139,7 +139,13 @@ async fn a_worker_that_dies_does_not_let_a_fresh_one_commit_past_its_records() {
         .await;
     let committed = committed(&group, &topic, 1).await[0];
     assert_nothing_skipped(&log, committed);
-    // Whether the loop stops with an error or goes on, nothing is committed past offset 1
-    // unless offsets 1 and 2 were final.
-    let _ = result;
+    // The loop stops: its worker died with records queued.
+    assert!(
+        matches!(
+            result,
+            Err(idem_kafka::Error::WorkerFailed { partition: 0, .. })
+        ),
+        "{result:?}"
+    );
+    assert_eq!(committed, Some(1));
 }
