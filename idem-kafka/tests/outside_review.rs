@@ -149,3 +149,100 @@ async fn a_worker_that_dies_does_not_let_a_fresh_one_commit_past_its_records() {
     );
     assert_eq!(committed, Some(1));
 }
+
+/// A partition paused because its worker had too many records waiting, then revoked and
+/// assigned back to the same consumer by a rebalance: its new assignment is fetched again (a
+/// pause of the old assignment does not hold the new one for ever), and every record ends
+/// committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_paused_across_a_rebalance_is_fetched_again() {
+    if kafka().await.is_none() {
+        return;
+    }
+    let (topic, other, group) = (
+        unique("idem_kafka_pauserebal"),
+        unique("idem_kafka_pauseother"),
+        unique("g"),
+    );
+    create_topic(&topic, 1).await;
+    create_topic(&other, 1).await;
+    let p = producer();
+    for i in 0..6 {
+        produce(&p, &topic, 0, &i.to_string(), b"x").await;
+    }
+    let (log_a, log_b) = (Log::default(), Log::default());
+    let la = log_a.clone();
+    let a = Glue::builder(config(&group))
+        .policy(policy())
+        .max_buffered(1)
+        .on_settled(move |s| la.0.lock().unwrap().push(s.clone()))
+        .build()
+        .unwrap();
+    a.subscribe(&[&topic]).unwrap();
+    let first = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let handler = move |_r: Arc<OwnedMessage>| {
+        let slow = first.swap(false, std::sync::atomic::Ordering::SeqCst);
+        async move {
+            if slow {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+            }
+            Ok::<(), std::io::Error>(())
+        }
+    };
+    let done_a = {
+        let la = log_a.clone();
+        move || la.finals(0).iter().any(|s| s.offset == 5)
+    };
+    let a2 = a.clone();
+    let (grp, oth) = (group.clone(), other.clone());
+    let lb = log_b.clone();
+    let join_b = async move {
+        wait_until(30, "A did not pause", || a2.stats().pauses >= 1).await;
+        // B joins the group for another topic: A's partition is revoked and assigned back.
+        let b = glue(&grp, policy(), &lb);
+        b.subscribe(&[&oth]).unwrap();
+        let d = done_a.clone();
+        let _ = b
+            .run_until(
+                |_r: Arc<OwnedMessage>| async { Ok::<(), std::io::Error>(()) },
+                async move {
+                    for _ in 0..300 {
+                        if d() {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+            )
+            .await;
+    };
+    let done_a2 = {
+        let la = log_a.clone();
+        move || la.finals(0).iter().any(|s| s.offset == 5)
+    };
+    let (ra, ()) = tokio::join!(
+        a.run_until(handler, async move {
+            for _ in 0..400 {
+                if done_a2() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }),
+        join_b
+    );
+    let stats = ra.unwrap();
+    let settled: Vec<_> = log_a
+        .all()
+        .iter()
+        .map(|s| (s.offset, s.end.clone()))
+        .collect();
+    assert!(
+        log_a.finals(0).iter().any(|s| s.offset == 5),
+        "the partition was never fetched again after the rebalance: {settled:?} {stats:?}"
+    );
+    assert_eq!(committed(&group, &topic, 1).await, [Some(6)], "{settled:?}");
+    eprintln!("paused across a rebalance: {settled:?} {stats:?}");
+    // The rebalance did revoke it mid-flight (else this test proves nothing).
+    assert!(log_a.all().iter().any(|s| s.end == End::Abandoned), "{settled:?}");
+}
