@@ -89,6 +89,11 @@
 //!
 //! One loop per glue ([`Error::LoopUsed`]): build a new glue to consume again.
 //!
+//! A panic of the handler (in its future, or in the closure before it returns one) is a failure
+//! of the handler. A worker that dies otherwise (a panicking [`GlueBuilder::on_settled`]) stops
+//! the loop with [`Error::WorkerFailed`]: a fresh worker would start past the records it had
+//! queued, and its commits would cover them.
+//!
 //! ## Rebalances, shutdown, cancellation
 //!
 //! When a partition is revoked (or lost), its worker stops: a handler that is running is let
