@@ -244,5 +244,52 @@ async fn a_partition_paused_across_a_rebalance_is_fetched_again() {
     assert_eq!(committed(&group, &topic, 1).await, [Some(6)], "{settled:?}");
     eprintln!("paused across a rebalance: {settled:?} {stats:?}");
     // The rebalance did revoke it mid-flight (else this test proves nothing).
-    assert!(log_a.all().iter().any(|s| s.end == End::Abandoned), "{settled:?}");
+    assert!(
+        log_a.all().iter().any(|s| s.end == End::Abandoned),
+        "{settled:?}"
+    );
+}
+
+/// A poison record with neither a key nor a body: dead-lettered (no key, no body on the copy),
+/// then committed; the record behind it too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_record_without_key_or_body_is_dead_lettered_then_committed() {
+    if kafka().await.is_none() {
+        return;
+    }
+    let (topic, group) = (unique("idem_kafka_nokey"), unique("g"));
+    let dlq = format!("{topic}.dlq");
+    create_topic(&topic, 1).await;
+    create_topic(&dlq, 1).await;
+    let p = producer();
+    p.send(
+        rdkafka::producer::FutureRecord::<(), ()>::to(&topic).partition(0),
+        Duration::from_secs(10),
+    )
+    .await
+    .map_err(|(e, _)| e)
+    .unwrap();
+    produce(&p, &topic, 0, "ok", b"ok").await;
+    let log = Log::default();
+    let glue = glue(&group, policy(), &log);
+    glue.subscribe(&[&topic]).unwrap();
+    let l = log.clone();
+    glue.run_until(
+        |record: Arc<OwnedMessage>| async move {
+            match record.payload() {
+                None => Err("no body"),
+                Some(_) => Ok(()),
+            }
+        },
+        wait_until(30, "both records settled", move || l.len() >= 2),
+    )
+    .await
+    .unwrap();
+    let all = log.all();
+    assert!(matches!(all[0].end, End::DeadLettered { .. }), "{all:?}");
+    assert!(matches!(all[1].end, End::Committed { .. }), "{all:?}");
+    assert_eq!(committed(&group, &topic, 1).await, [Some(2)]);
+    let copies = read_all(&dlq, 0, 1, 20).await;
+    assert_eq!(copies.len(), 1);
+    assert!(copies[0].key().is_none() && copies[0].payload().is_none());
 }
