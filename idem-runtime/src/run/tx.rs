@@ -178,8 +178,8 @@ where
     let (output, kept) = txs.committed_done(&opts.scope, &key).await.ok()??;
     record_key(&key);
     let answer = match (kept, fingerprint) {
-        (Some(a), Some(b)) if a != b => super::mismatched(opts, &opts.scope, &key),
-        _ => super::replayed(opts, &opts.scope, &key, &output),
+        (Some(a), Some(b)) if a != b => super::claim::mismatched(opts, &opts.scope, &key),
+        _ => super::claim::replayed(opts, &opts.scope, &key, &output),
     };
     claiming.stop(opts, "claim");
     Some(answer)
