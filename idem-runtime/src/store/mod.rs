@@ -62,14 +62,9 @@ impl Token {
 static NONCE_PID: AtomicU32 = AtomicU32::new(0);
 
 /// This process's id as of its last token (no system call): who the leases it takes belong to.
-// Used by the server stores only (memory has no holders or forced changes).
+// Used by the SQL stores only (memory and Redis keep no holders).
 #[cfg_attr(
-    not(any(
-        feature = "redis",
-        feature = "postgres",
-        feature = "mysql",
-        feature = "sqlite"
-    )),
+    not(any(feature = "postgres", feature = "mysql", feature = "sqlite")),
     allow(dead_code, unreachable_pub)
 )]
 pub(crate) fn token_pid() -> u32 {

@@ -256,14 +256,9 @@ pub trait Operations: Send + Sync {
 }
 
 /// What a forced (or lapsed) change may touch.
-// Used by the server stores only (memory has no holders or forced changes).
+// Used by the SQL stores only (memory and Redis keep no holders).
 #[cfg_attr(
-    not(any(
-        feature = "redis",
-        feature = "postgres",
-        feature = "mysql",
-        feature = "sqlite"
-    )),
+    not(any(feature = "postgres", feature = "mysql", feature = "sqlite")),
     allow(dead_code, unreachable_pub)
 )]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -320,14 +315,9 @@ pub(crate) fn wanted(state: &KeyState, query: &ListQuery) -> bool {
 pub(crate) const FORGOTTEN_RETENTION: Duration = Duration::from_secs(24 * 3600);
 
 /// [`holder`] of this process, kept per thread: a claim costs no allocation or system call.
-// Used by the server stores only (memory has no holders or forced changes).
+// Used by the SQL stores only (memory and Redis keep no holders).
 #[cfg_attr(
-    not(any(
-        feature = "redis",
-        feature = "postgres",
-        feature = "mysql",
-        feature = "sqlite"
-    )),
+    not(any(feature = "postgres", feature = "mysql", feature = "sqlite")),
     allow(dead_code, unreachable_pub)
 )]
 pub(crate) fn this_holder() -> std::sync::Arc<str> {
