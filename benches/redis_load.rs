@@ -34,6 +34,8 @@ use idem_runtime::{
     StoreError, Token, run,
 };
 
+mod plot;
+
 const CONCURRENCY: [usize; 3] = [1, 16, 64];
 /// Keys prepared for the duplicate scenarios, per implementation and cell.
 const PREPARED: u64 = 4096;
@@ -598,6 +600,7 @@ async fn bench() {
         if only.as_deref().is_some_and(|o| o != name) {
             continue;
         }
+        let mut series: Vec<plot::Series> = Vec::new();
         for c in CONCURRENCY {
             if only_c.is_some_and(|o| o != c) {
                 continue;
@@ -615,6 +618,20 @@ async fn bench() {
                     continue;
                 }
                 let cell = measure(s, scenario, c, secs, &mut stats).await;
+                let line = match s.which {
+                    Impl::Idem => "idem",
+                    Impl::IdemCached => "idem, CachedStore",
+                    Impl::Correct => "correct hand-written",
+                    Impl::Baseline => "naive hand-written",
+                };
+                let rate = cell.calls as f64 / cell.elapsed.as_secs_f64();
+                match series.iter_mut().find(|l| l.name == line) {
+                    Some(l) => l.points.push((c as f64, rate)),
+                    None => series.push(plot::Series {
+                        name: line.to_owned(),
+                        points: vec![(c as f64, rate)],
+                    }),
+                }
                 println!(
                     "| {} | {c} | {} | {:.0} | {} | {} | {:.2} | {:.2} | {:.1} µs | {:.1} µs | {} |",
                     scenario.label(),
@@ -635,6 +652,11 @@ async fn bench() {
                 );
             }
         }
+        plot::write(
+            &format!("redis_load-{name}.svg"),
+            &format!("Redis: {}, calls/s by tasks", scenario.label()),
+            &series,
+        );
     }
     cleanup(&mut stats).await;
 }
