@@ -389,7 +389,7 @@ fn nanos(d: Duration) -> u64 {
 
 /// The watchdog of this process, started on first use.
 fn watchdog() -> &'static Watchdog {
-    watchdog_of(crate::pid::current())
+    watchdog_of(std::process::id())
 }
 
 /// The watchdog of the process `pid` (this one's, read by the caller), started on first use.

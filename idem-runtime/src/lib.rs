@@ -48,7 +48,6 @@ mod macro_support;
 mod metrics;
 mod observe;
 mod options;
-mod pid;
 mod run;
 mod shadow;
 mod store;

@@ -316,7 +316,7 @@ where
     Fut: Future<Output = R>,
 {
     // Read once: the token and the watchdog both depend on it (a forked child has its own).
-    let pid = crate::pid::current();
+    let pid = std::process::id();
     let req = request(pid, opts, &key, fingerprint);
     let claiming = metrics::Timer::start();
     // The first claim is awaited here, in a small future: a duplicate (a replay, a refusal) is

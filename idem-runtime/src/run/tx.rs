@@ -143,7 +143,7 @@ where
         Err(e) => return Err(lift(opts, e)),
     };
     record_key(&key);
-    let req = request(crate::pid::current(), opts, &key, fingerprint);
+    let req = request(std::process::id(), opts, &key, fingerprint);
     let claiming = metrics::Timer::start();
     match claim::<R>(store, Claimant::Store(store), opts, &req).await {
         Ok(granted) => Ok(Some((key, granted))),
@@ -267,7 +267,7 @@ where
         Err(e) => return lift(opts, e),
     };
     record_key(&key);
-    let pid = crate::pid::current();
+    let pid = std::process::id();
     let req = request(pid, opts, &key, fingerprint);
     let in_tx = txs.claims_in_tx();
     let savepoint = savepoint_name();

@@ -34,11 +34,13 @@ impl Token {
     /// assert_ne!(a, b);
     /// ```
     pub fn generate() -> Token {
-        Token::generate_in(crate::pid::current())
+        Token::generate_in(std::process::id())
     }
 
     /// [`Token::generate`] in the process `pid` (the caller's, read once per call: `getpid` is a
-    /// system call).
+    /// system call). Read from the kernel, never cached: a child made without fork hooks
+    /// (`_Fork`, `clone` by system call) would keep a cached id, issue its parent's tokens and
+    /// find its parent's watchdog, whose thread it does not have (`tests/fork_no_hooks.rs`).
     pub(crate) fn generate_in(pid: u32) -> Token {
         static NONCE: AtomicU64 = AtomicU64::new(0);
         static COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -69,7 +71,7 @@ static NONCE_PID: AtomicU32 = AtomicU32::new(0);
 )]
 pub(crate) fn token_pid() -> u32 {
     match NONCE_PID.load(Ordering::Acquire) {
-        0 => crate::pid::current(),
+        0 => std::process::id(),
         pid => pid,
     }
 }

@@ -19,7 +19,7 @@ impl Entry {
                     lease_left: self.expires.saturating_duration_since(now),
                     lapsed,
                     held_for: Some(now.saturating_duration_since(*since)),
-                    holder: Some(holder(crate::pid::current())),
+                    holder: Some(holder(std::process::id())),
                 }
             }
             State::Done { output, fence, .. } if self.expires > now => KeyState::Done {
