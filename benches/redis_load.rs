@@ -78,6 +78,28 @@ const CAS_COMPLETE: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then return
 const CAS_RELEASE: &str =
     "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0";
 
+impl Impl {
+    /// As `IDEM_BENCH_IMPL` names it.
+    fn id(self) -> &'static str {
+        match self {
+            Impl::Idem => "idem",
+            Impl::IdemCached => "cached",
+            Impl::Correct => "correct",
+            Impl::Baseline => "baseline",
+        }
+    }
+
+    /// As the table and the plot name it.
+    fn label(self) -> &'static str {
+        match self {
+            Impl::Idem => "idem",
+            Impl::IdemCached => "idem, CachedStore",
+            Impl::Correct => "correct hand-written",
+            Impl::Baseline => "naive hand-written",
+        }
+    }
+}
+
 fn sha(src: &str) -> String {
     redis::Script::new(src).get_hash().to_owned()
 }
@@ -607,23 +629,11 @@ async fn bench() {
             }
             for s in [&idem, &cached, &correct, &baseline] {
                 // IDEM_BENCH_IMPL=idem|cached|correct|baseline runs one side only (for profiling).
-                if std::env::var("IDEM_BENCH_IMPL").is_ok_and(|i| {
-                    i != match s.which {
-                        Impl::Idem => "idem",
-                        Impl::IdemCached => "cached",
-                        Impl::Correct => "correct",
-                        Impl::Baseline => "baseline",
-                    }
-                }) {
+                if std::env::var("IDEM_BENCH_IMPL").is_ok_and(|i| i != s.which.id()) {
                     continue;
                 }
                 let cell = measure(s, scenario, c, secs, &mut stats).await;
-                let line = match s.which {
-                    Impl::Idem => "idem",
-                    Impl::IdemCached => "idem, CachedStore",
-                    Impl::Correct => "correct hand-written",
-                    Impl::Baseline => "naive hand-written",
-                };
+                let line = s.which.label();
                 let rate = cell.calls as f64 / cell.elapsed.as_secs_f64();
                 match series.iter_mut().find(|l| l.name == line) {
                     Some(l) => l.points.push((c as f64, rate)),
@@ -636,10 +646,8 @@ async fn bench() {
                     "| {} | {c} | {} | {:.0} | {} | {} | {:.2} | {:.2} | {:.1} µs | {:.1} µs | {} |",
                     scenario.label(),
                     match s.which {
-                        Impl::Idem => "**idem**",
-                        Impl::IdemCached => "**idem, CachedStore**",
-                        Impl::Correct => "correct hand-written",
-                        Impl::Baseline => "naive hand-written",
+                        Impl::Idem | Impl::IdemCached => format!("**{}**", s.which.label()),
+                        other => other.label().to_owned(),
                     },
                     cell.calls as f64 / cell.elapsed.as_secs_f64(),
                     fmt_latency(cell.p50),
