@@ -314,7 +314,7 @@ fn expand(mut args: Args, func: &ItemFn, item: TokenStream) -> TokenStream {
     };
     let mut stmts = quote! {
         #store_use
-        let __idem_call = #krate::Call::from_key(#key_expr) #fingerprint;
+        let __idem_call = #key_expr #fingerprint;
         #tx_access
         const __IDEM_OPTIONS: #krate::Options = #options;
         #run

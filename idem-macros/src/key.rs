@@ -10,8 +10,8 @@ use crate::expand::respan;
 use crate::params::{Params, path_expr};
 use crate::template::{self, Piece};
 
-/// The key: one value, or a template whose parts are escaped against its literal text, built in
-/// one expression (`KeyBuilder::lit` and `part` return `&mut Self`: a statement each would drop
+/// The call's key, as a `Call`: one value, or a template whose parts are escaped against its
+/// literal text, built in one expression (`KeyBuilder::lit` and `part` return `&mut Self`: a statement each would drop
 /// that, which `#![deny(unused_results)]` refuses).
 pub(crate) fn key_expr(
     key_lit: &LitStr,
@@ -29,10 +29,37 @@ pub(crate) fn key_expr(
     };
     let span = key_lit.span();
     let krate = respan(krate.clone(), span);
+    // The tiers' traits choose how a value is keyed (see `key_tiers` in idem-runtime): imported
+    // as `_` in a block of the key's own, on the literal's span.
+    let tiers = quote_spanned!(span=>
+        // Only the tier that applies is used.
+        #[allow(unused_imports)]
+        use #krate::__private::key_tiers::{
+            MaybeAny as _, MaybeOption as _, MaybeOptionalPart as _, PartDisplay as _,
+            PartFloat as _, PartKeyPart as _, PartOther as _,
+        };
+    );
+    let part = |value: TokenStream| {
+        quote_spanned!(span=>
+            #krate::__private::key_part(
+                (&&&&#krate::__private::key_tiers::KeyTag::new(#value)).__idem_part()
+            )
+        )
+    };
     if let [Piece::Path(path)] = pieces.as_slice() {
         return match path_expr(path, key_lit, "key", func, params) {
             Ok(e) => {
-                Some(quote_spanned!(span=> #krate::Key::new(#krate::__private::key_part(&(#e)))))
+                // An `Option` key that is `None` makes a call without a key (a plain call).
+                let part = part(quote!(__idem_key));
+                Some(quote_spanned!(span=> {
+                    #tiers
+                    match (&&#krate::__private::key_tiers::KeyTag::new(&(#e))).__idem_maybe() {
+                        ::core::option::Option::Some(__idem_key) => {
+                            #krate::Call::from_key(#krate::Key::new(#part))
+                        }
+                        ::core::option::Option::None => #krate::Call::unkeyed(),
+                    }
+                }))
             }
             Err(e) => {
                 errors.push(e);
@@ -42,6 +69,11 @@ pub(crate) fn key_expr(
     }
     let mut reserved = String::new();
     let mut steps = TokenStream::new();
+    // Each part is looked at first: an optional one (`Option<IdempotencyKey>`) that is `None`
+    // makes the call one without a key.
+    let mut maybes = TokenStream::new();
+    let mut somes = TokenStream::new();
+    let mut parts = 0usize;
     for piece in &pieces {
         match piece {
             Piece::Lit(text) => {
@@ -53,14 +85,27 @@ pub(crate) fn key_expr(
                 steps.extend(quote!(.lit(#text)));
             }
             Piece::Path(path) => match path_expr(path, key_lit, "key", func, params) {
-                Ok(e) => steps.extend(quote_spanned!(span=>
-                    .part(#krate::__private::key_part(&(#e)))
-                )),
+                Ok(e) => {
+                    let name = quote::format_ident!("__idem_part_{}", parts);
+                    parts += 1;
+                    maybes.extend(quote_spanned!(span=>
+                        (&&#krate::__private::key_tiers::KeyTag::new(&(#e))).__idem_maybe_part(),
+                    ));
+                    somes.extend(quote_spanned!(span=> ::core::option::Option::Some(#name),));
+                    let part = part(quote!(#name));
+                    steps.extend(quote_spanned!(span=> .part(#part)));
+                }
                 Err(e) => errors.push(e),
             },
         }
     }
-    Some(quote!(#krate::KeyBuilder::new(#reserved) #steps .finish()))
+    Some(quote_spanned!(span=> {
+        #tiers
+        match (#maybes) {
+            (#somes) => #krate::Call::from_key(#krate::KeyBuilder::new(#reserved) #steps .finish()),
+            _ => #krate::Call::unkeyed(),
+        }
+    }))
 }
 
 /// `.fingerprint(..)` on the call, or nothing.

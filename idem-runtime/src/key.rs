@@ -37,7 +37,7 @@ const HASHED_PREFIX: &str = "sha256:";
 #[diagnostic::on_unimplemented(
     message = "`{Self}` cannot be used as an idempotency key",
     label = "this is not a key type",
-    note = "keys can be integers, strings, `char`, `bool`, or a type that implements `idem_runtime::KeyPart`; or key on one of its fields (`key = \"msg.order_id\"`)"
+    note = "keys can be integers, strings, `char`, `bool`, a type with `Display` other than a float (e.g. another crate's `Uuid`), or a type that implements `idem_runtime::KeyPart`; or key on one of its fields (`key = \"msg.order_id\"`); an `Option` is a key as the whole key (`None`: a call without a key), and in a template only of an `idem_runtime::OptionalKey` type"
 )]
 pub trait KeyPart {
     /// Append this value's key text to `out`.
@@ -118,6 +118,61 @@ impl KeyPart for [u8; 16] {
 impl KeyPart for uuid::Uuid {
     fn write_key(&self, out: &mut String) {
         self.as_bytes().write_key(out)
+    }
+}
+
+/// A key type whose `Option` may be a part of a key template: `None` makes the call one without
+/// a key, which runs as a plain call (no claim, no replay, no mark). It is for keys a client may
+/// leave out, such as idem-http's `IdempotencyKey` (an optional `Idempotency-Key` header) under
+/// a per-caller template (`key = "{user}/{key}"`). An `Option` of any other type is refused in
+/// a template, where one missing part would otherwise silently turn deduplication off; an
+/// `Option` that is the whole key (`key = "key"`) is optional whatever its type.
+///
+/// ```
+/// use idem_runtime::{KeyPart, OptionalKey};
+///
+/// /// A header the client may send.
+/// struct RequestId(String);
+/// impl KeyPart for RequestId {
+///     fn write_key(&self, out: &mut String) {
+///         self.0.write_key(out)
+///     }
+/// }
+/// impl OptionalKey for RequestId {}
+/// ```
+pub trait OptionalKey: KeyPart {}
+
+/// A value keyed by its `Display` text: for an id type of another crate, which cannot implement
+/// [`KeyPart`] (another version of `uuid`, a database library's id). `#[idempotent]` uses it by
+/// itself for a key of a type that is not a `KeyPart` but has `Display`; with [`Call::new`] and
+/// [`KeyBuilder::part`], wrap the value. Its text must stay the same across deploys: it is what
+/// the store compares.
+///
+/// ```
+/// use idem_runtime::{DisplayKey, Key};
+/// struct ForeignId(u32); // stands for a type of another crate
+/// impl std::fmt::Display for ForeignId {
+///     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+///         write!(f, "F-{}", self.0)
+///     }
+/// }
+/// let key = Key::new(&DisplayKey::new(&ForeignId(7))).unwrap();
+/// assert_eq!(key.as_str(), "F-7");
+/// ```
+///
+/// [`Call::new`]: crate::Call::new
+pub struct DisplayKey<'a, T: ?Sized>(pub(crate) &'a T);
+
+impl<'a, T: std::fmt::Display + ?Sized> DisplayKey<'a, T> {
+    /// Key `value` by its `Display` text.
+    pub fn new(value: &'a T) -> DisplayKey<'a, T> {
+        DisplayKey(value)
+    }
+}
+
+impl<T: std::fmt::Display + ?Sized> KeyPart for DisplayKey<'_, T> {
+    fn write_key(&self, out: &mut String) {
+        let _ = write!(out, "{}", self.0);
     }
 }
 

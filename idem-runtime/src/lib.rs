@@ -76,8 +76,8 @@ pub use ::redis;
 pub use ::sqlx;
 pub use error::{BoxError, Error, Phase, StoreError};
 pub use key::{
-    Fingerprint, FingerprintBuilder, Key, KeyBuilder, KeyPart, MAX_KEY_LEN, REDACTION_KEY_ENV,
-    RedactionKeyInUse, reveal_keys, set_redaction_key,
+    DisplayKey, Fingerprint, FingerprintBuilder, Key, KeyBuilder, KeyPart, MAX_KEY_LEN,
+    OptionalKey, REDACTION_KEY_ENV, RedactionKeyInUse, reveal_keys, set_redaction_key,
 };
 pub use lease::{CurrentLease, current_lease, wait_for_background};
 pub use observe::{CallOutcome, Report, Would, observe};
@@ -219,7 +219,7 @@ mod adopting {}
 /// Support for the code `#[idempotent]` generates. Not public API: may change in any release.
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::macro_support::{IdemStore, StoreDeref, StoreRef, store_ref};
+    pub use crate::macro_support::{IdemStore, StoreDeref, StoreRef, key_tiers, store_ref};
     pub use crate::run::{run_future, run_tx_future, tx_access};
     pub use serde;
 

@@ -78,3 +78,128 @@ macro_rules! __idem_fns_in_impls_and_traits_need_an_explicit_scope {
         use $crate as _;
     };
 }
+
+/// What a key expression is keyed by, chosen by method resolution on the expression's type
+/// (autoref specialisation: each tier's method takes one reference less than the one above, so
+/// the first tier whose bounds hold wins). The generated code imports these traits as `_` and
+/// calls `(&&KeyTag::new(&e)).__idem_maybe()`, then `(&&&&KeyTag::new(k)).__idem_part()`.
+///
+/// - `__idem_maybe`: an `Option<K>` key gives `None` for a call without a key (a request
+///   without its optional `Idempotency-Key`), which runs as a plain call; any other value is
+///   `Some` of itself. `__idem_maybe_part`, the same for a template's part, where only an
+///   `Option` of an [`OptionalKey`](crate::OptionalKey) type is optional.
+/// - `__idem_part`: a [`KeyPart`](crate::KeyPart) is itself; a float is itself, so that
+///   `key_part` refuses it by name (its `Display` is not a key: `0.1 + 0.2`); a type of another
+///   crate that has `Display` (another version of `uuid`, say) is keyed by its text; anything
+///   else is itself, for `key_part` to refuse by name.
+pub mod key_tiers {
+    use crate::{DisplayKey, KeyPart};
+    use std::fmt::Display;
+
+    /// A key expression's value, borrowed; see the module's docs.
+    pub struct KeyTag<'a, T: ?Sized>(DisplayKey<'a, T>);
+
+    impl<'a, T: ?Sized> KeyTag<'a, T> {
+        /// Tag `value`.
+        #[inline(always)]
+        pub fn new(value: &'a T) -> KeyTag<'a, T> {
+            KeyTag(DisplayKey(value))
+        }
+    }
+
+    /// An optional key: `None` runs the call without one.
+    pub trait MaybeOption<'a, K> {
+        /// The key, if there is one.
+        fn __idem_maybe(&self) -> Option<&'a K>;
+    }
+    impl<'a, K> MaybeOption<'a, K> for &KeyTag<'a, Option<K>> {
+        #[inline(always)]
+        fn __idem_maybe(&self) -> Option<&'a K> {
+            self.0.0.as_ref()
+        }
+    }
+
+    /// An optional part of a template: only of an [`OptionalKey`](crate::OptionalKey) type.
+    pub trait MaybeOptionalPart<'a, K> {
+        /// The part, if there is one.
+        fn __idem_maybe_part(&self) -> Option<&'a K>;
+    }
+    impl<'a, K: crate::OptionalKey> MaybeOptionalPart<'a, K> for &KeyTag<'a, Option<K>> {
+        #[inline(always)]
+        fn __idem_maybe_part(&self) -> Option<&'a K> {
+            self.0.0.as_ref()
+        }
+    }
+
+    /// Any other key or part: always there.
+    pub trait MaybeAny<'a, T: ?Sized> {
+        /// The key itself.
+        fn __idem_maybe(&self) -> Option<&'a T>;
+        /// The part itself.
+        fn __idem_maybe_part(&self) -> Option<&'a T>;
+    }
+    impl<'a, T: ?Sized> MaybeAny<'a, T> for KeyTag<'a, T> {
+        #[inline(always)]
+        fn __idem_maybe(&self) -> Option<&'a T> {
+            Some(self.0.0)
+        }
+        #[inline(always)]
+        fn __idem_maybe_part(&self) -> Option<&'a T> {
+            Some(self.0.0)
+        }
+    }
+
+    /// A [`KeyPart`]: itself.
+    pub trait PartKeyPart<'a, T: ?Sized> {
+        /// The part.
+        fn __idem_part(&self) -> &'a T;
+    }
+    impl<'a, T: KeyPart + ?Sized> PartKeyPart<'a, T> for &&&KeyTag<'a, T> {
+        #[inline(always)]
+        fn __idem_part(&self) -> &'a T {
+            self.0.0
+        }
+    }
+
+    /// A float: itself, refused by `key_part` before `Display` could key it.
+    pub trait PartFloat<'a, T: ?Sized> {
+        /// The float.
+        fn __idem_part(&self) -> &'a T;
+    }
+    impl<'a> PartFloat<'a, f32> for &&KeyTag<'a, f32> {
+        #[inline(always)]
+        fn __idem_part(&self) -> &'a f32 {
+            self.0.0
+        }
+    }
+    impl<'a> PartFloat<'a, f64> for &&KeyTag<'a, f64> {
+        #[inline(always)]
+        fn __idem_part(&self) -> &'a f64 {
+            self.0.0
+        }
+    }
+
+    /// Another crate's type with `Display`: its text.
+    pub trait PartDisplay<'a, T: ?Sized> {
+        /// The value, keyed by its text.
+        fn __idem_part(&self) -> &DisplayKey<'a, T>;
+    }
+    impl<'a, T: Display + ?Sized> PartDisplay<'a, T> for &KeyTag<'a, T> {
+        #[inline(always)]
+        fn __idem_part(&self) -> &DisplayKey<'a, T> {
+            &self.0
+        }
+    }
+
+    /// Anything else: itself, refused by `key_part` with the type's name.
+    pub trait PartOther<'a, T: ?Sized> {
+        /// The value.
+        fn __idem_part(&self) -> &'a T;
+    }
+    impl<'a, T: ?Sized> PartOther<'a, T> for KeyTag<'a, T> {
+        #[inline(always)]
+        fn __idem_part(&self) -> &'a T {
+            self.0.0
+        }
+    }
+}

@@ -70,8 +70,8 @@ impl<T, E> Outcome for Result<T, E> {
     note = "derive `serde::Serialize` and `serde::Deserialize` for `{Self}`, or return a type that has them (`()` is fine); axum's `Json<T>` and `(StatusCode, Json<T>)` are stored as their `T`, which needs them; another response wrapper: return `T`, and wrap it outside the handler"
 )]
 pub trait Replayable: Serialize + DeserializeOwned + Send {}
-// Report the missing trait by this trait's message, once, rather than each missing bound.
-#[diagnostic::do_not_recommend]
+// No `do_not_recommend`: rustc then names the type at fault, also where it is nested
+// (`Vec<Receipt>` → `Receipt`), one error per missing trait (`Serialize`, `Deserialize`).
 impl<T: Serialize + DeserializeOwned + Send> Replayable for T {}
 
 /// An error type that can carry idem's own errors.
@@ -96,6 +96,8 @@ impl<E: From<Error>> AbsorbsIdemError for E {}
 pub struct Call {
     key: Result<Key, Error>,
     fingerprint: Option<Result<Fingerprint, Error>>,
+    /// `false` for [`Call::unkeyed`].
+    keyed: bool,
 }
 
 impl Call {
@@ -109,7 +111,42 @@ impl Call {
         Call {
             key,
             fingerprint: None,
+            keyed: true,
         }
+    }
+
+    /// A call without a key: the handler runs as a plain call, with no claim, no replay and no
+    /// mark, as if it were not idempotent. It is what `#[idempotent]` makes of an `Option` key
+    /// that is `None` (an HTTP request without its optional `Idempotency-Key` header); the other
+    /// entry points (`run_in_tx`, the glue) refuse it with [`Error::InvalidKey`].
+    ///
+    /// ```
+    /// use idem_runtime::{Call, MemoryStore, Options, run};
+    /// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
+    /// let store = MemoryStore::new();
+    /// let opts = Options::new("payments");
+    /// let mut runs = 0;
+    /// for _ in 0..2 {
+    ///     let out: Result<u32, idem_runtime::Error> =
+    ///         run(&store, &opts, Call::unkeyed(), || async { runs += 1; Ok(7) }).await;
+    ///     assert_eq!(out.unwrap(), 7);
+    /// }
+    /// assert_eq!(runs, 2); // no key, no deduplication
+    /// # });
+    /// ```
+    pub fn unkeyed() -> Call {
+        Call {
+            key: Err(Error::InvalidKey {
+                reason: "the call has no key",
+            }),
+            fingerprint: None,
+            keyed: false,
+        }
+    }
+
+    /// Whether the call has a key (see [`Call::unkeyed`]).
+    pub fn is_keyed(&self) -> bool {
+        self.keyed
     }
 
     /// Require this fingerprint to match on replay: a [`Fingerprint`], or what
@@ -182,6 +219,9 @@ where
 {
     // The span first: a call refused before the store is asked has one too.
     async move {
+        if !call.keyed {
+            return unkeyed(handler()).await;
+        }
         let store = match store.store() {
             Ok(s) => s,
             Err(e) => return lift(opts, e),
@@ -204,6 +244,9 @@ where
     Fut: Future<Output = R>,
 {
     async move {
+        if !call.keyed {
+            return unkeyed(fut).await;
+        }
         let store = match store.store() {
             Ok(s) => s,
             Err(e) => return lift(opts, e),
@@ -212,6 +255,13 @@ where
     }
     .instrument(call_span(opts))
     .await
+}
+
+/// A call without a key ([`Call::unkeyed`]): the handler as a plain call. The store is not
+/// asked, so a missing store is not an error here.
+pub(crate) async fn unkeyed<R, Fut: Future<Output = R>>(fut: Fut) -> R {
+    tracing::debug!("no key: the handler runs as a plain call, not deduplicated");
+    fut.await
 }
 
 /// Return one of idem's errors through the handler's error type, counting it.

@@ -85,6 +85,9 @@ where
 {
     // The span first: a call refused before the store is asked has one too.
     async move {
+        if !call.is_keyed() {
+            return super::unkeyed(async { body(tx).await.0 }).await;
+        }
         let store = match store.store() {
             Ok(s) => s,
             Err(e) => return lift(opts, e),
