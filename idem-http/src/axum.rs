@@ -36,6 +36,10 @@ impl idem_runtime::KeyPart for IdempotencyKey {
     }
 }
 
+/// `Option<IdempotencyKey>` (the header where a route makes it optional) is an optional key, also
+/// in a template: a request without the header runs its handler as a plain call.
+impl idem_runtime::OptionalKey for IdempotencyKey {}
+
 /// Why [`IdempotencyKey`] refused a request: answered as `400` problem+json.
 #[derive(Debug)]
 pub struct KeyRejection(Problem);

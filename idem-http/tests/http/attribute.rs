@@ -150,3 +150,118 @@ async fn a_status_and_json_output_is_replayed_with_its_status() {
     assert_eq!(first.body, again.body);
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
+
+/// The authenticated user, as a third-party app's extractor gives it: an id of another crate
+/// (uuid 0.8, which cannot implement idem's `KeyPart`).
+struct AuthUser {
+    user_id: uuid08::Uuid,
+}
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for AuthUser {
+    type Rejection = StatusCode;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, StatusCode> {
+        let id = parts
+            .headers
+            .get("x-user")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| uuid08::Uuid::parse_str(v).ok())
+            .ok_or(StatusCode::UNAUTHORIZED)?;
+        Ok(AuthUser { user_id: id })
+    }
+}
+
+#[derive(Deserialize, Serialize)]
+struct NewArticle {
+    title: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Article {
+    slug: String,
+    author: String,
+    n: u32,
+}
+
+/// The adoption: one attribute on the handler as it was, plus the optional key parameter.
+#[idempotent(
+    key = "{user.user_id}/{key}",
+    store = "app.store",
+    fingerprint = "req",
+    scope = "http.attr.articles"
+)]
+async fn create_article(
+    user: AuthUser,
+    State(app): State<App>,
+    key: Option<IdempotencyKey>,
+    Json(req): Json<NewArticle>,
+) -> Result<(StatusCode, Json<Article>), AppError> {
+    let n = app.runs.fetch_add(1, Ordering::SeqCst) + 1;
+    Ok((
+        StatusCode::CREATED,
+        Json(Article {
+            slug: format!("{}-{n}", req.title),
+            author: user.user_id.to_string(),
+            n,
+        }),
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_optional_key_scoped_by_a_foreign_user_id_dedups_only_requests_that_send_it() {
+    let app = App {
+        store: Arc::new(MemoryStore::new()),
+        runs: Arc::new(AtomicU32::new(0)),
+    };
+    let runs = app.runs.clone();
+    let router = Router::new()
+        .route("/articles", post(create_article))
+        .with_state(app);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let _server = tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    let client = reqwest::Client::new();
+    const ANN: &str = "67e55044-10b1-426f-9247-bb680e5fe0c8";
+    const BOB: &str = "936da01f-9abd-4d9d-80c7-02af85c822a8";
+    let post = |user: &str, key: Option<&str>, title: &str| {
+        let mut req = client
+            .post(format!("{url}/articles"))
+            .header("x-user", user)
+            .json(&NewArticle {
+                title: title.into(),
+            });
+        if let Some(key) = key {
+            req = req.header("idempotency-key", key);
+        }
+        req.send()
+    };
+    // Without the header: a plain call each time, as before the attribute.
+    for n in 1..=2 {
+        let r = seen(post(ANN, None, "t").await.unwrap()).await;
+        assert_eq!((r.status, r.replayed), (201, false));
+        assert!(String::from_utf8_lossy(&r.body).contains(&format!("\"n\":{n}")));
+    }
+    // With it: once, and the retry gets the same 201 and body.
+    let first = seen(post(ANN, Some("a-1"), "t").await.unwrap()).await;
+    let again = seen(post(ANN, Some("a-1"), "t").await.unwrap()).await;
+    assert_eq!((first.status, again.status), (201, 201));
+    assert_eq!(first.body, again.body);
+    assert_eq!(runs.load(Ordering::SeqCst), 3);
+    // Another user with the same key: their own run, never Ann's article.
+    let bob = seen(post(BOB, Some("a-1"), "t").await.unwrap()).await;
+    assert_eq!(bob.status, 201);
+    assert!(String::from_utf8_lossy(&bob.body).contains(BOB));
+    assert_eq!(runs.load(Ordering::SeqCst), 4);
+    // The same key with another body: 422, as the layer answers it.
+    seen(post(ANN, Some("a-1"), "other").await.unwrap())
+        .await
+        .assert_problem(422, "key-reused", &["a-1", "http.attr", ANN]);
+    // A malformed key is still refused, not run without one.
+    seen(post(ANN, Some("has space"), "t").await.unwrap())
+        .await
+        .assert_problem(400, "invalid-key", &[]);
+    assert_eq!(runs.load(Ordering::SeqCst), 4);
+}
