@@ -11,3 +11,4 @@ mod semantics;
 #[path = "../../../tests/support/mod.rs"]
 mod shared;
 mod support;
+mod tx_processes;
