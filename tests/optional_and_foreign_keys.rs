@@ -25,8 +25,28 @@ impl fmt::Display for ForeignUuid {
     }
 }
 
+/// A header a client may leave out, as idem-http's `IdempotencyKey`.
+#[derive(Clone)]
+struct RequestId(String);
+
+impl idem_runtime::KeyPart for RequestId {
+    fn write_key(&self, out: &mut String) {
+        self.0.write_key(out)
+    }
+}
+
+impl idem_runtime::OptionalKey for RequestId {}
+
+fn rid(s: &str) -> Option<RequestId> {
+    Some(RequestId(s.into()))
+}
+
 #[idempotent(key = "key", store = "store", scope = "keys.optional")]
-async fn pay(store: &MemoryStore, runs: &AtomicU32, key: Option<String>) -> Result<u32, AppError> {
+async fn pay(
+    store: &MemoryStore,
+    runs: &AtomicU32,
+    key: Option<RequestId>,
+) -> Result<u32, AppError> {
     Ok(runs.fetch_add(1, Ordering::SeqCst) + 1)
 }
 
@@ -47,8 +67,8 @@ async fn a_call_without_its_optional_key_runs_every_time_and_one_with_it_once() 
     assert_eq!(out.unwrap(), 3);
     assert!(report.is_none());
 
-    assert_eq!(pay(&store, &runs, Some("k-1".into())).await.unwrap(), 4);
-    let (out, report) = observe(pay(&store, &runs, Some("k-1".into()))).await;
+    assert_eq!(pay(&store, &runs, rid("k-1")).await.unwrap(), 4);
+    let (out, report) = observe(pay(&store, &runs, rid("k-1"))).await;
     assert_eq!(out.unwrap(), 4, "replayed");
     assert_eq!(report.map(|r| r.outcome), Some(CallOutcome::Replayed));
     assert_eq!(runs.load(Ordering::SeqCst), 4);
@@ -58,7 +78,7 @@ async fn a_call_without_its_optional_key_runs_every_time_and_one_with_it_once() 
 async fn an_empty_optional_key_is_refused_not_run_unkeyed() {
     let store = MemoryStore::new();
     let runs = AtomicU32::new(0);
-    let out = pay(&store, &runs, Some(String::new())).await;
+    let out = pay(&store, &runs, rid("")).await;
     assert!(
         matches!(out, Err(AppError::Idem(Error::InvalidKey { .. }))),
         "{out:?}"
@@ -138,7 +158,7 @@ async fn a_foreign_display_key_is_keyed_by_its_text() {
 async fn record(
     store: &PgStore,
     tx: &mut sqlx::Transaction<'static, Postgres>,
-    key: Option<ForeignUuid>,
+    key: Option<RequestId>,
     insert: String,
 ) -> Result<u32, AppError> {
     sqlx::query(AssertSqlSafe(insert))
@@ -162,7 +182,7 @@ async fn the_transactional_form_runs_a_call_without_a_key_in_the_callers_transac
         .await
         .unwrap();
     let insert = format!("INSERT INTO {effects} VALUES (1)");
-    for key in [None, None, Some(ForeignUuid(7)), Some(ForeignUuid(7))] {
+    for key in [None, None, rid("7"), rid("7")] {
         let mut tx = pool.begin().await.unwrap();
         record(&store, &mut tx, key, insert.clone()).await.unwrap();
         tx.commit().await.unwrap();

@@ -35,8 +35,8 @@ pub(crate) fn key_expr(
         // Only the tier that applies is used.
         #[allow(unused_imports)]
         use #krate::__private::key_tiers::{
-            MaybeAny as _, MaybeOption as _, MaybeOptionalPart as _, PartDisplay as _,
-            PartFloat as _, PartKeyPart as _, PartOther as _,
+            MaybeAny as _, MaybeOption as _, PartDisplay as _, PartFloat as _, PartKeyPart as _,
+            PartOther as _,
         };
     );
     let part = |value: TokenStream| {
@@ -49,7 +49,8 @@ pub(crate) fn key_expr(
     if let [Piece::Path(path)] = pieces.as_slice() {
         return match path_expr(path, key_lit, "key", func, params) {
             Ok(e) => {
-                // An `Option` key that is `None` makes a call without a key (a plain call).
+                // An optional key (`Option` of an `OptionalKey` type) that is `None` makes a call
+                // without a key (a plain call).
                 let part = part(quote!(__idem_key));
                 Some(quote_spanned!(span=> {
                     #tiers
@@ -89,7 +90,7 @@ pub(crate) fn key_expr(
                     let name = quote::format_ident!("__idem_part_{}", parts);
                     parts += 1;
                     maybes.extend(quote_spanned!(span=>
-                        (&&#krate::__private::key_tiers::KeyTag::new(&(#e))).__idem_maybe_part(),
+                        (&&#krate::__private::key_tiers::KeyTag::new(&(#e))).__idem_maybe(),
                     ));
                     somes.extend(quote_spanned!(span=> ::core::option::Option::Some(#name),));
                     let part = part(quote!(#name));

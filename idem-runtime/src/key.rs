@@ -37,7 +37,7 @@ const HASHED_PREFIX: &str = "sha256:";
 #[diagnostic::on_unimplemented(
     message = "`{Self}` cannot be used as an idempotency key",
     label = "this is not a key type",
-    note = "keys can be integers, strings, `char`, `bool`, a type with `Display` other than a float (e.g. another crate's `Uuid`), or a type that implements `idem_runtime::KeyPart`; or key on one of its fields (`key = \"msg.order_id\"`); an `Option` is a key as the whole key (`None`: a call without a key), and in a template only of an `idem_runtime::OptionalKey` type"
+    note = "keys can be integers, strings, `char`, `bool`, a type with `Display` other than a float (e.g. another crate's `Uuid`), or a type that implements `idem_runtime::KeyPart`; or key on one of its fields (`key = \"msg.order_id\"`); an `Option` is a key only of an `idem_runtime::OptionalKey` type, such as idem-http's `IdempotencyKey` (`None`: a call without a key)"
 )]
 pub trait KeyPart {
     /// Append this value's key text to `out`.
@@ -121,12 +121,13 @@ impl KeyPart for uuid::Uuid {
     }
 }
 
-/// A key type whose `Option` may be a part of a key template: `None` makes the call one without
-/// a key, which runs as a plain call (no claim, no replay, no mark). It is for keys a client may
-/// leave out, such as idem-http's `IdempotencyKey` (an optional `Idempotency-Key` header) under
-/// a per-caller template (`key = "{user}/{key}"`). An `Option` of any other type is refused in
-/// a template, where one missing part would otherwise silently turn deduplication off; an
-/// `Option` that is the whole key (`key = "key"`) is optional whatever its type.
+/// A key type whose `Option` is an optional key: with `#[idempotent]`, a key (or a template's
+/// part) of type `Option<K>` that is `None` makes the call one without a key, which runs as a
+/// plain call (no claim, no replay, no mark). It is for keys a client may leave out, such as
+/// idem-http's `IdempotencyKey` (an optional `Idempotency-Key` header), also under a per-caller
+/// template (`key = "{user}/{key}"`). An `Option` of any other type is refused at compile time:
+/// a message whose `order_id` field is `None` by accident must not be processed once per
+/// delivery.
 ///
 /// ```
 /// use idem_runtime::{KeyPart, OptionalKey};
@@ -146,7 +147,9 @@ pub trait OptionalKey: KeyPart {}
 /// [`KeyPart`] (another version of `uuid`, a database library's id). `#[idempotent]` uses it by
 /// itself for a key of a type that is not a `KeyPart` but has `Display`; with [`Call::new`] and
 /// [`KeyBuilder::part`], wrap the value. Its text must stay the same across deploys: it is what
-/// the store compares.
+/// the store compares. A type that is a `KeyPart` is always keyed by it, except in a generic
+/// handler whose key parameter is bound by `Display` only (`T: Display`): there rustc can only
+/// use `Display`, so bound it by `KeyPart` where the two texts differ.
 ///
 /// ```
 /// use idem_runtime::{DisplayKey, Key};

@@ -84,10 +84,10 @@ macro_rules! __idem_fns_in_impls_and_traits_need_an_explicit_scope {
 /// the first tier whose bounds hold wins). The generated code imports these traits as `_` and
 /// calls `(&&KeyTag::new(&e)).__idem_maybe()`, then `(&&&&KeyTag::new(k)).__idem_part()`.
 ///
-/// - `__idem_maybe`: an `Option<K>` key gives `None` for a call without a key (a request
-///   without its optional `Idempotency-Key`), which runs as a plain call; any other value is
-///   `Some` of itself. `__idem_maybe_part`, the same for a template's part, where only an
-///   `Option` of an [`OptionalKey`](crate::OptionalKey) type is optional.
+/// - `__idem_maybe` (the whole key, and each part of a template): an `Option` of
+///   an [`OptionalKey`](crate::OptionalKey) type gives `None` for a call without a key (a
+///   request without its optional `Idempotency-Key`), which runs as a plain call; any other
+///   value is `Some` of itself (so an `Option<u64>` is refused below, by name).
 /// - `__idem_part`: a [`KeyPart`](crate::KeyPart) is itself; a float is itself, so that
 ///   `key_part` refuses it by name (its `Display` is not a key: `0.1 + 0.2`); a type of another
 ///   crate that has `Display` (another version of `uuid`, say) is keyed by its text; anything
@@ -107,26 +107,22 @@ pub mod key_tiers {
         }
     }
 
-    /// An optional key: `None` runs the call without one.
+    /// An optional key, of an [`OptionalKey`](crate::OptionalKey) type: `None` runs the call
+    /// without one. An `Option` of another type is no key (a field that is `None` by accident
+    /// must not turn deduplication off).
     pub trait MaybeOption<'a, K> {
         /// The key, if there is one.
         fn __idem_maybe(&self) -> Option<&'a K>;
     }
-    impl<'a, K> MaybeOption<'a, K> for &KeyTag<'a, Option<K>> {
+    impl<'a, K: crate::OptionalKey> MaybeOption<'a, K> for &KeyTag<'a, Option<K>> {
         #[inline(always)]
         fn __idem_maybe(&self) -> Option<&'a K> {
             self.0.0.as_ref()
         }
     }
-
-    /// An optional part of a template: only of an [`OptionalKey`](crate::OptionalKey) type.
-    pub trait MaybeOptionalPart<'a, K> {
-        /// The part, if there is one.
-        fn __idem_maybe_part(&self) -> Option<&'a K>;
-    }
-    impl<'a, K: crate::OptionalKey> MaybeOptionalPart<'a, K> for &KeyTag<'a, Option<K>> {
+    impl<'a, K: crate::OptionalKey> MaybeOption<'a, K> for &KeyTag<'a, &Option<K>> {
         #[inline(always)]
-        fn __idem_maybe_part(&self) -> Option<&'a K> {
+        fn __idem_maybe(&self) -> Option<&'a K> {
             self.0.0.as_ref()
         }
     }
@@ -135,16 +131,10 @@ pub mod key_tiers {
     pub trait MaybeAny<'a, T: ?Sized> {
         /// The key itself.
         fn __idem_maybe(&self) -> Option<&'a T>;
-        /// The part itself.
-        fn __idem_maybe_part(&self) -> Option<&'a T>;
     }
     impl<'a, T: ?Sized> MaybeAny<'a, T> for KeyTag<'a, T> {
         #[inline(always)]
         fn __idem_maybe(&self) -> Option<&'a T> {
-            Some(self.0.0)
-        }
-        #[inline(always)]
-        fn __idem_maybe_part(&self) -> Option<&'a T> {
             Some(self.0.0)
         }
     }

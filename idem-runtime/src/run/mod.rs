@@ -117,7 +117,8 @@ impl Call {
 
     /// A call without a key: the handler runs as a plain call, with no claim, no replay and no
     /// mark, as if it were not idempotent. It is what `#[idempotent]` makes of an `Option` key
-    /// that is `None` (an HTTP request without its optional `Idempotency-Key` header); the other
+    /// of an [`OptionalKey`](crate::OptionalKey) type that is `None` (an HTTP request without
+    /// its optional `Idempotency-Key` header); the other
     /// entry points (`run_in_tx`, the glue) refuse it with [`Error::InvalidKey`].
     ///
     /// ```
