@@ -237,3 +237,57 @@ async fn run_in_tx_refuses_a_call_without_a_key() {
         .await
         .unwrap();
 }
+
+/// Review rev1: the transactional form rolls a handler's writes back to idem's savepoint when it
+/// returns `Err` (README: "a `commit` after the error commits nothing of them"). The call without
+/// a key takes no savepoint: a failed handler's partial writes stay in the caller's transaction,
+/// and a caller that commits after the error (its own writes, an audit row) commits them too.
+#[idempotent(key = "key", tx = "tx", store = "store", scope = "keys.optional.tx.err")]
+async fn record_then_fail(
+    store: &PgStore,
+    tx: &mut sqlx::Transaction<'static, Postgres>,
+    key: Option<ForeignUuid>,
+    insert: String,
+) -> Result<u32, AppError> {
+    sqlx::query(AssertSqlSafe(insert))
+        .execute(&mut **tx)
+        .await?;
+    Err(AppError::Idem(Error::InvalidKey {
+        reason: "the handler failed after its first write",
+    }))
+}
+
+#[tokio::test]
+async fn a_failed_handler_without_a_key_leaves_no_writes_in_the_callers_commit() {
+    let Some(pool) = sql::postgres(4).await else {
+        return;
+    };
+    let suffix = Token::generate().to_hex();
+    let table = format!("idem_oke_{suffix}");
+    let effects = format!("effects_oke_{suffix}");
+    let store = PgStore::with_table(pool.clone(), &table).unwrap();
+    store.migrate().await.unwrap();
+    sqlx::raw_sql(AssertSqlSafe(format!("CREATE TABLE {effects} (n INT)")))
+        .execute(&pool)
+        .await
+        .unwrap();
+    let insert = format!("INSERT INTO {effects} VALUES (1)");
+    let mut counts = Vec::new();
+    for key in [Some(ForeignUuid(8)), None] {
+        let mut tx = pool.begin().await.unwrap();
+        assert!(record_then_fail(&store, &mut tx, key, insert.clone()).await.is_err());
+        // The caller logs the failure and commits its own work.
+        tx.commit().await.unwrap();
+        let n: i64 = sqlx::query_scalar(AssertSqlSafe(format!("SELECT count(*) FROM {effects}")))
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        counts.push(n);
+    }
+    sqlx::raw_sql(sql::drop_tables(&table, &[&effects]))
+        .execute(&pool)
+        .await
+        .unwrap();
+    // Keyed: undone to the savepoint (0). Without a key: the same must hold.
+    assert_eq!(counts, [0, 0], "the failed handler's write was committed");
+}
