@@ -3,6 +3,11 @@
 //! every key type that worked before the key tiers (autoref specialisation) were added, through
 //! the attribute, and checks that a type with both `KeyPart` and `Display` is keyed by `KeyPart`
 //! in every form of handler.
+//!
+//! The expansion must not trip lints on the user's key literal: `cargo clippy -p idem-tests
+//! --test key_texts` fails while the single-key form expands to a `match` that
+//! `clippy::option_if_let_else` (nursery) reports on the literal.
+#![deny(clippy::option_if_let_else)]
 use std::borrow::Cow;
 use std::fmt;
 use std::num::NonZeroU64;
@@ -193,4 +198,18 @@ async fn a_redelivered_message_with_an_optional_id_field_is_not_paid_twice() {
         let _ = report;
     }
     assert_eq!(runs.load(Ordering::SeqCst), 1, "the payment ran once per delivery");
+}
+
+/// A float is refused as a key ("floats are still refused"): also when a generic handler bounded
+/// by `Display` is called with one, where the `Display` tier keys it by its text
+/// (`0.1 + 0.2` is keyed `0.30000000000000004`).
+#[tokio::test]
+async fn a_float_is_refused_also_through_a_display_generic_handler() {
+    let s = MemoryStore::new();
+    let out = observe(k_generic_display(&s, 0.1f64 + 0.2)).await;
+    assert!(
+        matches!(out.0, Err(AppError::Idem(idem_runtime::Error::InvalidKey { .. }))),
+        "a float was keyed: {:?}",
+        out.1.and_then(|r| r.key).map(|k| k.as_str().to_owned())
+    );
 }
