@@ -213,3 +213,26 @@ async fn a_float_is_refused_also_through_a_display_generic_handler() {
         out.1.and_then(|r| r.key).map(|k| k.as_str().to_owned())
     );
 }
+
+/// `current_lease()` inside a handler is "the lease it holds" (README: fence downstream writes
+/// with it). A call without a key holds none; nested in a keyed call, it gets the *outer* call's
+/// lease (another scope and key), and fences its own writes with a fence that is not its own.
+#[idempotent(key = "request", store = "store", scope = "texts.inner")]
+async fn inner(
+    store: &MemoryStore,
+    request: Option<String>,
+) -> Result<Option<String>, AppError> {
+    Ok(idem_runtime::current_lease().map(|l| l.scope().to_owned()))
+}
+
+#[idempotent(key = "order", store = "store", scope = "texts.outer")]
+async fn outer(store: &MemoryStore, order: u64) -> Result<Option<String>, AppError> {
+    inner(store, None).await
+}
+
+#[tokio::test]
+async fn an_unkeyed_call_nested_in_a_keyed_one_does_not_see_the_outer_lease_as_its_own() {
+    let s = MemoryStore::new();
+    let seen = outer(&s, 1).await.unwrap();
+    assert_eq!(seen, None, "the unkeyed inner call saw the outer call's lease as its own");
+}
