@@ -236,3 +236,33 @@ async fn an_unkeyed_call_nested_in_a_keyed_one_does_not_see_the_outer_lease_as_i
     let seen = outer(&s, 1).await.unwrap();
     assert_eq!(seen, None, "the unkeyed inner call saw the outer call's lease as its own");
 }
+
+/// A foreign `Display` type whose text is empty or long.
+struct Shown(String);
+
+impl fmt::Display for Shown {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[idempotent(key = "k", store = "store", scope = "texts.shown")]
+async fn k_shown(store: &MemoryStore, k: Shown) -> Result<(), AppError> {
+    let _ = &k;
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_empty_display_is_an_invalid_key_and_a_long_one_is_hashed() {
+    let s = MemoryStore::new();
+    let out = k_shown(&s, Shown(String::new())).await;
+    assert!(
+        matches!(out, Err(AppError::Idem(idem_runtime::Error::InvalidKey { .. }))),
+        "{out:?}"
+    );
+    let long = "x".repeat(idem_runtime::MAX_KEY_LEN + 1);
+    let t = text(k_shown(&s, Shown(long))).await;
+    assert!(t.starts_with("sha256:"), "{t}");
+    let t = text(k_shown(&s, Shown("a\0b".into()))).await;
+    assert!(t.starts_with("sha256:"), "{t}");
+}
