@@ -242,11 +242,16 @@ async fn run_in_tx_refuses_a_call_without_a_key() {
 /// returns `Err` (README: "a `commit` after the error commits nothing of them"). The call without
 /// a key takes no savepoint: a failed handler's partial writes stay in the caller's transaction,
 /// and a caller that commits after the error (its own writes, an audit row) commits them too.
-#[idempotent(key = "key", tx = "tx", store = "store", scope = "keys.optional.tx.err")]
+#[idempotent(
+    key = "key",
+    tx = "tx",
+    store = "store",
+    scope = "keys.optional.tx.err"
+)]
 async fn record_then_fail(
     store: &PgStore,
     tx: &mut sqlx::Transaction<'static, Postgres>,
-    key: Option<ForeignUuid>,
+    key: Option<RequestId>,
     insert: String,
 ) -> Result<u32, AppError> {
     sqlx::query(AssertSqlSafe(insert))
@@ -273,9 +278,13 @@ async fn a_failed_handler_without_a_key_leaves_no_writes_in_the_callers_commit()
         .unwrap();
     let insert = format!("INSERT INTO {effects} VALUES (1)");
     let mut counts = Vec::new();
-    for key in [Some(ForeignUuid(8)), None] {
+    for key in [rid("8"), None] {
         let mut tx = pool.begin().await.unwrap();
-        assert!(record_then_fail(&store, &mut tx, key, insert.clone()).await.is_err());
+        assert!(
+            record_then_fail(&store, &mut tx, key, insert.clone())
+                .await
+                .is_err()
+        );
         // The caller logs the failure and commits its own work.
         tx.commit().await.unwrap();
         let n: i64 = sqlx::query_scalar(AssertSqlSafe(format!("SELECT count(*) FROM {effects}")))

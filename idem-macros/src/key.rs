@@ -52,14 +52,15 @@ pub(crate) fn key_expr(
                 // An optional key (`Option` of an `OptionalKey` type) that is `None` makes a call
                 // without a key (a plain call).
                 let part = part(quote!(__idem_key));
+                // `map_or_else`, not a `match`: clippy's `option_if_let_else` would report that
+                // on the user's literal.
                 Some(quote_spanned!(span=> {
                     #tiers
-                    match (&&#krate::__private::key_tiers::KeyTag::new(&(#e))).__idem_maybe() {
-                        ::core::option::Option::Some(__idem_key) => {
+                    (&&#krate::__private::key_tiers::KeyTag::new(&(#e)))
+                        .__idem_maybe()
+                        .map_or_else(#krate::Call::unkeyed, |__idem_key| {
                             #krate::Call::from_key(#krate::Key::new(#part))
-                        }
-                        ::core::option::Option::None => #krate::Call::unkeyed(),
-                    }
+                        })
                 }))
             }
             Err(e) => {

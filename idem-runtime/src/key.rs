@@ -149,7 +149,8 @@ pub trait OptionalKey: KeyPart {}
 /// [`KeyBuilder::part`], wrap the value. Its text must stay the same across deploys: it is what
 /// the store compares. A type that is a `KeyPart` is always keyed by it, except in a generic
 /// handler whose key parameter is bound by `Display` only (`T: Display`): there rustc can only
-/// use `Display`, so bound it by `KeyPart` where the two texts differ.
+/// use `Display`, so bound it by `KeyPart` where the two texts differ (and such a handler called
+/// with a float keys it by its text, which a concrete float key is refused for).
 ///
 /// ```
 /// use idem_runtime::{DisplayKey, Key};

@@ -156,18 +156,23 @@ pub mod key_tiers {
         /// The float.
         fn __idem_part(&self) -> &'a T;
     }
-    impl<'a> PartFloat<'a, f32> for &&KeyTag<'a, f32> {
-        #[inline(always)]
-        fn __idem_part(&self) -> &'a f32 {
-            self.0.0
-        }
+    macro_rules! floats {
+        ($($t:ty),*) => {$(
+            impl<'a, 'b> PartFloat<'a, $t> for &&KeyTag<'a, $t> {
+                #[inline(always)]
+                fn __idem_part(&self) -> &'a $t {
+                    self.0.0
+                }
+            }
+        )*};
     }
-    impl<'a> PartFloat<'a, f64> for &&KeyTag<'a, f64> {
-        #[inline(always)]
-        fn __idem_part(&self) -> &'a f64 {
-            self.0.0
-        }
-    }
+    // Also behind the pointers a parameter may have (a generic `T: Display` called with a float
+    // is keyed by `Display`: documented at `DisplayKey`).
+    floats!(
+        f32, f64, &'b f32, &'b f64, &'b &'b f32, &'b &'b f64, &'b mut f32, &'b mut f64,
+        Box<f32>, Box<f64>, std::sync::Arc<f32>, std::sync::Arc<f64>,
+        std::rc::Rc<f32>, std::rc::Rc<f64>
+    );
 
     /// Another crate's type with `Display`: its text.
     pub trait PartDisplay<'a, T: ?Sized> {

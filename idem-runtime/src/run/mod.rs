@@ -119,7 +119,9 @@ impl Call {
     /// mark, as if it were not idempotent. It is what `#[idempotent]` makes of an `Option` key
     /// of an [`OptionalKey`](crate::OptionalKey) type that is `None` (an HTTP request without
     /// its optional `Idempotency-Key` header); the other
-    /// entry points (`run_in_tx`, the glue) refuse it with [`Error::InvalidKey`].
+    /// entry points (`run_in_tx`, `run_with_tx`) refuse it with [`Error::InvalidKey`]. Such a call
+    /// holds no lease of its own: inside it, [`current_lease`](crate::current_lease) is the
+    /// enclosing idempotent call's, if any, and [`observe`](crate::observe) reports nothing.
     ///
     /// ```
     /// use idem_runtime::{Call, MemoryStore, Options, run};
