@@ -48,6 +48,7 @@ mod macro_support;
 mod metrics;
 mod observe;
 mod options;
+mod pg_tx;
 mod run;
 mod shadow;
 mod store;
@@ -82,7 +83,8 @@ pub use key::{
 pub use lease::{CurrentLease, current_lease, wait_for_background};
 pub use observe::{CallOutcome, Report, Would, observe};
 pub use options::Options;
-pub use run::{AbsorbsIdemError, Call, Outcome, Replayable, TxConnection, run};
+pub use pg_tx::{Param, PgError, PgFuture, PgTransaction, Row, Value};
+pub use run::{AbsorbsIdemError, Call, Outcome, Replayable, TxConnection, TxRef, run};
 pub use shadow::{SHADOW_ENV, set_shadow, shadow};
 #[cfg(feature = "mysql")]
 pub use sql::MySqlStore;

@@ -2,7 +2,6 @@
 //! replay, a refusal), for both forms; and the check that a grant read late is still ours
 //! (`confirm`).
 
-use std::any::Any;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,7 +18,7 @@ use crate::{Error, Key, Options, Phase, StoreError, metrics};
 /// Where `begin` goes: the store, or the store inside the caller's transaction.
 pub(crate) enum Claimant<'a> {
     Store(&'a dyn Store),
-    Tx(&'a dyn TxStore, &'a mut (dyn Any + Send)),
+    Tx(&'a dyn TxStore, crate::TxRef<'a>),
 }
 
 impl<'a> Claimant<'a> {
@@ -41,7 +40,7 @@ impl<'a> Claimant<'a> {
     async fn begin(&mut self, req: &BeginRequest<'_>) -> Result<Begin, StoreError> {
         match self {
             Claimant::Store(s) => s.begin(req).await,
-            Claimant::Tx(s, tx) => s.begin_in(&mut **tx, req).await,
+            Claimant::Tx(s, tx) => s.begin_in(tx.reborrow(), req).await,
         }
     }
 }

@@ -32,7 +32,7 @@ use tracing::Instrument;
 pub(crate) use tx::replay_committed;
 #[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
 pub(crate) use tx::{Marked, NESTED, Owned, claim_outside, execute_tx};
-pub use tx::{TxConnection, run_tx_future, tx_access};
+pub use tx::{TxConnection, TxRef, run_tx_future, tx_access};
 
 /// The return type of an idempotent handler: `Result<T, E>`, where `T` is stored and replayed and
 /// `E` absorbs idem's [`Error`].

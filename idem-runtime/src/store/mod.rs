@@ -11,13 +11,12 @@ pub(crate) mod redis;
 #[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
 pub mod sql;
 
-use std::any::Any;
 use std::fmt;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use crate::{Error, Fingerprint, Key, StoreError};
+use crate::{Error, Fingerprint, Key, StoreError, TxRef};
 
 /// Proves ownership of a lease. 128 bits: a random per-process nonce and a per-process counter,
 /// so two callers of one process never share one (the counter) and two processes practically
@@ -259,21 +258,22 @@ pub trait Store: Send + Sync + 'static {
 
 /// What a store does for the transactional form: claim, mark and release **in the caller's
 /// transaction**, so the done mark commits or rolls back with the handler's writes. Implemented by
-/// the SQL store (and a layered store over one); the connection is the transaction's, type-erased
-/// (`sqlx::PgConnection`, `MySqlConnection` or `SqliteConnection`).
+/// the SQL store (and a layered store over one); the connection is the transaction's, as a
+/// [`TxRef`]: a connection of idem's sqlx, type-erased (`sqlx::PgConnection`, `MySqlConnection`
+/// or `SqliteConnection`), or a PostgreSQL transaction of another library.
 #[async_trait::async_trait]
 pub trait TxStore: Send + Sync {
     /// Claim the key for a handler that will run in the transaction on `tx`.
     async fn begin_in(
         &self,
-        tx: &mut (dyn Any + Send),
+        tx: TxRef<'_>,
         req: &BeginRequest<'_>,
     ) -> Result<Begin, StoreError>;
 
     /// Write the done mark in the transaction on `tx`.
     async fn complete_in(
         &self,
-        tx: &mut (dyn Any + Send),
+        tx: TxRef<'_>,
         scope: &str,
         key: &Key,
         lease: &Lease,
@@ -286,7 +286,7 @@ pub trait TxStore: Send + Sync {
     /// a connection of the pool the caller's transaction holds.
     async fn release_in(
         &self,
-        tx: &mut (dyn Any + Send),
+        tx: TxRef<'_>,
         scope: &str,
         key: &Key,
         lease: &Lease,
@@ -296,28 +296,28 @@ pub trait TxStore: Send + Sync {
     /// made in the transaction (so that undoing the handler undoes the claim too, and frees the
     /// key at once), after it otherwise. Names are unique per call, so nested calls on one
     /// transaction nest their savepoints (MySQL/MariaDB replace a savepoint of the same name).
-    async fn savepoint_in(&self, tx: &mut (dyn Any + Send), name: &str) -> Result<(), StoreError>;
+    async fn savepoint_in(&self, tx: TxRef<'_>, name: &str) -> Result<(), StoreError>;
 
     /// Undo everything since the savepoint `name` (the handler's writes, and a claim made in the
     /// transaction) after the handler failed or its done mark could not be written, so they can
     /// never commit without the mark, whatever the caller does next; then release the savepoint.
     async fn rollback_to_savepoint_in(
         &self,
-        tx: &mut (dyn Any + Send),
+        tx: TxRef<'_>,
         name: &str,
     ) -> Result<(), StoreError>;
 
     /// The done mark is written: the savepoint `name` is no longer needed.
     async fn release_savepoint_in(
         &self,
-        tx: &mut (dyn Any + Send),
+        tx: TxRef<'_>,
         name: &str,
     ) -> Result<(), StoreError>;
 
     /// Roll the whole transaction back on the server: what is left when undoing to a savepoint
     /// failed, so that nothing of the handler's can commit. The caller is then told that the
     /// transaction cannot be committed ([`Error::TransactionAborted`]).
-    async fn abort_in(&self, tx: &mut (dyn Any + Send)) -> Result<(), StoreError>;
+    async fn abort_in(&self, tx: TxRef<'_>) -> Result<(), StoreError>;
 
     /// The key's done record (its output and fingerprint) as committed: read outside the
     /// caller's transaction, by a read that never waits for one, and never through a connection

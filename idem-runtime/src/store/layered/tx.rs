@@ -1,13 +1,12 @@
 //! The transactional form through the layered store: the front claims first and answers
 //! duplicates; the durable store claims, marks and releases in the caller's transaction.
 
-use std::any::Any;
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::{LayeredStore, SETTLE};
 use crate::store::{Begin, BeginRequest, Lease, Store, TxStore};
-use crate::{Key, StoreError};
+use crate::{Key, StoreError, TxRef};
 
 impl<F: Store, D: Store> LayeredStore<F, D> {
     fn durable_tx(&self) -> Result<&dyn TxStore, StoreError> {
@@ -22,7 +21,7 @@ impl<F: Store, D: Store> LayeredStore<F, D> {
 impl<F: Store, D: Store> TxStore for LayeredStore<F, D> {
     async fn begin_in(
         &self,
-        tx: &mut (dyn Any + Send),
+        tx: TxRef<'_>,
         req: &BeginRequest<'_>,
     ) -> Result<Begin, StoreError> {
         let durable = self.durable_tx()?;
@@ -36,7 +35,7 @@ impl<F: Store, D: Store> TxStore for LayeredStore<F, D> {
 
     async fn complete_in(
         &self,
-        tx: &mut (dyn Any + Send),
+        tx: TxRef<'_>,
         scope: &str,
         key: &Key,
         lease: &Lease,
@@ -51,7 +50,7 @@ impl<F: Store, D: Store> TxStore for LayeredStore<F, D> {
 
     async fn release_in(
         &self,
-        tx: &mut (dyn Any + Send),
+        tx: TxRef<'_>,
         scope: &str,
         key: &Key,
         lease: &Lease,
@@ -61,13 +60,13 @@ impl<F: Store, D: Store> TxStore for LayeredStore<F, D> {
         answer
     }
 
-    async fn savepoint_in(&self, tx: &mut (dyn Any + Send), name: &str) -> Result<(), StoreError> {
+    async fn savepoint_in(&self, tx: TxRef<'_>, name: &str) -> Result<(), StoreError> {
         self.durable_tx()?.savepoint_in(tx, name).await
     }
 
     async fn rollback_to_savepoint_in(
         &self,
-        tx: &mut (dyn Any + Send),
+        tx: TxRef<'_>,
         name: &str,
     ) -> Result<(), StoreError> {
         self.durable_tx()?.rollback_to_savepoint_in(tx, name).await
@@ -75,13 +74,13 @@ impl<F: Store, D: Store> TxStore for LayeredStore<F, D> {
 
     async fn release_savepoint_in(
         &self,
-        tx: &mut (dyn Any + Send),
+        tx: TxRef<'_>,
         name: &str,
     ) -> Result<(), StoreError> {
         self.durable_tx()?.release_savepoint_in(tx, name).await
     }
 
-    async fn abort_in(&self, tx: &mut (dyn Any + Send)) -> Result<(), StoreError> {
+    async fn abort_in(&self, tx: TxRef<'_>) -> Result<(), StoreError> {
         self.durable_tx()?.abort_in(tx).await
     }
 

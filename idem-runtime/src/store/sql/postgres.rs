@@ -1,13 +1,14 @@
 //! The SQL store on PostgreSQL.
 
-use sqlx::postgres::PgRow;
-use sqlx::{PgConnection, Pool, Postgres, Row, SqlStr};
+use sqlx::{PgConnection, Pool, Postgres, SqlStr};
 
+use super::pg_exec::PgExec;
 use super::sealed::{At, Claim, Current, Mark, Migrations, Ops, Seen, Table};
 use super::{
-    Backend, MAX_RACES, advisory_key, apply_migrations, corrupt, db_error as unavailable, done_by,
+    Backend, MAX_RACES, advisory_key, apply_migrations, db_error as unavailable, done_by,
     side_pool, token_bytes, watchdog_pool,
 };
+use crate::pg_tx::{Param, PgTransaction};
 use crate::StoreError;
 use crate::store::{Begin, Token};
 
@@ -89,6 +90,9 @@ RETURNING 1";
 /// key is told "in flight" at once instead of blocking on the first one's row.
 const TRY_LOCK: &str = "SELECT pg_try_advisory_xact_lock($1)";
 
+/// The table's OID (`NULL` when it is not found).
+const REGCLASS: &str = "SELECT to_regclass($1)::oid::bigint";
+
 const OWNER: &str = "SELECT state, token FROM {table} WHERE scope = $1 AND idem_key = $2";
 
 /// The row as committed (a plain read never waits for a row lock).
@@ -142,36 +146,153 @@ pub struct Sql {
 
 impl Backend for Postgres {}
 
+/// The parameters of [`BEGIN`] and [`TAKE_OVER`] (and, by position, of [`REFRESH`]).
+fn claim_params<'a>(claim: &'a Claim<'a>, token: &'a [u8; 16]) -> [Param<'a>; 6] {
+    [
+        Param::Text(Some(claim.at.scope)),
+        Param::Text(Some(claim.at.key)),
+        Param::Bytes(Some(&token[..])),
+        Param::I64(Some(claim.ttl_us)),
+        Param::Bytes(claim.fingerprint.as_ref().map(|f| &f[..])),
+        Param::Text(Some(claim.holder)),
+    ]
+}
+
 /// Whether the lease just claimed, with `left` µs of it left by the clock after the statement,
 /// is fresh: renewed (up to three times) while less than [`FRESH_SHARE`] of its ttl is left.
 /// `false`: another claim took the key meanwhile.
-async fn fresh(
-    conn: &mut PgConnection,
+async fn fresh<E: PgExec + ?Sized>(
+    conn: &mut E,
     sql: &Sql,
     claim: &Claim<'_>,
     mut left: i64,
 ) -> Result<bool, StoreError> {
     let enough = claim.ttl_us / FRESH_SHARE.1 * FRESH_SHARE.0;
+    let token = token_bytes(claim.token);
     for _ in 0..3 {
         if left >= enough {
             return Ok(true);
         }
-        let renewed: Option<i64> = sqlx::query_scalar(sql.refresh.clone())
-            .bind(claim.at.scope)
-            .bind(claim.at.key)
-            .bind(&token_bytes(claim.token)[..])
-            .bind(claim.ttl_us)
-            .fetch_optional(&mut *conn)
-            .await
-            .map_err(unavailable)?;
+        let renewed = conn
+            .row(sql.refresh.as_str(), &claim_params(claim, &token)[..4])
+            .await?;
         match renewed {
-            Some(l) => left = l,
+            Some(mut row) => left = row.int_at(0)?,
             None => return Ok(false),
         }
     }
     Err(StoreError::unavailable(
         "the claim's lease keeps ending while it is granted (row locks held for longer than its ttl)",
     ))
+}
+
+/// Claim the key, or read what holds it: `Ops::begin` on any connection.
+async fn begin_on<E: PgExec + ?Sized>(
+    conn: &mut E,
+    sql: &Sql,
+    claim: &Claim<'_>,
+) -> Result<Begin, StoreError> {
+    let token = token_bytes(claim.token);
+    let params = claim_params(claim, &token);
+    for _ in 0..MAX_RACES {
+        let Some(mut row) = conn.row(sql.begin.as_str(), &params).await? else {
+            continue; // a concurrent claim committed after our snapshot: look again
+        };
+        if row.bool_at(0)? {
+            let fence = row.int_at(3)?;
+            let left = row.int_at(4)?;
+            if fresh(conn, sql, claim, left).await? {
+                return Ok(Begin::Acquired(claim.lease(fence as u64)));
+            }
+            continue; // taken over while it waited: look again
+        }
+        let current = Current {
+            state: row.small_at(1)?,
+            token: row.bytes_at(2)?,
+            remaining_us: row.int_at(4)?,
+            fingerprint: row.opt_bytes_at(5)?,
+            output: row.opt_bytes_at(6)?,
+        };
+        if let Seen::Answer(answer) = current.judge(claim)? {
+            return Ok(answer);
+        }
+        let taken = conn.row(sql.take_over.as_str(), &params).await?;
+        if let Some(mut taken) = taken {
+            let (fence, left) = (taken.int_at(0)?, taken.int_at(1)?);
+            if fresh(conn, sql, claim, left).await? {
+                return Ok(Begin::Acquired(claim.lease(fence as u64)));
+            }
+        }
+        // Another claim took the row between the two statements: look again.
+    }
+    Err(StoreError::unavailable(
+        "begin kept racing with concurrent claims of the same key",
+    ))
+}
+
+/// The transactional claim (`Ops::begin_in`) on any connection inside the caller's transaction.
+async fn begin_in_on<E: PgExec + ?Sized>(
+    conn: &mut E,
+    sql: &Sql,
+    table: &Table,
+    claim: &Claim<'_>,
+) -> Result<Begin, StoreError> {
+    let identity = match table.identity.get() {
+        Some(identity) => identity.clone(),
+        None => {
+            // The table's OID: the same whatever its spelling (schema-qualified or not).
+            let oid = match conn
+                .row(REGCLASS, &[Param::Text(Some(&table.qualified))])
+                .await?
+            {
+                Some(mut row) => row.opt_int_at(0)?,
+                None => None,
+            };
+            let identity = oid.map_or_else(|| table.qualified.clone(), |o| format!("oid:{o}"));
+            table.identity.get_or_init(|| identity).clone()
+        }
+    };
+    let lock = advisory_key(&identity, claim.at.scope, claim.at.key);
+    let got = match conn.row(TRY_LOCK, &[Param::I64(Some(lock))]).await? {
+        Some(mut row) => row.bool_at(0)?,
+        None => return Err(StoreError::Corrupt("no answer to the advisory lock".into())),
+    };
+    if !got {
+        // Another transaction holds the key; it gives it back when it ends.
+        return Ok(Begin::InFlight {
+            retry_after: claim.retry_hint(),
+        });
+    }
+    // Under the lock, the row is ours to read and write in this transaction.
+    begin_on(conn, sql, claim).await
+}
+
+/// The done mark (`Ops::complete`) on any connection.
+async fn complete_on<E: PgExec + ?Sized>(
+    conn: &mut E,
+    sql: &Sql,
+    mark: &Mark<'_>,
+) -> Result<(), StoreError> {
+    let token = token_bytes(mark.token);
+    let params = [
+        Param::Text(Some(mark.at.scope)),
+        Param::Text(Some(mark.at.key)),
+        Param::Bytes(Some(&token[..])),
+        Param::I64(Some(mark.keep_us)),
+        Param::Bytes(Some(mark.output)),
+        Param::Bytes(mark.fingerprint.as_ref().map(|f| &f[..])),
+    ];
+    if conn.exec(sql.mark.as_str(), &params).await? == 1 {
+        return Ok(());
+    }
+    if conn.row(sql.complete.as_str(), &params).await?.is_some() {
+        return Ok(());
+    }
+    let owner = match conn.row(sql.owner.as_str(), &params[..2]).await? {
+        Some(mut row) => Some((row.small_at(0)?, row.bytes_at(1)?)),
+        None => None,
+    };
+    done_by(owner, mark.token)
 }
 
 returning_ops! {
@@ -232,58 +353,7 @@ impl Ops for Postgres, PgConnection {
         sql: &Sql,
         claim: &Claim<'_>,
     ) -> Result<Begin, StoreError> {
-        for _ in 0..MAX_RACES {
-            let row: Option<PgRow> = sqlx::query(sql.begin.clone())
-                .bind(claim.at.scope)
-                .bind(claim.at.key)
-                .bind(&token_bytes(claim.token)[..])
-                .bind(claim.ttl_us)
-                .bind(claim.fingerprint.as_ref().map(|f| &f[..]))
-                .bind(claim.holder)
-                .fetch_optional(&mut *conn)
-                .await
-                .map_err(unavailable)?;
-            let Some(row) = row else {
-                continue; // a concurrent claim committed after our snapshot: look again
-            };
-            if row.try_get::<bool, _>(0).map_err(corrupt)? {
-                let fence = row.try_get::<i64, _>(3).map_err(corrupt)?;
-                let left = row.try_get::<i64, _>(4).map_err(corrupt)?;
-                if fresh(conn, sql, claim, left).await? {
-                    return Ok(Begin::Acquired(claim.lease(fence as u64)));
-                }
-                continue; // taken over while it waited: look again
-            }
-            let current = Current {
-                state: row.try_get(1).map_err(corrupt)?,
-                token: row.try_get(2).map_err(corrupt)?,
-                remaining_us: row.try_get(4).map_err(corrupt)?,
-                fingerprint: row.try_get(5).map_err(corrupt)?,
-                output: row.try_get(6).map_err(corrupt)?,
-            };
-            if let Seen::Answer(answer) = current.judge(claim)? {
-                return Ok(answer);
-            }
-            let taken: Option<(i64, i64)> = sqlx::query_as(sql.take_over.clone())
-                .bind(claim.at.scope)
-                .bind(claim.at.key)
-                .bind(&token_bytes(claim.token)[..])
-                .bind(claim.ttl_us)
-                .bind(claim.fingerprint.as_ref().map(|f| &f[..]))
-                .bind(claim.holder)
-                .fetch_optional(&mut *conn)
-                .await
-                .map_err(unavailable)?;
-            if let Some((fence, left)) = taken
-                && fresh(conn, sql, claim, left).await?
-            {
-                return Ok(Begin::Acquired(claim.lease(fence as u64)));
-            }
-            // Another claim took the row between the two statements: look again.
-        }
-        Err(StoreError::unavailable(
-            "begin kept racing with concurrent claims of the same key",
-        ))
+        begin_on(conn, sql, claim).await
     }
 
     async fn begin_in(
@@ -292,33 +362,28 @@ impl Ops for Postgres, PgConnection {
         table: &Table,
         claim: &Claim<'_>,
     ) -> Result<Begin, StoreError> {
-        let identity = match table.identity.get() {
-            Some(identity) => identity.clone(),
-            None => {
-                // The table's OID: the same whatever its spelling (schema-qualified or not).
-                let oid: Option<i64> = sqlx::query_scalar("SELECT to_regclass($1)::oid::bigint")
-                    .bind(&table.qualified)
-                    .fetch_one(&mut *conn)
-                    .await
-                    .map_err(unavailable)?;
-                let identity = oid.map_or_else(|| table.qualified.clone(), |o| format!("oid:{o}"));
-                table.identity.get_or_init(|| identity).clone()
-            }
-        };
-        let lock = advisory_key(&identity, claim.at.scope, claim.at.key);
-        let got: bool = sqlx::query_scalar(TRY_LOCK)
-            .bind(lock)
-            .fetch_one(&mut *conn)
-            .await
-            .map_err(unavailable)?;
-        if !got {
-            // Another transaction holds the key; it gives it back when it ends.
-            return Ok(Begin::InFlight {
-                retry_after: claim.retry_hint(),
-            });
-        }
-        // Under the lock, the row is ours to read and write in this transaction.
-        Self::begin(conn, sql, claim).await
+        begin_in_on(conn, sql, table, claim).await
+    }
+
+    async fn begin_in_foreign(
+        tx: &mut (dyn PgTransaction + '_),
+        sql: &Sql,
+        table: &Table,
+        claim: &Claim<'_>,
+    ) -> Result<Begin, StoreError> {
+        begin_in_on(tx, sql, table, claim).await
+    }
+
+    async fn complete(conn: &mut PgConnection, sql: &Sql, mark: &Mark<'_>) -> Result<(), StoreError> {
+        complete_on(conn, sql, mark).await
+    }
+
+    async fn complete_foreign(
+        tx: &mut (dyn PgTransaction + '_),
+        sql: &Sql,
+        mark: &Mark<'_>,
+    ) -> Result<(), StoreError> {
+        complete_on(tx, sql, mark).await
     }
 
     async fn raw(conn: &mut PgConnection, sql: String) -> Result<(), sqlx::Error> {

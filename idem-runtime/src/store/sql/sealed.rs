@@ -9,8 +9,17 @@ use std::time::Duration;
 use sqlx::Pool;
 
 use super::{DONE, FORGOTTEN, FREE, IN_FLIGHT, InvalidTableName, MAX_TABLE_NAME_LEN, token_of};
-use crate::StoreError;
 use crate::store::{Begin, Token};
+use crate::{PgTransaction, StoreError};
+
+/// A PostgreSQL transaction of `library` given to a store on another database.
+pub fn not_postgres<DB: Ops>(library: &str) -> StoreError {
+    StoreError::Unsupported(format!(
+        "the transaction is a PostgreSQL transaction of {library}, but the store is on {}: \
+         a transaction of another library reaches only a SqlStore<Postgres>",
+        <DB as sqlx::Database>::NAME
+    ))
+}
 
 /// A validated table name.
 #[derive(Debug, Clone)]
@@ -202,6 +211,26 @@ pub trait Ops: sqlx::Database + Sized {
         table: &Table,
         claim: &Claim<'_>,
     ) -> Result<Begin, StoreError>;
+    /// [`Self::begin_in`] on a PostgreSQL transaction of another library. Only PostgreSQL runs
+    /// it; the others are refused before (see `sql/tx.rs`).
+    async fn begin_in_foreign(
+        tx: &mut (dyn PgTransaction + '_),
+        sql: &Self::Sql,
+        table: &Table,
+        claim: &Claim<'_>,
+    ) -> Result<Begin, StoreError> {
+        let _ = (sql, table, claim);
+        Err(not_postgres::<Self>(tx.library()))
+    }
+    /// [`Self::complete`] on a PostgreSQL transaction of another library (as `begin_in_foreign`).
+    async fn complete_foreign(
+        tx: &mut (dyn PgTransaction + '_),
+        sql: &Self::Sql,
+        mark: &Mark<'_>,
+    ) -> Result<(), StoreError> {
+        let _ = (sql, mark);
+        Err(not_postgres::<Self>(tx.library()))
+    }
     /// The key's row as committed, by a plain read that never waits for a lock (`None`: absent).
     async fn peek(
         conn: &mut Self::Connection,

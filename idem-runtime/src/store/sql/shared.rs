@@ -9,8 +9,9 @@ use sha2::{Digest, Sha256};
 use crate::StoreError;
 use crate::store::Token;
 
-/// The `Ops` impl of a backend with `RETURNING` (PostgreSQL, SQLite): `complete`, `release`,
-/// `extend` and `purge_batch` are the same statements, bound the same way, on both; only the
+/// The `Ops` impl of a backend with `RETURNING` (PostgreSQL, SQLite): `release`, `extend`,
+/// `peek` and `purge_batch` are the same statements, bound the same way, on both (`complete` is
+/// each backend's: PostgreSQL's also runs on a caller's transaction of another library); only the
 /// connection type differs. The backend's own items are passed in. Names in the bodies (`Sql`,
 /// `unavailable`, `done_by`, ...) resolve in the invoking backend's module.
 #[cfg(any(feature = "postgres", feature = "sqlite"))]
@@ -19,43 +20,6 @@ macro_rules! returning_ops {
         #[async_trait::async_trait]
         impl Ops for $db {
         $($items)*
-        async fn complete(conn: &mut $conn, sql: &Sql, mark: &Mark<'_>) -> Result<(), StoreError> {
-            let token = token_bytes(mark.token);
-            let marked = sqlx::query(sql.mark.clone())
-                .bind(mark.at.scope)
-                .bind(mark.at.key)
-                .bind(&token[..])
-                .bind(mark.keep_us)
-                .bind(mark.output)
-                .bind(mark.fingerprint.as_ref().map(|f| &f[..]))
-                .execute(&mut *conn)
-                .await
-                .map_err(unavailable)?;
-            if marked.rows_affected() == 1 {
-                return Ok(());
-            }
-            let written = sqlx::query(sql.complete.clone())
-                .bind(mark.at.scope)
-                .bind(mark.at.key)
-                .bind(&token[..])
-                .bind(mark.keep_us)
-                .bind(mark.output)
-                .bind(mark.fingerprint.as_ref().map(|f| &f[..]))
-                .fetch_optional(&mut *conn)
-                .await
-                .map_err(unavailable)?;
-            if written.is_some() {
-                return Ok(());
-            }
-            let row: Option<(i16, Vec<u8>)> = sqlx::query_as(sql.owner.clone())
-                .bind(mark.at.scope)
-                .bind(mark.at.key)
-                .fetch_optional(&mut *conn)
-                .await
-                .map_err(unavailable)?;
-            done_by(row, mark.token)
-        }
-
         async fn release(
             conn: &mut $conn,
             sql: &Sql,

@@ -112,6 +112,43 @@ impl Backend for Sqlite {}
 
 returning_ops! {
 impl Ops for Sqlite, SqliteConnection {
+    async fn complete(conn: &mut SqliteConnection, sql: &Sql, mark: &Mark<'_>) -> Result<(), StoreError> {
+        let token = token_bytes(mark.token);
+        let marked = sqlx::query(sql.mark.clone())
+            .bind(mark.at.scope)
+            .bind(mark.at.key)
+            .bind(&token[..])
+            .bind(mark.keep_us)
+            .bind(mark.output)
+            .bind(mark.fingerprint.as_ref().map(|f| &f[..]))
+            .execute(&mut *conn)
+            .await
+            .map_err(unavailable)?;
+        if marked.rows_affected() == 1 {
+            return Ok(());
+        }
+        let written = sqlx::query(sql.complete.clone())
+            .bind(mark.at.scope)
+            .bind(mark.at.key)
+            .bind(&token[..])
+            .bind(mark.keep_us)
+            .bind(mark.output)
+            .bind(mark.fingerprint.as_ref().map(|f| &f[..]))
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(unavailable)?;
+        if written.is_some() {
+            return Ok(());
+        }
+        let row: Option<(i16, Vec<u8>)> = sqlx::query_as(sql.owner.clone())
+            .bind(mark.at.scope)
+            .bind(mark.at.key)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(unavailable)?;
+        done_by(row, mark.token)
+    }
+
     type Sql = Sql;
     const MIGRATIONS: Migrations = MIGRATIONS;
     const MIGRATIONS_TABLE: &'static str = MIGRATIONS_TABLE;

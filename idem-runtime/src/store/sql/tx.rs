@@ -2,7 +2,6 @@
 //! caller's transaction (see `run/tx.rs` for the steps), and `run_in_tx` / `run_with_tx`, which
 //! begin and commit the transaction themselves.
 
-use std::any::Any;
 use std::cell::RefCell;
 use std::future::Future;
 use std::pin::Pin;
@@ -12,6 +11,7 @@ use std::time::Duration;
 use sqlx::Transaction;
 
 use super::sealed::{At, Claim};
+use super::sealed::Mark;
 use super::{Backend, DONE, SqlStore, db_error, micros, stored_scope};
 use crate::observe::CallOutcome;
 use crate::run::{
@@ -20,8 +20,8 @@ use crate::run::{
 };
 use crate::store::{Begin, BeginRequest, Lease, Store, TxStore};
 use crate::{
-    AbsorbsIdemError, Call, Error, Fingerprint, Key, Options, Outcome, Phase, Replayable,
-    StoreError,
+    AbsorbsIdemError, Call, Error, Fingerprint, Key, Options, Outcome, Phase, PgTransaction,
+    Replayable, StoreError, TxRef,
 };
 use tracing::Instrument;
 
@@ -29,23 +29,57 @@ use tracing::Instrument;
 /// transaction it was given.
 pub type TxFuture<'t, R> = Pin<Box<dyn Future<Output = R> + Send + 't>>;
 
+/// The caller's transaction as the store runs its statements on it: a connection of idem's sqlx
+/// of the store's database, or a PostgreSQL transaction of another library.
+enum Conn<'a, DB: Backend> {
+    Native(&'a mut DB::Connection),
+    Foreign(&'a mut (dyn PgTransaction + 'a)),
+}
+
 /// The transaction's connection, or why the store cannot use it.
-fn conn_of<DB: Backend>(tx: &mut (dyn Any + Send)) -> Result<&mut DB::Connection, StoreError> {
-    tx.downcast_mut::<DB::Connection>().ok_or_else(|| {
-        StoreError::Unsupported(format!(
-            "the transaction is not on {}, the store's database",
-            DB::NAME
-        ))
-    })
+fn conn_of<DB: Backend>(tx: TxRef<'_>) -> Result<Conn<'_, DB>, StoreError> {
+    match tx {
+        TxRef::Sqlx(c) => c
+            .downcast_mut::<DB::Connection>()
+            .map(Conn::Native)
+            .ok_or_else(|| {
+                StoreError::Unsupported(format!(
+                    "the transaction is not on {}, the store's database",
+                    DB::NAME
+                ))
+            }),
+        TxRef::Pg(t) if DB::NAME == "PostgreSQL" => Ok(Conn::Foreign(t)),
+        TxRef::Pg(t) => Err(super::sealed::not_postgres::<DB>(t.library())),
+    }
+}
+
+impl<DB: Backend> Conn<'_, DB> {
+    /// Run one statement of ours that takes no parameters (savepoints, `ROLLBACK`, `BEGIN`).
+    /// `gone`: a database error saying the transaction is not open is
+    /// [`StoreError::TransactionGone`].
+    async fn raw(&mut self, sql: String, gone: bool) -> Result<(), StoreError> {
+        match self {
+            Conn::Native(c) => DB::raw(c, sql).await.map_err(|e| {
+                if gone {
+                    gone_or_db_error(e)
+                } else {
+                    db_error(e)
+                }
+            }),
+            Conn::Foreign(t) => match t.execute(&sql, &[]).await {
+                Ok(_) => Ok(()),
+                Err(e) if gone && matches!(e.code(), Some("25P01" | "25P02")) => {
+                    Err(StoreError::TransactionGone(e.to_string()))
+                }
+                Err(e) => Err(StoreError::Unavailable(Box::new(e))),
+            },
+        }
+    }
 }
 
 #[async_trait::async_trait]
 impl<DB: Backend> TxStore for SqlStore<DB> {
-    async fn begin_in(
-        &self,
-        tx: &mut (dyn Any + Send),
-        req: &BeginRequest<'_>,
-    ) -> Result<Begin, StoreError> {
+    async fn begin_in(&self, tx: TxRef<'_>, req: &BeginRequest<'_>) -> Result<Begin, StoreError> {
         let conn = conn_of::<DB>(tx)?;
         if !DB::CLAIMS_IN_TX {
             // A lease outside the transaction, through a pool of its own: the caller's
@@ -65,25 +99,44 @@ impl<DB: Backend> TxStore for SqlStore<DB> {
             brief_lock_wait: false,
             holder: &holder,
         };
-        DB::begin_in(conn, &self.inner.sql, &self.inner.table, &claim).await
+        let (sql, table) = (&self.inner.sql, &self.inner.table);
+        match conn {
+            Conn::Native(c) => DB::begin_in(c, sql, table, &claim).await,
+            Conn::Foreign(t) => DB::begin_in_foreign(t, sql, table, &claim).await,
+        }
     }
 
     async fn complete_in(
         &self,
-        tx: &mut (dyn Any + Send),
+        tx: TxRef<'_>,
         scope: &str,
         key: &Key,
         lease: &Lease,
         output: &[u8],
         keep: Duration,
     ) -> Result<(), StoreError> {
-        let conn = conn_of::<DB>(tx)?;
-        SqlStore::complete_in(self, conn, scope, key, lease, output, keep).await
+        match conn_of::<DB>(tx)? {
+            Conn::Native(c) => SqlStore::complete_in(self, c, scope, key, lease, output, keep).await,
+            Conn::Foreign(t) => {
+                let scope = stored_scope(scope);
+                let mark = Mark {
+                    at: At {
+                        scope: &scope,
+                        key: key.as_str(),
+                    },
+                    token: lease.token,
+                    fingerprint: lease.fingerprint.map(|f| f.0),
+                    output,
+                    keep_us: micros(keep),
+                };
+                DB::complete_foreign(t, &self.inner.sql, &mark).await
+            }
+        }
     }
 
     async fn release_in(
         &self,
-        tx: &mut (dyn Any + Send),
+        tx: TxRef<'_>,
         scope: &str,
         key: &Key,
         lease: &Lease,
@@ -97,15 +150,24 @@ impl<DB: Backend> TxStore for SqlStore<DB> {
         }
     }
 
-    async fn savepoint_in(&self, tx: &mut (dyn Any + Send), name: &str) -> Result<(), StoreError> {
-        let conn = conn_of::<DB>(tx)?;
-        DB::raw(conn, format!("SAVEPOINT {}", savepoint(name)?))
-            .await
-            .map_err(gone_or_db_error)?;
+    async fn savepoint_in(&self, tx: TxRef<'_>, name: &str) -> Result<(), StoreError> {
+        let mut conn = conn_of::<DB>(tx)?;
+        if let Conn::Foreign(t) = &conn
+            && t.in_transaction() == Some(false)
+        {
+            return Err(StoreError::TransactionGone(format!(
+                "the {} connection reports no transaction",
+                t.library()
+            )));
+        }
+        conn.raw(format!("SAVEPOINT {}", savepoint(name)?), true)
+            .await?;
         // MySQL and MariaDB accept a savepoint outside a transaction (a deadlock rolled the
         // caller's back, and sqlx does not know): the handler's writes would then commit one by
         // one. Where the server can tell, it is asked.
-        if let Some(false) = DB::in_transaction(conn).await? {
+        if let Conn::Native(c) = &mut conn
+            && let Some(false) = DB::in_transaction(c).await?
+        {
             return Err(StoreError::TransactionGone(
                 "the server reports the connection in no transaction (rolled back: a deadlock, or an earlier TransactionAborted)".into(),
             ));
@@ -113,49 +175,36 @@ impl<DB: Backend> TxStore for SqlStore<DB> {
         Ok(())
     }
 
-    async fn rollback_to_savepoint_in(
-        &self,
-        tx: &mut (dyn Any + Send),
-        name: &str,
-    ) -> Result<(), StoreError> {
-        let conn = conn_of::<DB>(tx)?;
+    async fn rollback_to_savepoint_in(&self, tx: TxRef<'_>, name: &str) -> Result<(), StoreError> {
+        let mut conn = conn_of::<DB>(tx)?;
         let name = savepoint(name)?;
-        DB::raw(conn, format!("ROLLBACK TO SAVEPOINT {name}"))
-            .await
-            .map_err(db_error)?;
-        DB::raw(conn, format!("RELEASE SAVEPOINT {name}"))
-            .await
-            .map_err(db_error)
+        conn.raw(format!("ROLLBACK TO SAVEPOINT {name}"), false)
+            .await?;
+        conn.raw(format!("RELEASE SAVEPOINT {name}"), false).await
     }
 
-    async fn release_savepoint_in(
-        &self,
-        tx: &mut (dyn Any + Send),
-        name: &str,
-    ) -> Result<(), StoreError> {
-        DB::raw(
-            conn_of::<DB>(tx)?,
-            format!("RELEASE SAVEPOINT {}", savepoint(name)?),
-        )
-        .await
-        .map_err(db_error)
+    async fn release_savepoint_in(&self, tx: TxRef<'_>, name: &str) -> Result<(), StoreError> {
+        conn_of::<DB>(tx)?
+            .raw(format!("RELEASE SAVEPOINT {}", savepoint(name)?), false)
+            .await
     }
 
     /// Roll back, then begin again at once, so that nothing written through this connection
-    /// afterwards commits by itself (sqlx still counts the transaction as open, and the caller
-    /// was told to roll it back). On PostgreSQL the new transaction is also made to fail, so
-    /// that every later statement on it fails and a commit rolls back.
-    async fn abort_in(&self, tx: &mut (dyn Any + Send)) -> Result<(), StoreError> {
-        let conn = conn_of::<DB>(tx)?;
+    /// afterwards commits by itself (the driver still counts the transaction as open, and the
+    /// caller was told to roll it back). On PostgreSQL the new transaction is also made to fail,
+    /// so that every later statement on it fails and a commit rolls back.
+    async fn abort_in(&self, tx: TxRef<'_>) -> Result<(), StoreError> {
+        let mut conn = conn_of::<DB>(tx)?;
         // Fails when the server has no transaction any more (SQLite says so): no matter.
-        let _ = DB::raw(conn, "ROLLBACK".to_owned()).await;
-        DB::raw(conn, "BEGIN".to_owned()).await.map_err(db_error)?;
+        let _ = conn.raw("ROLLBACK".to_owned(), false).await;
+        conn.raw("BEGIN".to_owned(), false).await?;
         if DB::NAME == "PostgreSQL" {
-            let _ = DB::raw(
-                conn,
-                "DO $$ BEGIN RAISE EXCEPTION 'idem: this transaction was rolled back (TransactionAborted): roll it back'; END $$".to_owned(),
-            )
-            .await;
+            let _ = conn
+                .raw(
+                    "DO $$ BEGIN RAISE EXCEPTION 'idem: this transaction was rolled back (TransactionAborted): roll it back'; END $$".to_owned(),
+                    false,
+                )
+                .await;
         }
         Ok(())
     }
@@ -527,8 +576,8 @@ impl<DB: Backend> SqlStore<DB> {
 
 /// A sqlx transaction (what `pool.begin()` gives), of any database the SQL store runs on.
 impl<DB: Backend> TxConnection for Transaction<'_, DB> {
-    fn as_tx(&mut self) -> (&mut (dyn Any + Send), bool) {
-        (&mut **self, true)
+    fn as_tx(&mut self) -> (TxRef<'_>, bool) {
+        (TxRef::Sqlx(&mut **self), true)
     }
 }
 
@@ -537,9 +586,9 @@ macro_rules! connection_is_tx {
     ($($feature:literal => $conn:ty),*) => {$(
         #[cfg(feature = $feature)]
         impl TxConnection for $conn {
-            fn as_tx(&mut self) -> (&mut (dyn Any + Send), bool) {
+            fn as_tx(&mut self) -> (TxRef<'_>, bool) {
                 let in_tx = sqlx::Connection::is_in_transaction(self);
-                (self, in_tx)
+                (TxRef::Sqlx(self), in_tx)
             }
         }
     )*};

@@ -1,0 +1,197 @@
+//! `#[idempotent(tx = "tx")]` on a sqlx **0.8** `Transaction<'_, Postgres>` (feature `sqlx-0-8`;
+//! idem is built on sqlx 0.9): the done mark is written in the caller's sqlx 0.8 transaction,
+//! through a `SqlStore<Postgres>`. Effects are rows in the database. PostgreSQL: `POSTGRES_URL`.
+#[path = "support/sql.rs"]
+mod sql;
+mod support;
+#[path = "pg_foreign/mod.rs"]
+mod pg_foreign;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use idem_runtime::{Error, MemoryStore, PgStore, SqliteStore, Store, idempotent};
+use pg_foreign::{Setup, url};
+
+#[derive(Debug, thiserror::Error)]
+enum AppError {
+    #[error(transparent)]
+    Idem(#[from] Error),
+    #[error(transparent)]
+    Db(#[from] sqlx08::Error),
+    #[error("the handler refused")]
+    Refused,
+}
+
+/// A sqlx 0.8 pool of `max` connections on the same server.
+async fn pool08(max: u32) -> sqlx08::PgPool {
+    sqlx08::postgres::PgPoolOptions::new()
+        .max_connections(max)
+        .connect(&url())
+        .await
+        .expect("PostgreSQL reachable (the sqlx 0.9 pool was)")
+}
+
+/// One delivery: writes its effect row in the caller's transaction; fails after it if `fail`.
+#[idempotent(key = "key", tx = "tx", store = "store", scope = "tests.pg_foreign_sqlx08")]
+async fn apply(
+    store: &PgStore,
+    tx: &mut sqlx08::Transaction<'_, sqlx08::Postgres>,
+    key: String,
+    insert: &str,
+    runs: &AtomicUsize,
+    fail: bool,
+) -> Result<u64, AppError> {
+    runs.fetch_add(1, Ordering::SeqCst);
+    sqlx08::query(insert).bind(&key).execute(&mut **tx).await?;
+    if fail {
+        return Err(AppError::Refused);
+    }
+    Ok(42)
+}
+
+#[idempotent(key = "key", tx = "tx", store = "store", scope = "tests.pg_foreign_sqlx08")]
+async fn apply_on(
+    store: &dyn Store,
+    tx: &mut sqlx08::Transaction<'_, sqlx08::Postgres>,
+    key: String,
+    runs: &AtomicUsize,
+) -> Result<u64, AppError> {
+    runs.fetch_add(1, Ordering::SeqCst);
+    let _ = tx;
+    Ok(1)
+}
+
+#[tokio::test]
+async fn the_same_key_twice_runs_once_and_replays() {
+    let Some(s) = Setup::new("s08_twice").await else {
+        return;
+    };
+    let runs = AtomicUsize::new(0);
+    let client = pool08(2).await;
+    for _ in 0..2 {
+        let mut tx = client.begin().await.unwrap();
+        let out = apply(&s.store, &mut tx, "k1".into(), &s.insert(), &runs, false).await;
+        assert_eq!(out.unwrap(), 42);
+        tx.commit().await.unwrap();
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    assert_eq!(s.effects_of("k1").await, 1);
+    assert_eq!(s.marks_of("k1").await, 1);
+    s.drop_tables().await;
+}
+
+#[tokio::test]
+async fn sixteen_concurrent_transactions_on_one_key_apply_it_once() {
+    let Some(s) = Setup::new("s08_race").await else {
+        return;
+    };
+    let s = Arc::new(s);
+    let runs = Arc::new(AtomicUsize::new(0));
+    let start = Arc::new(tokio::sync::Barrier::new(16));
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let (s, runs, start) = (s.clone(), runs.clone(), start.clone());
+        tasks.push(tokio::spawn(async move {
+            // A connection of its own (not a pool's), as another process would have.
+            let mut conn: sqlx08::PgConnection = sqlx08::Connection::connect(&url()).await.unwrap();
+            let mut tx = sqlx08::Connection::begin(&mut conn).await.unwrap();
+            start.wait().await;
+            let out = apply(&s.store, &mut tx, "k".into(), &s.insert(), &runs, false).await;
+            tx.commit().await.unwrap();
+            out
+        }));
+    }
+    let mut ran_or_replayed = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(v) => {
+                assert_eq!(v, 42);
+                ran_or_replayed += 1;
+            }
+            Err(AppError::Idem(Error::InFlight { .. })) => {}
+            Err(e) => panic!("unexpected: {e:?}"),
+        }
+    }
+    assert!(ran_or_replayed >= 1);
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "executions");
+    assert_eq!(s.effects_of("k").await, 1, "effect rows");
+    Arc::into_inner(s).unwrap().drop_tables().await;
+}
+
+#[tokio::test]
+async fn a_handler_error_rolls_its_writes_back_and_frees_the_key() {
+    let Some(s) = Setup::new("s08_err").await else {
+        return;
+    };
+    let runs = AtomicUsize::new(0);
+    let client = pool08(2).await;
+    let mut tx = client.begin().await.unwrap();
+    let out = apply(&s.store, &mut tx, "k".into(), &s.insert(), &runs, true).await;
+    assert!(matches!(out, Err(AppError::Refused)), "{out:?}");
+    // Committed anyway: nothing of the handler's is in it.
+    tx.commit().await.unwrap();
+    assert_eq!(s.effects_of("k").await, 0);
+    let mut tx = client.begin().await.unwrap();
+    let out = apply(&s.store, &mut tx, "k".into(), &s.insert(), &runs, false).await;
+    assert_eq!(out.unwrap(), 42);
+    tx.commit().await.unwrap();
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+    assert_eq!(s.effects_of("k").await, 1);
+    s.drop_tables().await;
+}
+
+#[tokio::test]
+async fn a_rollback_after_ok_takes_the_effect_and_the_mark_with_it() {
+    let Some(s) = Setup::new("s08_rb").await else {
+        return;
+    };
+    let runs = AtomicUsize::new(0);
+    let client = pool08(2).await;
+    let mut tx = client.begin().await.unwrap();
+    let out = apply(&s.store, &mut tx, "k".into(), &s.insert(), &runs, false).await;
+    assert_eq!(out.unwrap(), 42);
+    tx.rollback().await.unwrap();
+    assert_eq!(s.effects_of("k").await, 0);
+    assert_eq!(s.marks_of("k").await, 0);
+    let mut tx = client.begin().await.unwrap();
+    let out = apply(&s.store, &mut tx, "k".into(), &s.insert(), &runs, false).await;
+    assert_eq!(out.unwrap(), 42);
+    tx.commit().await.unwrap();
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+    assert_eq!(s.effects_of("k").await, 1);
+    assert_eq!(s.marks_of("k").await, 1);
+    s.drop_tables().await;
+}
+
+#[tokio::test]
+async fn a_sqlx_0_8_transaction_on_a_sqlite_store_is_not_transactional() {
+    // Only to be sure the server is there (and fail under CI when it is not).
+    let Some(_pool) = sql::postgres(1).await else {
+        return;
+    };
+    let path = std::env::temp_dir().join(format!("idem-s08-{}.db", std::process::id()));
+    let store = SqliteStore::open(&path).await.unwrap();
+    let runs = AtomicUsize::new(0);
+    let client = pool08(2).await;
+    let mut tx = client.begin().await.unwrap();
+    let out = apply_on(&store, &mut tx, "k".into(), &runs).await;
+    match out {
+        Err(AppError::Idem(Error::NotTransactional { reason })) => {
+            assert!(reason.contains("sqlx 0.8"), "{reason}");
+            assert!(reason.contains("SQLite"), "{reason}");
+        }
+        other => panic!("expected NotTransactional, got {other:?}"),
+    }
+    // A store with no SQL table at all.
+    let memory = MemoryStore::new();
+    let out = apply_on(&memory, &mut tx, "k".into(), &runs).await;
+    assert!(
+        matches!(out, Err(AppError::Idem(Error::NotTransactional { .. }))),
+        "{out:?}"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 0, "the handler ran");
+    tx.rollback().await.unwrap();
+    drop(store);
+    let _ = std::fs::remove_file(&path);
+}
