@@ -194,3 +194,91 @@ async fn a_tokio_postgres_transaction_on_a_sqlite_store_is_not_transactional() {
     drop(store);
     let _ = std::fs::remove_file(&path);
 }
+
+/// What tells the child process of the SIGKILL test apart (its table and effects table).
+const CHILD_ENV: &str = "IDEM_PG_FOREIGN_CHILD";
+/// What the child prints once its effect and mark are written in its open transaction.
+const CHILD_READY: &str = "IDEM-CHILD-READY";
+
+/// The child of `a_process_killed_between_the_effect_and_the_commit_leaves_neither`: runs the
+/// handler in a transaction it never commits, and waits to be killed. A no-op as a test.
+#[tokio::test]
+async fn child_process() {
+    let Ok(args) = std::env::var(CHILD_ENV) else {
+        return;
+    };
+    let (table, effects) = args.split_once(',').unwrap();
+    let pool = sql::postgres(2).await.expect("the parent reached the server");
+    let store = PgStore::with_table(pool, table).unwrap();
+    let insert = format!("INSERT INTO {effects} (msg_key) VALUES ($1)");
+    let runs = AtomicUsize::new(0);
+    let mut client = client().await;
+    let mut tx = client.transaction().await.unwrap();
+    let out = apply(&store, &mut tx, "k".into(), &insert, &runs, false).await;
+    assert_eq!(out.unwrap(), 42);
+    {
+        use std::io::Write as _;
+        let mut stdout = std::io::stdout();
+        writeln!(stdout, "{CHILD_READY}").unwrap();
+        stdout.flush().unwrap();
+    }
+    // Killed here, between the effect and the commit.
+    tokio::time::sleep(std::time::Duration::from_secs(120)).await;
+    panic!("the parent did not kill this process");
+}
+
+#[tokio::test]
+async fn a_process_killed_between_the_effect_and_the_commit_leaves_neither() {
+    use std::io::BufRead as _;
+    let Some(s) = Setup::new("tpg_kill").await else {
+        return;
+    };
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_process", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, format!("{},{}", s.table, s.effects))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let ready = tokio::task::spawn_blocking(move || {
+        std::io::BufReader::new(stdout)
+            .lines()
+            .any(|l| l.is_ok_and(|l| l.contains(CHILD_READY)))
+    })
+    .await
+    .unwrap();
+    assert!(ready, "the child ended before its handler ran");
+    let runs = AtomicUsize::new(0);
+    let mut client = client().await;
+    // While the child's transaction is open, a duplicate is refused at once.
+    let mut tx = client.transaction().await.unwrap();
+    let dup = apply(&s.store, &mut tx, "k".into(), &s.insert(), &runs, false).await;
+    assert!(
+        matches!(dup, Err(AppError::Idem(Error::InFlight { .. }))),
+        "{dup:?}"
+    );
+    tx.rollback().await.unwrap();
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    // The redelivery, once the server has seen the connection go (its lock and rows with it).
+    let started = std::time::Instant::now();
+    loop {
+        let mut tx = client.transaction().await.unwrap();
+        match apply(&s.store, &mut tx, "k".into(), &s.insert(), &runs, false).await {
+            Ok(v) => {
+                assert_eq!(v, 42);
+                tx.commit().await.unwrap();
+                break;
+            }
+            Err(AppError::Idem(Error::InFlight { .. })) if started.elapsed().as_secs() < 10 => {
+                tx.rollback().await.unwrap();
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("the redelivery failed: {e:?}"),
+        }
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "executions after the kill");
+    assert_eq!(s.effects_of("k").await, 1, "effect rows");
+    assert_eq!(s.marks_of("k").await, 1, "done marks");
+    s.drop_tables().await;
+}
