@@ -1,11 +1,11 @@
 //! `#[idempotent(tx = "tx")]` on a sqlx **0.8** `Transaction<'_, Postgres>` (feature `sqlx-0-8`;
 //! idem is built on sqlx 0.9): the done mark is written in the caller's sqlx 0.8 transaction,
 //! through a `SqlStore<Postgres>`. Effects are rows in the database. PostgreSQL: `POSTGRES_URL`.
+#[path = "pg_foreign/mod.rs"]
+mod pg_foreign;
 #[path = "support/sql.rs"]
 mod sql;
 mod support;
-#[path = "pg_foreign/mod.rs"]
-mod pg_foreign;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -33,7 +33,12 @@ async fn pool08(max: u32) -> sqlx08::PgPool {
 }
 
 /// One delivery: writes its effect row in the caller's transaction; fails after it if `fail`.
-#[idempotent(key = "key", tx = "tx", store = "store", scope = "tests.pg_foreign_sqlx08")]
+#[idempotent(
+    key = "key",
+    tx = "tx",
+    store = "store",
+    scope = "tests.pg_foreign_sqlx08"
+)]
 async fn apply(
     store: &PgStore,
     tx: &mut sqlx08::Transaction<'_, sqlx08::Postgres>,
@@ -50,7 +55,12 @@ async fn apply(
     Ok(42)
 }
 
-#[idempotent(key = "key", tx = "tx", store = "store", scope = "tests.pg_foreign_sqlx08")]
+#[idempotent(
+    key = "key",
+    tx = "tx",
+    store = "store",
+    scope = "tests.pg_foreign_sqlx08"
+)]
 async fn apply_on(
     store: &dyn Store,
     tx: &mut sqlx08::Transaction<'_, sqlx08::Postgres>,
@@ -209,7 +219,9 @@ async fn child_process() {
         return;
     };
     let (table, effects) = args.split_once(',').unwrap();
-    let pool = sql::postgres(2).await.expect("the parent reached the server");
+    let pool = sql::postgres(2)
+        .await
+        .expect("the parent reached the server");
     let store = PgStore::with_table(pool, table).unwrap();
     let insert = format!("INSERT INTO {effects} (msg_key) VALUES ($1)");
     let runs = AtomicUsize::new(0);
@@ -235,7 +247,12 @@ async fn a_process_killed_between_the_effect_and_the_commit_leaves_neither() {
         return;
     };
     let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "child_process", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "child_process",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(CHILD_ENV, format!("{},{}", s.table, s.effects))
         .stdout(std::process::Stdio::piped())
         .spawn()

@@ -1,11 +1,11 @@
 //! `#[idempotent(tx = "tx")]` on a `tokio_postgres::Transaction` (feature `tokio-postgres`): the
 //! done mark is written in the caller's tokio-postgres transaction, through a
 //! `SqlStore<Postgres>`. Effects are rows in the database. PostgreSQL: `POSTGRES_URL`.
+#[path = "pg_foreign/mod.rs"]
+mod pg_foreign;
 #[path = "support/sql.rs"]
 mod sql;
 mod support;
-#[path = "pg_foreign/mod.rs"]
-mod pg_foreign;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -33,7 +33,12 @@ async fn client() -> tokio_postgres::Client {
 }
 
 /// One delivery: writes its effect row in the caller's transaction; fails after it if `fail`.
-#[idempotent(key = "key", tx = "tx", store = "store", scope = "tests.pg_foreign_tokio")]
+#[idempotent(
+    key = "key",
+    tx = "tx",
+    store = "store",
+    scope = "tests.pg_foreign_tokio"
+)]
 async fn apply(
     store: &PgStore,
     tx: &mut tokio_postgres::Transaction<'_>,
@@ -50,7 +55,12 @@ async fn apply(
     Ok(42)
 }
 
-#[idempotent(key = "key", tx = "tx", store = "store", scope = "tests.pg_foreign_tokio")]
+#[idempotent(
+    key = "key",
+    tx = "tx",
+    store = "store",
+    scope = "tests.pg_foreign_tokio"
+)]
 async fn apply_on(
     store: &dyn Store,
     tx: &mut tokio_postgres::Transaction<'_>,
@@ -208,7 +218,9 @@ async fn child_process() {
         return;
     };
     let (table, effects) = args.split_once(',').unwrap();
-    let pool = sql::postgres(2).await.expect("the parent reached the server");
+    let pool = sql::postgres(2)
+        .await
+        .expect("the parent reached the server");
     let store = PgStore::with_table(pool, table).unwrap();
     let insert = format!("INSERT INTO {effects} (msg_key) VALUES ($1)");
     let runs = AtomicUsize::new(0);
@@ -234,7 +246,12 @@ async fn a_process_killed_between_the_effect_and_the_commit_leaves_neither() {
         return;
     };
     let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "child_process", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "child_process",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(CHILD_ENV, format!("{},{}", s.table, s.effects))
         .stdout(std::process::Stdio::piped())
         .spawn()

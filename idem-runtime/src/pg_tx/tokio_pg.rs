@@ -117,9 +117,11 @@ fn row_of(r: &tokio_postgres::Row) -> Result<Row, PgError> {
         } else if *ty == Type::INT8 {
             r.try_get::<_, Option<i64>>(i).map(|v| v.map(Value::Int))
         } else if *ty == Type::TEXT || *ty == Type::VARCHAR || *ty == Type::NAME {
-            r.try_get::<_, Option<String>>(i).map(|v| v.map(Value::Text))
+            r.try_get::<_, Option<String>>(i)
+                .map(|v| v.map(Value::Text))
         } else if *ty == Type::BYTEA {
-            r.try_get::<_, Option<Vec<u8>>>(i).map(|v| v.map(Value::Bytes))
+            r.try_get::<_, Option<Vec<u8>>>(i)
+                .map(|v| v.map(Value::Bytes))
         } else {
             return Err(PgError::new(format!(
                 "column {i} is of type {ty}, which idem does not read"

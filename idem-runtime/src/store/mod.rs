@@ -264,11 +264,7 @@ pub trait Store: Send + Sync + 'static {
 #[async_trait::async_trait]
 pub trait TxStore: Send + Sync {
     /// Claim the key for a handler that will run in the transaction on `tx`.
-    async fn begin_in(
-        &self,
-        tx: TxRef<'_>,
-        req: &BeginRequest<'_>,
-    ) -> Result<Begin, StoreError>;
+    async fn begin_in(&self, tx: TxRef<'_>, req: &BeginRequest<'_>) -> Result<Begin, StoreError>;
 
     /// Write the done mark in the transaction on `tx`.
     async fn complete_in(
@@ -301,18 +297,10 @@ pub trait TxStore: Send + Sync {
     /// Undo everything since the savepoint `name` (the handler's writes, and a claim made in the
     /// transaction) after the handler failed or its done mark could not be written, so they can
     /// never commit without the mark, whatever the caller does next; then release the savepoint.
-    async fn rollback_to_savepoint_in(
-        &self,
-        tx: TxRef<'_>,
-        name: &str,
-    ) -> Result<(), StoreError>;
+    async fn rollback_to_savepoint_in(&self, tx: TxRef<'_>, name: &str) -> Result<(), StoreError>;
 
     /// The done mark is written: the savepoint `name` is no longer needed.
-    async fn release_savepoint_in(
-        &self,
-        tx: TxRef<'_>,
-        name: &str,
-    ) -> Result<(), StoreError>;
+    async fn release_savepoint_in(&self, tx: TxRef<'_>, name: &str) -> Result<(), StoreError>;
 
     /// Roll the whole transaction back on the server: what is left when undoing to a savepoint
     /// failed, so that nothing of the handler's can commit. The caller is then told that the

@@ -19,11 +19,7 @@ impl<F: Store, D: Store> LayeredStore<F, D> {
 
 #[async_trait::async_trait]
 impl<F: Store, D: Store> TxStore for LayeredStore<F, D> {
-    async fn begin_in(
-        &self,
-        tx: TxRef<'_>,
-        req: &BeginRequest<'_>,
-    ) -> Result<Begin, StoreError> {
+    async fn begin_in(&self, tx: TxRef<'_>, req: &BeginRequest<'_>) -> Result<Begin, StoreError> {
         let durable = self.durable_tx()?;
         // Where the durable claim is made outside the transaction (MySQL/MariaDB), what it reads
         // is committed.
@@ -64,19 +60,11 @@ impl<F: Store, D: Store> TxStore for LayeredStore<F, D> {
         self.durable_tx()?.savepoint_in(tx, name).await
     }
 
-    async fn rollback_to_savepoint_in(
-        &self,
-        tx: TxRef<'_>,
-        name: &str,
-    ) -> Result<(), StoreError> {
+    async fn rollback_to_savepoint_in(&self, tx: TxRef<'_>, name: &str) -> Result<(), StoreError> {
         self.durable_tx()?.rollback_to_savepoint_in(tx, name).await
     }
 
-    async fn release_savepoint_in(
-        &self,
-        tx: TxRef<'_>,
-        name: &str,
-    ) -> Result<(), StoreError> {
+    async fn release_savepoint_in(&self, tx: TxRef<'_>, name: &str) -> Result<(), StoreError> {
         self.durable_tx()?.release_savepoint_in(tx, name).await
     }
 

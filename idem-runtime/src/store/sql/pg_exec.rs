@@ -6,8 +6,8 @@ use sqlx::postgres::PgRow;
 use sqlx::{AssertSqlSafe, Column, PgConnection, Row as _, TypeInfo, ValueRef};
 
 use super::{corrupt, db_error};
-use crate::pg_tx::{Param, PgError, PgTransaction, Row, Value};
 use crate::StoreError;
+use crate::pg_tx::{Param, PgError, PgTransaction, Row, Value};
 
 /// A connection the PostgreSQL store can run its statements on.
 #[async_trait::async_trait]

@@ -8,8 +8,8 @@ use super::{
     Backend, MAX_RACES, advisory_key, apply_migrations, db_error as unavailable, done_by,
     side_pool, token_bytes, watchdog_pool,
 };
-use crate::pg_tx::{Param, PgTransaction};
 use crate::StoreError;
+use crate::pg_tx::{Param, PgTransaction};
 use crate::store::{Begin, Token};
 
 /// The database's clock, in microseconds since 1970, fixed for the statement.

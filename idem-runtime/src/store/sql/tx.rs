@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use sqlx::Transaction;
 
-use super::sealed::{At, Claim};
 use super::sealed::Mark;
+use super::sealed::{At, Claim};
 use super::{Backend, DONE, SqlStore, db_error, micros, stored_scope};
 use crate::observe::CallOutcome;
 use crate::run::{
@@ -20,7 +20,7 @@ use crate::run::{
 };
 use crate::store::{Begin, BeginRequest, Lease, Store, TxStore};
 use crate::{
-    AbsorbsIdemError, Call, Error, Fingerprint, Key, Options, Outcome, Phase, PgTransaction,
+    AbsorbsIdemError, Call, Error, Fingerprint, Key, Options, Outcome, PgTransaction, Phase,
     Replayable, StoreError, TxRef,
 };
 use tracing::Instrument;
@@ -116,7 +116,9 @@ impl<DB: Backend> TxStore for SqlStore<DB> {
         keep: Duration,
     ) -> Result<(), StoreError> {
         match conn_of::<DB>(tx)? {
-            Conn::Native(c) => SqlStore::complete_in(self, c, scope, key, lease, output, keep).await,
+            Conn::Native(c) => {
+                SqlStore::complete_in(self, c, scope, key, lease, output, keep).await
+            }
             Conn::Foreign(t) => {
                 let scope = stored_scope(scope);
                 let mark = Mark {
