@@ -63,7 +63,9 @@ pub type PgFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, PgError>> + Sen
 /// ```
 pub trait PgTransaction: Send {
     /// Run one statement; how many rows it wrote (what the server reports; 0 for statements
-    /// that report none, such as `SAVEPOINT`).
+    /// that report none, such as `SAVEPOINT`). idem runs its parameterless statements (its
+    /// savepoints, `ROLLBACK`, `BEGIN`) through it too and reads no count from them, so an
+    /// implementation may send those by the simple query protocol and answer 0.
     fn execute<'a>(&'a mut self, sql: &'a str, params: &'a [Param<'a>]) -> PgFuture<'a, u64>;
 
     /// Run one statement and return its rows.
@@ -165,6 +167,7 @@ impl Row {
     }
 
     /// Column `i`, taken out (so bytes are not copied), or what is wrong with it.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     pub(crate) fn take(&mut self, i: usize) -> Result<Value, String> {
         match self.0.get_mut(i) {
             Some(v) => Ok(std::mem::replace(v, Value::Null)),
