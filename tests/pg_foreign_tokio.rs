@@ -3,6 +3,8 @@
 //! `SqlStore<Postgres>`. Effects are rows in the database. PostgreSQL: `POSTGRES_URL`.
 #[path = "pg_foreign/mod.rs"]
 mod pg_foreign;
+#[cfg(feature = "redis")]
+mod redis_support;
 #[path = "support/sql.rs"]
 mod sql;
 mod support;
@@ -297,5 +299,45 @@ async fn a_process_killed_between_the_effect_and_the_commit_leaves_neither() {
     assert_eq!(runs.load(Ordering::SeqCst), 1, "executions after the kill");
     assert_eq!(s.effects_of("k").await, 1, "effect rows");
     assert_eq!(s.marks_of("k").await, 1, "done marks");
+    s.drop_tables().await;
+}
+
+/// Through a layered store (Redis in front of the `PgStore`), which forwards the caller's
+/// transaction to the database: the duplicate replays once the front has settled (it answers
+/// "in flight" for up to a second after the handler returned: the caller had yet to commit).
+/// Needs Redis too (`REDIS_URL`): built with the `redis` feature.
+#[cfg(feature = "redis")]
+#[tokio::test]
+async fn through_a_layered_store_the_mark_is_written_in_the_callers_transaction() {
+    let Some(s) = Setup::new("tpg_layer").await else {
+        return;
+    };
+    let Some(front) = redis_support::shared_store().await else {
+        return;
+    };
+    let store = idem_runtime::LayeredStore::new(front, s.store.clone());
+    let runs = AtomicUsize::new(0);
+    // The front keeps records across runs: a key of this run's own.
+    let key = format!("k-{}", s.table);
+    let mut client = client().await;
+    let started = std::time::Instant::now();
+    let mut answers = Vec::new();
+    while answers.len() < 2 {
+        let mut tx = client.transaction().await.unwrap();
+        match apply_on(&store, &mut tx, key.clone(), &runs).await {
+            Ok(v) => {
+                tx.commit().await.unwrap();
+                answers.push(v);
+            }
+            Err(AppError::Idem(Error::InFlight { .. })) if started.elapsed().as_secs() < 5 => {
+                tx.rollback().await.unwrap();
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("unexpected: {e:?}"),
+        }
+    }
+    assert_eq!(answers, [1, 1]);
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "executions");
+    assert_eq!(s.marks_of(&key).await, 1, "done marks");
     s.drop_tables().await;
 }
