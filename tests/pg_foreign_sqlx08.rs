@@ -300,3 +300,29 @@ async fn a_process_killed_between_the_effect_and_the_commit_leaves_neither() {
     assert_eq!(s.marks_of("k").await, 1, "done marks");
     s.drop_tables().await;
 }
+
+/// The same on a MySQL/MariaDB store (`MYSQL_URL`): built with the `mysql` feature.
+#[cfg(feature = "mysql")]
+#[tokio::test]
+async fn a_sqlx_0_8_transaction_on_a_mysql_store_is_not_transactional() {
+    let Some(_pool) = sql::postgres(1).await else {
+        return;
+    };
+    let Some(mysql) = sql::mysql(2).await else {
+        return;
+    };
+    let store = idem_runtime::MySqlStore::new(mysql);
+    let runs = AtomicUsize::new(0);
+    let client = pool08(2).await;
+    let mut tx = client.begin().await.unwrap();
+    let out = apply_on(&store, &mut tx, "k".into(), &runs).await;
+    match out {
+        Err(AppError::Idem(Error::NotTransactional { reason })) => {
+            assert!(reason.contains("sqlx 0.8"), "{reason}");
+            assert!(reason.contains("MySQL"), "{reason}");
+        }
+        other => panic!("expected NotTransactional, got {other:?}"),
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 0, "the handler ran");
+    tx.rollback().await.unwrap();
+}

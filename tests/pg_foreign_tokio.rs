@@ -341,3 +341,29 @@ async fn through_a_layered_store_the_mark_is_written_in_the_callers_transaction(
     assert_eq!(s.marks_of(&key).await, 1, "done marks");
     s.drop_tables().await;
 }
+
+/// The same on a MySQL/MariaDB store (`MYSQL_URL`): built with the `mysql` feature.
+#[cfg(feature = "mysql")]
+#[tokio::test]
+async fn a_tokio_postgres_transaction_on_a_mysql_store_is_not_transactional() {
+    let Some(_pool) = sql::postgres(1).await else {
+        return;
+    };
+    let Some(mysql) = sql::mysql(2).await else {
+        return;
+    };
+    let store = idem_runtime::MySqlStore::new(mysql);
+    let runs = AtomicUsize::new(0);
+    let mut client = client().await;
+    let mut tx = client.transaction().await.unwrap();
+    let out = apply_on(&store, &mut tx, "k".into(), &runs).await;
+    match out {
+        Err(AppError::Idem(Error::NotTransactional { reason })) => {
+            assert!(reason.contains("tokio-postgres"), "{reason}");
+            assert!(reason.contains("MySQL"), "{reason}");
+        }
+        other => panic!("expected NotTransactional, got {other:?}"),
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 0, "the handler ran");
+    tx.rollback().await.unwrap();
+}

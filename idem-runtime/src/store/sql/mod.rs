@@ -31,6 +31,10 @@
 //! unifies the features. Bring your own [`Pool`] (its size, timeouts, and SQLite's WAL mode and
 //! `busy_timeout` are yours to set).
 //!
+//! The transactional form also takes PostgreSQL transactions of other libraries than idem's sqlx
+//! 0.9, on a `SqlStore<Postgres>`: sqlx 0.8's (feature `sqlx-0-8`), tokio-postgres's (feature
+//! `tokio-postgres`), or any [`PgTransaction`](crate::PgTransaction).
+//!
 //! # Schema and migrations
 //!
 //! [`SqlStore::migrate`] creates the table (default [`DEFAULT_TABLE`], `idem_keys`) from the SQL
