@@ -21,6 +21,8 @@ enum AppError {
     Idem(#[from] Error),
     #[error(transparent)]
     Db(#[from] tokio_postgres::Error),
+    #[error(transparent)]
+    Pg(#[from] idem_runtime::PgError),
     #[error("the handler refused")]
     Refused,
 }
@@ -366,4 +368,44 @@ async fn a_tokio_postgres_transaction_on_a_mysql_store_is_not_transactional() {
     }
     assert_eq!(runs.load(Ordering::SeqCst), 0, "the handler ran");
     tx.rollback().await.unwrap();
+}
+
+/// A handler written against `&mut dyn PgTransaction` (what a library idem has no feature for
+/// would implement), given a tokio-postgres transaction.
+#[idempotent(
+    key = "key",
+    tx = "tx",
+    store = "store",
+    scope = "tests.pg_foreign_dyn"
+)]
+async fn apply_dyn(
+    store: &PgStore,
+    tx: &mut dyn idem_runtime::PgTransaction,
+    key: String,
+    insert: &str,
+    runs: &AtomicUsize,
+) -> Result<u64, AppError> {
+    runs.fetch_add(1, Ordering::SeqCst);
+    tx.execute(insert, &[idem_runtime::Param::Text(Some(&key))])
+        .await?;
+    Ok(7)
+}
+
+#[tokio::test]
+async fn a_dyn_pg_transaction_parameter_runs_once_and_replays() {
+    let Some(s) = Setup::new("tpg_dyn").await else {
+        return;
+    };
+    let runs = AtomicUsize::new(0);
+    let mut client = client().await;
+    for _ in 0..2 {
+        let mut tx = client.transaction().await.unwrap();
+        let out = apply_dyn(&s.store, &mut tx, "k".into(), &s.insert(), &runs).await;
+        assert_eq!(out.unwrap(), 7);
+        tx.commit().await.unwrap();
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    assert_eq!(s.effects_of("k").await, 1);
+    assert_eq!(s.marks_of("k").await, 1);
+    s.drop_tables().await;
 }
