@@ -326,3 +326,35 @@ async fn a_sqlx_0_8_transaction_on_a_mysql_store_is_not_transactional() {
     assert_eq!(runs.load(Ordering::SeqCst), 0, "the handler ran");
     tx.rollback().await.unwrap();
 }
+
+/// A lease that lapsed (a plain claim, never completed: a crashed holder of the non-transactional
+/// form) is taken over by the transactional call on sqlx 0.8: the takeover statement and
+/// the lease's refresh run through the caller's transaction too.
+#[tokio::test]
+async fn a_lapsed_lease_is_taken_over_in_the_callers_transaction() {
+    use idem_runtime::{Begin, BeginRequest, Key, Token};
+    let Some(s) = Setup::new("s08_to").await else {
+        return;
+    };
+    let key = Key::new("k").unwrap();
+    let lapsing = BeginRequest {
+        scope: "tests.pg_foreign_sqlx08",
+        key: &key,
+        token: Token::generate(),
+        ttl: std::time::Duration::from_millis(50),
+        fingerprint: None,
+    };
+    let first = s.store.begin(&lapsing).await.unwrap();
+    assert!(matches!(first, Begin::Acquired(_)), "{first:?}");
+    tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+    let runs = AtomicUsize::new(0);
+    let client = pool08(2).await;
+    let mut tx = client.begin().await.unwrap();
+    let out = apply(&s.store, &mut tx, "k".into(), &s.insert(), &runs, false).await;
+    assert_eq!(out.unwrap(), 42);
+    tx.commit().await.unwrap();
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    assert_eq!(s.effects_of("k").await, 1);
+    assert_eq!(s.marks_of("k").await, 1);
+    s.drop_tables().await;
+}

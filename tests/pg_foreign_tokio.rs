@@ -409,3 +409,35 @@ async fn a_dyn_pg_transaction_parameter_runs_once_and_replays() {
     assert_eq!(s.marks_of("k").await, 1);
     s.drop_tables().await;
 }
+
+/// A lease that lapsed (a plain claim, never completed: a crashed holder of the non-transactional
+/// form) is taken over by the transactional call on tokio-postgres: the takeover statement and
+/// the lease's refresh run through the caller's transaction too.
+#[tokio::test]
+async fn a_lapsed_lease_is_taken_over_in_the_callers_transaction() {
+    use idem_runtime::{Begin, BeginRequest, Key, Token};
+    let Some(s) = Setup::new("tpg_to").await else {
+        return;
+    };
+    let key = Key::new("k").unwrap();
+    let lapsing = BeginRequest {
+        scope: "tests.pg_foreign_tokio",
+        key: &key,
+        token: Token::generate(),
+        ttl: std::time::Duration::from_millis(50),
+        fingerprint: None,
+    };
+    let first = s.store.begin(&lapsing).await.unwrap();
+    assert!(matches!(first, Begin::Acquired(_)), "{first:?}");
+    tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+    let runs = AtomicUsize::new(0);
+    let mut client = client().await;
+    let mut tx = client.transaction().await.unwrap();
+    let out = apply(&s.store, &mut tx, "k".into(), &s.insert(), &runs, false).await;
+    assert_eq!(out.unwrap(), 42);
+    tx.commit().await.unwrap();
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    assert_eq!(s.effects_of("k").await, 1);
+    assert_eq!(s.marks_of("k").await, 1);
+    s.drop_tables().await;
+}

@@ -1,5 +1,6 @@
 //! [`PgTransaction`] for tokio-postgres 0.7 (feature `tokio-postgres`).
 
+use futures_util::TryStreamExt as _;
 use tokio_postgres::types::{IsNull, ToSql, Type};
 
 use super::{Param, PgError, PgFuture, PgTransaction, Row, Value};
@@ -24,21 +25,26 @@ impl PgTransaction for tokio_postgres::Transaction<'_> {
                 // round trip, and no count to read.
                 return self.batch_execute(sql).await.map(|()| 0).map_err(error);
             }
-            let bound = bind(params);
-            let refs: Vec<&(dyn ToSql + Sync)> = bound.iter().map(|p| p as _).collect();
-            tokio_postgres::Transaction::execute(self, sql, &refs)
+            // Typed by idem: one round trip (no prepare), the count read off the stream's end.
+            let stream = self
+                .query_typed_raw(sql, typed(params))
                 .await
-                .map_err(error)
+                .map_err(error)?;
+            let mut stream = std::pin::pin!(stream);
+            while stream.try_next().await.map_err(error)?.is_some() {}
+            Ok(stream.rows_affected().unwrap_or(0))
         })
     }
 
     fn query<'a>(&'a mut self, sql: &'a str, params: &'a [Param<'a>]) -> PgFuture<'a, Vec<Row>> {
         Box::pin(async move {
+            // Typed by idem: one round trip, where an untyped query prepares first.
             let bound = bind(params);
-            let refs: Vec<&(dyn ToSql + Sync)> = bound.iter().map(|p| p as _).collect();
-            let rows = tokio_postgres::Transaction::query(self, sql, &refs)
-                .await
-                .map_err(error)?;
+            let typed: Vec<(&(dyn ToSql + Sync), Type)> = bound
+                .iter()
+                .map(|p| (p as &(dyn ToSql + Sync), p.ty()))
+                .collect();
+            let rows = self.query_typed(sql, &typed).await.map_err(error)?;
             rows.iter().map(row_of).collect()
         })
     }
@@ -63,6 +69,23 @@ struct Bound<'a>(Param<'a>);
 
 fn bind<'a>(params: &'a [Param<'a>]) -> Vec<Bound<'a>> {
     params.iter().map(|p| Bound(*p)).collect()
+}
+
+/// The parameters with their types, as `query_typed_raw` takes them.
+fn typed<'a>(params: &'a [Param<'a>]) -> impl Iterator<Item = (Bound<'a>, Type)> + 'a {
+    params.iter().map(|p| (Bound(*p), Bound(*p).ty()))
+}
+
+impl Bound<'_> {
+    /// The PostgreSQL type of the parameter's kind: `text`, `bytea`, `bigint`, `boolean`.
+    fn ty(&self) -> Type {
+        match self.0 {
+            Param::Text(_) => Type::TEXT,
+            Param::Bytes(_) => Type::BYTEA,
+            Param::I64(_) => Type::INT8,
+            Param::Bool(_) => Type::BOOL,
+        }
+    }
 }
 
 impl ToSql for Bound<'_> {
