@@ -55,7 +55,25 @@ pub enum TxRef<'a> {
 }
 
 impl TxRef<'_> {
-    /// The same transaction, borrowed again for a shorter while.
+    /// The same transaction, borrowed again for a shorter while (a `TxRef` is taken by value:
+    /// this is how one is passed to several calls in turn).
+    ///
+    /// ```
+    /// use idem_runtime::{Param, PgFuture, PgTransaction, Row, TxRef};
+    /// # struct Fake;
+    /// # impl PgTransaction for Fake {
+    /// #     fn execute<'a>(&'a mut self, _: &'a str, _: &'a [Param<'a>]) -> PgFuture<'a, u64> { Box::pin(async { Ok(0) }) }
+    /// #     fn query<'a>(&'a mut self, _: &'a str, _: &'a [Param<'a>]) -> PgFuture<'a, Vec<Row>> { Box::pin(async { Ok(vec![]) }) }
+    /// #     fn library(&self) -> &'static str { "a fake driver" }
+    /// # }
+    /// fn name(tx: TxRef<'_>) -> &'static str {
+    ///     tx.library()
+    /// }
+    /// let mut fake = Fake;
+    /// let mut tx = TxRef::Pg(&mut fake);
+    /// assert_eq!(name(tx.reborrow()), "a fake driver");
+    /// assert_eq!(name(tx), "a fake driver"); // still usable after the reborrow
+    /// ```
     pub fn reborrow(&mut self) -> TxRef<'_> {
         match self {
             TxRef::Sqlx(c) => TxRef::Sqlx(&mut **c),
