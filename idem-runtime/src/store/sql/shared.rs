@@ -215,7 +215,8 @@ pub(crate) fn watchdog_pool<DB: sqlx::Database>(pool: &sqlx::Pool<DB>, max: u32)
 
 /// A pool with `pool`'s settings and size, connecting lazily, for the work the transactional form
 /// does outside the caller's transaction (see `SqlStore::side`). It keeps no minimum, so it
-/// costs nothing until used.
+/// costs nothing until used. (SQLite's opens its connections its own way: `side_pool_with`.)
+#[cfg(any(feature = "postgres", feature = "mysql"))]
 pub(crate) fn side_pool<DB: sqlx::Database>(pool: &sqlx::Pool<DB>) -> sqlx::Pool<DB> {
     side_pool_with(pool, (*pool.connect_options()).clone())
 }
