@@ -73,7 +73,11 @@ fn bind<'a>(params: &'a [Param<'a>]) -> Vec<Bound<'a>> {
 
 /// The parameters with their types, as `query_typed_raw` takes them.
 fn typed<'a>(params: &'a [Param<'a>]) -> impl Iterator<Item = (Bound<'a>, Type)> + 'a {
-    params.iter().map(|p| (Bound(*p), Bound(*p).ty()))
+    params.iter().map(|p| {
+        let bound = Bound(*p);
+        let ty = bound.ty();
+        (bound, ty)
+    })
 }
 
 impl Bound<'_> {
