@@ -169,9 +169,20 @@ pub mod key_tiers {
     // Also behind the pointers a parameter may have (a generic `T: Display` called with a float
     // is keyed by `Display`: documented at `DisplayKey`).
     floats!(
-        f32, f64, &'b f32, &'b f64, &'b &'b f32, &'b &'b f64, &'b mut f32, &'b mut f64,
-        Box<f32>, Box<f64>, std::sync::Arc<f32>, std::sync::Arc<f64>,
-        std::rc::Rc<f32>, std::rc::Rc<f64>
+        f32,
+        f64,
+        &'b f32,
+        &'b f64,
+        &'b &'b f32,
+        &'b &'b f64,
+        &'b mut f32,
+        &'b mut f64,
+        Box<f32>,
+        Box<f64>,
+        std::sync::Arc<f32>,
+        std::sync::Arc<f64>,
+        std::rc::Rc<f32>,
+        std::rc::Rc<f64>
     );
 
     /// Another crate's type with `Display`: its text.

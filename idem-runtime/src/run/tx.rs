@@ -50,6 +50,7 @@ use crate::{AbsorbsIdemError, Call, Error, Key, Options, Outcome, Phase, Replaya
 use tracing::Instrument;
 
 mod conn;
+mod unkeyed;
 pub(crate) use conn::AsTx;
 pub use conn::{TxConnection, TxRef, tx_access};
 
@@ -76,7 +77,7 @@ where
     // The span first: a call refused before the store is asked has one too.
     async move {
         if !call.is_keyed() {
-            return super::unkeyed(async { body(tx).await.0 }).await;
+            return unkeyed::execute_unkeyed_tx(store, opts, tx, as_tx, body).await;
         }
         let store = match store.store() {
             Ok(s) => s,
