@@ -24,8 +24,18 @@ impl ::core::fmt::Display for ForeignId {
     }
 }
 
+struct RequestId(::std::string::String);
+
+impl ::idem_runtime::KeyPart for RequestId {
+    fn write_key(&self, out: &mut ::std::string::String) {
+        ::idem_runtime::KeyPart::write_key(&self.0, out)
+    }
+}
+
+impl ::idem_runtime::OptionalKey for RequestId {}
+
 #[idempotent(key = "key")]
-async fn optional(key: ::core::option::Option<::std::string::String>) -> Res<u32> {
+async fn optional(key: ::core::option::Option<RequestId>) -> Res<u32> {
     let _ = key;
     ::core::result::Result::Ok(1)
 }

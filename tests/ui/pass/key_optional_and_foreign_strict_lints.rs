@@ -47,7 +47,7 @@ impl OptionalKey for RequestId {}
 
 /// An `Option` key.
 #[idempotent(key = "key")]
-pub async fn optional(key: Option<String>) -> Result<u32, AppError> {
+pub async fn optional(key: Option<RequestId>) -> Result<u32, AppError> {
     let _ = key;
     Ok(1)
 }
@@ -75,7 +75,7 @@ pub async fn generic<A: KeyPart + Sync, B: std::fmt::Display + Sync>(a: A, b: B)
 pub async fn transactional(
     store: &SqliteStore,
     tx: &mut Transaction<'_, Sqlite>,
-    key: Option<ForeignId>,
+    key: Option<RequestId>,
 ) -> Result<i64, AppError> {
     let _ = (store, key);
     Ok(1)
