@@ -4,6 +4,9 @@
 
 mod attribute;
 mod processes;
+/// Private Redis servers and clusters, shared with the workspace's other tests.
+#[path = "../../../tests/redis_support/mod.rs"]
+mod redis_support;
 mod review;
 mod review2;
 mod semantics;

@@ -149,7 +149,53 @@ pub async fn targets() -> Vec<Target> {
             _dir: None,
         });
     }
+    // Redis in front of PostgreSQL (a table of its own): the answers come from the front, the
+    // record is kept in the database.
+    if let Some((durable, pool)) = pg_store().await
+        && let Some(redis) = redis_store().await
+    {
+        let table = durable.table().to_owned();
+        out.push(Target {
+            name: "layered",
+            store: Arc::new(idem_runtime::LayeredStore::new(redis, durable)),
+            pg: Some((pool, table)),
+            _dir: None,
+        });
+    }
+    // Done records answered in-process, in front of Redis.
+    if let Some(redis) = redis_store().await {
+        out.push(Target {
+            name: "cached",
+            store: Arc::new(idem_runtime::CachedStore::new(redis)),
+            pg: None,
+            _dir: None,
+        });
+    }
+    if let Some(store) = cluster_store().await {
+        out.push(Target {
+            name: "redis-cluster",
+            store: Arc::new(store),
+            pg: None,
+            _dir: None,
+        });
+    }
     out
+}
+
+/// A store on a private 3-master Redis Cluster, started once per test binary (its servers die
+/// with the process), a key prefix of its own per call.
+pub async fn cluster_store() -> Option<RedisStore> {
+    static CLUSTER: std::sync::OnceLock<Option<crate::redis_support::RedisCluster>> =
+        std::sync::OnceLock::new();
+    let cluster = CLUSTER
+        .get_or_init(crate::redis_support::cluster_or_skip)
+        .as_ref()?;
+    let store = RedisStore::builder_from_cluster_urls(cluster.urls())
+        .await
+        .unwrap()
+        .prefix(unique("idem_http"))
+        .build();
+    Some(store)
 }
 
 /// The test service's state: how often each route's handler ran, and the controls a test has

@@ -352,13 +352,35 @@ impl RedisStore {
         I: IntoIterator<Item = T>,
         T: redis::IntoConnectionInfo,
     {
+        Ok(Self::builder_from_cluster_urls(nodes).await?.build())
+    }
+
+    /// [`from_cluster_urls`](Self::from_cluster_urls), as a builder: for a key prefix or a fence
+    /// retention of your own on a cluster.
+    ///
+    /// ```no_run
+    /// # async fn f() -> Result<(), idem_runtime::redis::RedisError> {
+    /// let store = idem_runtime::RedisStore::builder_from_cluster_urls(["redis://10.0.0.1:6379"])
+    ///     .await?
+    ///     .prefix("billing")
+    ///     .build();
+    /// # let _ = store; Ok(())
+    /// # }
+    /// ```
+    #[cfg(feature = "redis-cluster")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis-cluster")))]
+    pub async fn builder_from_cluster_urls<I, T>(nodes: I) -> Result<RedisStoreBuilder, RedisError>
+    where
+        I: IntoIterator<Item = T>,
+        T: redis::IntoConnectionInfo,
+    {
         let client = redis::cluster::ClusterClient::builder(nodes)
             .response_timeout(Duration::from_secs(1))
             .connection_timeout(Duration::from_secs(1))
             .build()?;
         let mut builder = Self::builder(client.get_async_connection().await?);
         builder.source = Some(Source::Cluster(client));
-        Ok(builder.build())
+        Ok(builder)
     }
 
     /// The key prefix.
