@@ -417,3 +417,85 @@ async fn an_inner_call_aborted_on_another_transaction_does_not_abort_the_outer()
     );
     assert_eq!((effects, marks), (1, 1));
 }
+
+/// The handler writes its effect, then is slow.
+#[idempotent(
+    key = "key",
+    tx = "tx",
+    store = "store",
+    scope = "tests.pg_foreign_review",
+    ttl = "1s"
+)]
+async fn slow(
+    store: &PgStore,
+    tx: &mut tokio_postgres::Transaction<'_>,
+    key: String,
+    insert: &str,
+) -> Result<u64, AppError> {
+    tx.execute(insert, &[&key]).await?;
+    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    Ok(1)
+}
+
+#[idempotent(key = "key", tx = "tx", store = "store", scope = "tests.pg_foreign_review")]
+async fn slow09(
+    store: &PgStore,
+    tx: &mut sqlx::Transaction<'static, Postgres>,
+    key: String,
+    insert: String,
+) -> Result<u64, AppError> {
+    sqlx::query(AssertSqlSafe(insert))
+        .bind(&key)
+        .execute(&mut **tx)
+        .await?;
+    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    Ok(1)
+}
+
+/// A caller that gives the call a deadline (`tokio::time::timeout`) and commits its own work
+/// when it lapses: the call was dropped after its effect and before its mark. The commit then
+/// carries the handler's effect and an in-flight claim row, without the done mark: once the
+/// lease lapses a redelivery runs the handler again (a second effect). idem took a savepoint
+/// and could have rolled back to it (or made the transaction fail) when dropped.
+#[tokio::test]
+async fn a_call_cancelled_after_its_effect_leaves_no_effect_without_its_mark() {
+    let Some(s) = Setup::new("rv_cancel").await else {
+        return;
+    };
+    let mut c = client().await;
+    let mut tx = c.transaction().await.unwrap();
+    let d = std::time::Duration::from_millis(300);
+    let out = tokio::time::timeout(d, slow(&s.store, &mut tx, "k".into(), &s.insert())).await;
+    assert!(out.is_err(), "the deadline lapsed");
+    let committed = tx.commit().await;
+    let tokio_pg = (s.effects_of("k").await, s.marks_of("k").await);
+    // The redelivery, once the committed in-flight claim's lease (1 s) lapsed: runs again.
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    let runs = AtomicUsize::new(0);
+    let mut tx = c.transaction().await.unwrap();
+    let again = big_tokio(&s.store, &mut tx, "k".into(), &s.insert(), &runs).await;
+    tx.commit().await.unwrap();
+    let after_redelivery = s.effects_of("k").await;
+    // idem's own sqlx: the same.
+    let mut tx = s.pool.begin().await.unwrap();
+    let out = tokio::time::timeout(d, slow09(&s.store, &mut tx, "k9".into(), s.insert())).await;
+    assert!(out.is_err(), "the deadline lapsed");
+    let committed09 = tx.commit().await;
+    let sqlx09 = (s.effects_of("k9").await, s.marks_of("k9").await);
+    s.drop_tables().await;
+    let report: Vec<String> = [
+        ("tokio-postgres", tokio_pg, format!("{committed:?}")),
+        ("sqlx 0.9", sqlx09, format!("{committed09:?}")),
+    ]
+    .into_iter()
+    .filter(|(_, (effects, marks), _)| effects != marks)
+    .map(|(lib, (effects, marks), committed)| {
+        format!("{lib}: the commit ({committed}) kept {effects} effect(s) and {marks} done mark(s)")
+    })
+    .collect();
+    assert!(
+        report.is_empty(),
+        "{report:#?}; a redelivery answered {:?} and left {after_redelivery} effect rows",
+        again.map(|v| v.len())
+    );
+}
