@@ -499,3 +499,34 @@ async fn a_call_cancelled_after_its_effect_leaves_no_effect_without_its_mark() {
         again.map(|v| v.len())
     );
 }
+
+/// What an already aborted tokio-postgres transaction is reported as: the reason must say what
+/// the server said (as it does for sqlx, whose `Display` carries the server's message), not
+/// tokio-postgres's bare `Display` of a server error ("db error").
+#[tokio::test]
+async fn transaction_aborted_says_what_the_server_said_on_tokio_postgres() {
+    let Some(s) = Setup::new("rv_reason").await else {
+        return;
+    };
+    let runs = AtomicUsize::new(0);
+    let mut tx = s.pool.begin().await.unwrap();
+    let _ = sqlx::raw_sql("SELECT 1/0").execute(&mut *tx).await;
+    let native = big_sqlx09(&s.store, &mut tx, "k".into(), s.insert(), &runs).await;
+    drop(tx);
+    let mut c = client().await;
+    let mut tx = c.transaction().await.unwrap();
+    let _ = tx.batch_execute("SELECT 1/0").await;
+    let foreign = big_tokio(&s.store, &mut tx, "k".into(), &s.insert(), &runs).await;
+    drop(tx);
+    s.drop_tables().await;
+    let reason = |out: &Result<Vec<u8>, AppError>| match out {
+        Err(AppError::Idem(Error::TransactionAborted { reason, .. })) => reason.clone(),
+        other => panic!("{:?}", other.as_ref().map(|v| v.len())),
+    };
+    let (native, foreign) = (reason(&native), reason(&foreign));
+    assert!(native.contains("current transaction is aborted"), "{native}");
+    assert!(
+        foreign.contains("current transaction is aborted") || foreign.contains("25P02"),
+        "sqlx 0.9 says {native:?}; tokio-postgres says only {foreign:?}"
+    );
+}
