@@ -4,6 +4,8 @@
 //! backend killed mid-handler, and a nested call on *another* transaction.
 #[path = "pg_foreign/mod.rs"]
 mod pg_foreign;
+#[cfg(feature = "redis")]
+mod redis_support;
 #[path = "support/sql.rs"]
 mod sql;
 mod support;
@@ -529,4 +531,112 @@ async fn transaction_aborted_says_what_the_server_said_on_tokio_postgres() {
         foreign.contains("current transaction is aborted") || foreign.contains("25P02"),
         "sqlx 0.9 says {native:?}; tokio-postgres says only {foreign:?}"
     );
+}
+
+#[cfg(feature = "redis")]
+#[idempotent(key = "key", tx = "tx", store = "store", scope = "tests.pg_foreign_review")]
+async fn layered(
+    store: &dyn idem_runtime::Store,
+    tx: &mut tokio_postgres::Transaction<'_>,
+    key: String,
+    insert: &str,
+    runs: &AtomicUsize,
+) -> Result<u64, AppError> {
+    runs.fetch_add(1, Ordering::SeqCst);
+    tx.execute(insert, &[&key]).await?;
+    Ok(3)
+}
+
+/// Through a LayeredStore (Redis front) over the PgStore: a caller that rolls back after `Ok`
+/// leaves nothing the front would replay; the key runs again (after the front's settle second
+/// at most), once, and its duplicates replay.
+#[cfg(feature = "redis")]
+#[tokio::test]
+async fn layered_rollback_after_ok_then_the_key_runs_once() {
+    let Some(s) = Setup::new("rv_lay").await else {
+        return;
+    };
+    let Some(front) = redis_support::shared_store().await else {
+        return;
+    };
+    let store = idem_runtime::LayeredStore::new(front, s.store.clone());
+    let key = format!("k-{}", s.table);
+    let runs = AtomicUsize::new(0);
+    let mut c = client().await;
+    let mut tx = c.transaction().await.unwrap();
+    assert_eq!(layered(&store, &mut tx, key.clone(), &s.insert(), &runs).await.unwrap(), 3);
+    tx.rollback().await.unwrap();
+    let started = std::time::Instant::now();
+    let mut answers = Vec::new();
+    while answers.len() < 3 {
+        let mut tx = c.transaction().await.unwrap();
+        match layered(&store, &mut tx, key.clone(), &s.insert(), &runs).await {
+            Ok(v) => {
+                tx.commit().await.unwrap();
+                answers.push(v);
+            }
+            Err(AppError::Idem(Error::InFlight { .. })) if started.elapsed().as_secs() < 5 => {
+                tx.rollback().await.unwrap();
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("unexpected: {e:?}"),
+        }
+    }
+    assert_eq!(answers, [3, 3, 3]);
+    assert_eq!(runs.load(Ordering::SeqCst), 2, "the rolled back run and one more");
+    assert_eq!(s.effects_of(&key).await, 1);
+    assert_eq!(s.marks_of(&key).await, 1);
+    s.drop_tables().await;
+}
+
+#[allow(unreachable_code)]
+#[idempotent(key = "key", tx = "tx", store = "store", scope = "tests.pg_foreign_review")]
+async fn panics(
+    store: &PgStore,
+    tx: &mut tokio_postgres::Transaction<'_>,
+    key: String,
+    insert: &str,
+) -> Result<u64, AppError> {
+    tx.execute(insert, &[&key]).await?;
+    panic!("the handler panics after its effect");
+}
+
+/// The same as a cancellation, by a panic the caller catches (a task-per-request server's
+/// catch_unwind around the handler, then the caller's own bookkeeping commits): the effect and
+/// the in-flight claim commit without the mark.
+#[tokio::test]
+async fn a_handler_panic_caught_by_the_caller_leaves_no_effect_without_its_mark() {
+    let Some(s) = Setup::new("rv_panic").await else {
+        return;
+    };
+    let mut c = client().await;
+    let mut tx = c.transaction().await.unwrap();
+    let insert = s.insert();
+    let caught = CatchUnwind(Box::pin(panics(&s.store, &mut tx, "k".into(), &insert))).await;
+    assert!(caught.is_err());
+    let committed = tx.commit().await;
+    let (effects, marks) = (s.effects_of("k").await, s.marks_of("k").await);
+    s.drop_tables().await;
+    assert_eq!(
+        effects, marks,
+        "the commit ({committed:?}) kept {effects} effect(s) and {marks} done mark(s)"
+    );
+}
+
+/// `catch_unwind` for a future (what `futures::FutureExt::catch_unwind` does).
+struct CatchUnwind<F>(std::pin::Pin<Box<F>>);
+
+impl<F: std::future::Future> std::future::Future for CatchUnwind<F> {
+    type Output = std::thread::Result<F::Output>;
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let fut = self.0.as_mut();
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| fut.poll(cx))) {
+            Ok(std::task::Poll::Pending) => std::task::Poll::Pending,
+            Ok(std::task::Poll::Ready(v)) => std::task::Poll::Ready(Ok(v)),
+            Err(p) => std::task::Poll::Ready(Err(p)),
+        }
+    }
 }
