@@ -640,3 +640,60 @@ impl<F: std::future::Future> std::future::Future for CatchUnwind<F> {
         }
     }
 }
+
+/// REPEATABLE READ: a key done and committed after the caller's snapshot was taken. The claim
+/// fails with a serialization failure (40001) on both libraries, reported alike (Unavailable at
+/// Begin, the SQLSTATE reachable from the source), the handler does not run, and the caller's
+/// transaction is still usable (idem rolled back to its savepoint).
+#[tokio::test]
+async fn a_serialization_failure_in_the_claim_is_reported_alike_on_both_libraries() {
+    let Some(s) = Setup::new("rv_ser").await else {
+        return;
+    };
+    let runs = AtomicUsize::new(0);
+    let mut c = client().await;
+    let mut foreign = c
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .start()
+        .await
+        .unwrap();
+    foreign.batch_execute("SELECT 1").await.unwrap(); // the snapshot
+    let mut native = s.pool.begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ").await.unwrap();
+    sqlx::raw_sql("SELECT 1").execute(&mut *native).await.unwrap();
+    // Done and committed meanwhile.
+    let mut tx = s.pool.begin().await.unwrap();
+    big_sqlx09(&s.store, &mut tx, "k".into(), s.insert(), &runs).await.unwrap();
+    tx.commit().await.unwrap();
+    let f = big_tokio(&s.store, &mut foreign, "k".into(), &s.insert(), &runs).await;
+    let n = big_sqlx09(&s.store, &mut native, "k".into(), s.insert(), &runs).await;
+    let f_usable = foreign.batch_execute("SELECT 1").await.is_ok();
+    let n_usable = sqlx::raw_sql("SELECT 1").execute(&mut *native).await.is_ok();
+    drop((foreign, native));
+    s.drop_tables().await;
+    let code_of = |out: &Result<Vec<u8>, AppError>| -> String {
+        match out {
+            Err(AppError::Idem(Error::Unavailable { phase, source })) => {
+                let mut e: Option<&(dyn std::error::Error + 'static)> = Some(&**source);
+                let mut code = None;
+                while let Some(x) = e {
+                    if let Some(p) = x.downcast_ref::<idem_runtime::PgError>() {
+                        code = p.code().map(str::to_owned);
+                    }
+                    if let Some(sqlx::Error::Database(d)) = x.downcast_ref::<sqlx::Error>() {
+                        code = d.code().map(|c| c.into_owned());
+                    }
+                    e = x.source();
+                }
+                format!("Unavailable({phase:?}, {code:?})")
+            }
+            Err(e) => format!("{e:?}"),
+            Ok(v) => format!("Ok({} bytes)", v.len()),
+        }
+    };
+    let (f, n) = (code_of(&f), code_of(&n));
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    assert!(f_usable && n_usable, "usable after: tokio {f_usable}, sqlx 0.9 {n_usable}");
+    assert_eq!(f, n, "tokio-postgres vs sqlx 0.9");
+    assert_eq!(f, "Unavailable(Begin, Some(\"40001\"))");
+}
