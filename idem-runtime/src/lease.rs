@@ -150,6 +150,12 @@ pub(crate) struct Held {
     /// A transactional call nested in this one found the transaction gone and rolled it back:
     /// this call's writes went with it, so it must not mark its key done either.
     aborted: AtomicBool,
+    /// The connection of the transaction a transactional call runs in ([`TxRef::identity`]),
+    /// 0 for a call that has none: a call nested in it on another transaction that finds its
+    /// own transaction gone does not abort this one.
+    ///
+    /// [`TxRef::identity`]: crate::TxRef
+    pub(crate) tx: std::sync::atomic::AtomicUsize,
     signal: Notify,
     /// Claims of nested transactional calls, made outside the transaction this handler runs in
     /// (MySQL/MariaDB), whose done marks are in that transaction: if this call undoes its writes
@@ -175,6 +181,7 @@ impl Held {
             lost: AtomicBool::new(false),
             finishing: AtomicBool::new(false),
             aborted: AtomicBool::new(false),
+            tx: std::sync::atomic::AtomicUsize::new(0),
             signal: Notify::new(),
             nested: Mutex::new(Vec::new()),
         })

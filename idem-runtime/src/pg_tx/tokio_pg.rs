@@ -160,10 +160,14 @@ fn row_of(r: &tokio_postgres::Row) -> Result<Row, PgError> {
 }
 
 fn error(e: tokio_postgres::Error) -> PgError {
-    let code = e.code().map(|c| c.code().to_owned());
-    let e = PgError::new(e);
-    match code {
-        Some(code) => e.with_code(code),
-        None => e,
+    // tokio-postgres's own `Display` of a server error is only "db error": say what the server
+    // said (its severity, message and SQLSTATE are in its `DbError`).
+    match e.as_db_error() {
+        Some(db) => {
+            let code = db.code().code().to_owned();
+            let text = format!("{}: {}", db.severity(), db.message());
+            PgError::new(text).with_code(code)
+        }
+        None => PgError::new(e),
     }
 }

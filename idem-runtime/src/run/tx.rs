@@ -33,7 +33,11 @@
 //!
 //! If the caller rolls back (or its commit fails) after `Ok`, the claim rolls back with the mark:
 //! the key is free at once (MySQL/MariaDB: when the lease lapses, at the latest after `ttl`).
-//! Nothing can leave a done mark without its effect, or an effect without its mark.
+//! Nothing can leave a done mark without its effect, or an effect without its mark, with one
+//! duty left to the caller: a call that was cancelled (a timeout around it) or whose panic was
+//! caught must be followed by a rollback (dropping the transaction does it). idem no longer
+//! holds the transaction then; committing it would keep the handler's writes and an in-flight
+//! claim without the mark, and a redelivery after `ttl` would run the handler again.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -292,6 +296,7 @@ where
     let lease = granted.lease;
     let renewer = txs.renewer_in_tx();
     let held = Held::new(opts.scope.clone(), key, lease);
+    held.tx.store(as_tx(tx).0.identity(), Ordering::Relaxed);
     let key = &held.key;
     // A claim held outside the transaction is a lease: renewed from its grant on, and confirmed
     // before the handler runs if the grant was read late.
@@ -461,13 +466,17 @@ where
     R::Err: AbsorbsIdemError,
 {
     let scope = &*opts.scope;
+    let id = tx.identity();
     tracing::error!(scope, key = %key, error = %e, "could not roll back to idem's savepoint: rolling the whole transaction back");
     if let Err(e) = txs.abort_in(tx).await {
         // The connection is broken or gone: the database rolled the transaction back with it.
         tracing::warn!(scope, key = %key, error = %e, "rolling the transaction back failed too");
     }
-    // The calls around this one ran in that transaction too: their writes are gone as well.
-    if let Some(enclosing) = lease::Held::enclosing() {
+    // The calls around this one in that transaction: their writes are gone as well. (One on
+    // another transaction keeps its own.)
+    if let Some(enclosing) = lease::Held::enclosing()
+        && enclosing.tx.load(Ordering::Relaxed) == id
+    {
         enclosing.abort();
     }
     lift(

@@ -55,6 +55,17 @@ pub enum TxRef<'a> {
 }
 
 impl TxRef<'_> {
+    /// Which connection this is, to tell whether two calls run in one transaction (the address
+    /// of the connection or transaction object; never dereferenced).
+    pub(crate) fn identity(&self) -> usize {
+        match self {
+            TxRef::Sqlx(c) => std::ptr::from_ref::<dyn Any + Send>(&**c).cast::<()>() as usize,
+            TxRef::Pg(t) => {
+                std::ptr::from_ref::<dyn crate::PgTransaction>(&**t).cast::<()>() as usize
+            }
+        }
+    }
+
     /// The same transaction, borrowed again for a shorter while (a `TxRef` is taken by value:
     /// this is how one is passed to several calls in turn).
     ///

@@ -1,6 +1,8 @@
 //! The transactional form for a call without a key ([`Call::unkeyed`](crate::Call::unkeyed)):
 //! no claim and no mark, but the handler's writes are still undone to a savepoint of idem's when
-//! it fails, as for a keyed call, so a caller that commits after the error commits none of them.
+//! it fails, as for a keyed call, so a caller that commits after the error commits none of them;
+//! and an `Ok` whose savepoint cannot be released (the transaction is aborted) is
+//! `TransactionAborted`, not `Ok`.
 
 use std::future::Future;
 
@@ -64,11 +66,21 @@ where
     };
     match undone {
         Ok(()) => R::from_result(out),
-        Err(e) if out.is_err() => {
-            // The writes could not be undone to the savepoint: nothing of them may commit.
-            tracing::error!(scope = &*opts.scope, error = %e, "could not roll back to idem's savepoint: rolling the whole transaction back");
-            if let Err(e) = txs.abort_in(as_tx(tx).0).await {
+        // After `Err` the writes could not be undone to the savepoint; after `Ok` the savepoint
+        // could not be released (the handler left the transaction aborted: 25P02), so its
+        // writes will not commit. Either way nothing of them may commit, and `Ok` would lie.
+        Err(e) => {
+            tracing::error!(scope = &*opts.scope, error = %e, "could not roll back to (or release) idem's savepoint: rolling the whole transaction back");
+            let conn = as_tx(tx).0;
+            let id = conn.identity();
+            if let Err(e) = txs.abort_in(conn).await {
                 tracing::warn!(scope = &*opts.scope, error = %e, "rolling the transaction back failed too");
+            }
+            // The calls around this one in that transaction lost their writes too.
+            if let Some(enclosing) = crate::lease::Held::enclosing()
+                && enclosing.tx.load(std::sync::atomic::Ordering::Relaxed) == id
+            {
+                enclosing.abort();
             }
             lift(
                 opts,
@@ -78,12 +90,6 @@ where
                     reason: e.to_string(),
                 },
             )
-        }
-        // Releasing the savepoint failed after `Ok`: the writes are in the transaction, whose
-        // commit tells the caller whether they are kept.
-        Err(e) => {
-            tracing::warn!(scope = &*opts.scope, error = %e, "could not release idem's savepoint");
-            R::from_result(out)
         }
     }
 }
