@@ -166,3 +166,49 @@ async fn an_abort_nested_through_a_call_on_another_transaction_stops_the_outer_m
 async fn an_abort_nested_through_a_call_without_a_transaction_stops_the_outer_mark() {
     run(false, true, "plain").await;
 }
+
+/// As `innermost`, on the transaction itself rather than its connection.
+#[idempotent(key = "key", tx = "tx", store = "store", scope = "rev3.nested")]
+async fn innermost_tx(
+    store: &SqliteStore,
+    tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
+    key: String,
+) -> Result<u32, AppError> {
+    sqlx::query("INSERT INTO effects VALUES (?1)").bind(&key).execute(&mut **tx).await?;
+    sqlx::raw_sql("ROLLBACK").execute(&mut **tx).await?;
+    Err(AppError::Refused)
+}
+
+/// Sound (passes): a `run_in_tx` outer call and an attribute inner one on its transaction, taken
+/// as `&mut **tx` (the connection) or as the transaction: one identity, the outer does not mark.
+#[tokio::test]
+async fn run_in_tx_outer_with_an_attribute_inner_on_its_connection_or_transaction() {
+    for as_conn in [true, false] {
+        let p1 = pool(&format!("run_in_tx-{as_conn}")).await;
+        let s1 = SqliteStore::new(p1.clone());
+        s1.migrate().await.unwrap();
+        let opts = idem_runtime::Options::new("rev3.nested.run_in_tx");
+        let s = s1.clone();
+        let out: Result<u32, AppError> = s1
+            .run_in_tx(&opts, idem_runtime::Call::new("o"), move |tx| {
+                Box::pin(async move {
+                    let s = &s;
+                    sqlx::query("INSERT INTO effects VALUES ('o')").execute(&mut **tx).await?;
+                    let nested = if as_conn {
+                        innermost(s, &mut **tx, "o.in".into()).await
+                    } else {
+                        innermost_tx(s, tx, "o.in".into()).await
+                    };
+                    assert!(
+                        matches!(nested, Err(AppError::Idem(Error::TransactionAborted { .. }))),
+                        "{nested:?}"
+                    );
+                    Ok(1)
+                })
+            })
+            .await;
+        let (e, m) = (effects(&p1, "o").await, marks(&p1, "o").await);
+        assert_eq!(e, m, "as_conn {as_conn}: {out:?}: {m} mark(s), {e} effect(s)");
+        assert!(out.is_err(), "{out:?}");
+    }
+}
