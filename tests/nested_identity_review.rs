@@ -212,3 +212,55 @@ async fn run_in_tx_outer_with_an_attribute_inner_on_its_connection_or_transactio
         assert!(out.is_err(), "{out:?}");
     }
 }
+
+/// A key the caller may leave out.
+#[derive(Clone)]
+struct Rid(String);
+impl idem_runtime::KeyPart for Rid {
+    fn write_key(&self, out: &mut String) {
+        self.0.write_key(out)
+    }
+}
+impl idem_runtime::OptionalKey for Rid {}
+
+/// Unkeyed (no key given): ends the transaction and answers `Ok`.
+#[idempotent(key = "key", tx = "tx", store = "store", scope = "rev3.nested")]
+async fn unkeyed_ends(
+    store: &SqliteStore,
+    tx: &mut SqliteConnection,
+    key: Option<Rid>,
+) -> Result<u32, AppError> {
+    sqlx::query("INSERT INTO effects VALUES ('unkeyed')").execute(&mut *tx).await?;
+    sqlx::raw_sql("ROLLBACK").execute(&mut *tx).await?;
+    Ok(7)
+}
+
+#[idempotent(key = "key", tx = "tx", store = "store", scope = "rev3.nested")]
+async fn outer_of_unkeyed(
+    store: &SqliteStore,
+    tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
+    key: String,
+) -> Result<u32, AppError> {
+    sqlx::query("INSERT INTO effects VALUES (?1)").bind(&key).execute(&mut **tx).await?;
+    let nested = unkeyed_ends(store, &mut **tx, None).await;
+    assert!(
+        matches!(nested, Err(AppError::Idem(Error::TransactionAborted { .. }))),
+        "{nested:?}"
+    );
+    Ok(1)
+}
+
+/// Sound (passes), 06ee355 (b): an unkeyed `Ok` whose savepoint cannot be released is
+/// `TransactionAborted`, and flags the enclosing call on the same transaction.
+#[tokio::test]
+async fn unkeyed_ok_unreleasable_flags_the_enclosing_call() {
+    let p1 = pool("unkeyed").await;
+    let s1 = SqliteStore::new(p1.clone());
+    s1.migrate().await.unwrap();
+    let mut tx = p1.begin().await.unwrap();
+    let out = outer_of_unkeyed(&s1, &mut tx, "o".into()).await;
+    let _ = tx.commit().await;
+    let (e, m) = (effects(&p1, "o").await, marks(&p1, "o").await);
+    assert_eq!(e, m, "{out:?}: {m} mark(s), {e} effect(s)");
+    assert!(out.is_err(), "{out:?}");
+}
