@@ -34,7 +34,10 @@ async fn ends_tx_pg(
     key: String,
     insert: &str,
 ) -> Result<u32, AppError> {
-    sqlx::query(AssertSqlSafe(insert.to_owned())).bind(&key).execute(&mut **tx).await?;
+    sqlx::query(AssertSqlSafe(insert.to_owned()))
+        .bind(&key)
+        .execute(&mut **tx)
+        .await?;
     sqlx::raw_sql("ROLLBACK").execute(&mut **tx).await?;
     Ok(1)
 }
@@ -61,14 +64,18 @@ async fn ends_tx_sqlite(
     tx: &mut sqlx::Transaction<'static, Sqlite>,
     key: String,
 ) -> Result<u32, AppError> {
-    sqlx::query("INSERT INTO effects VALUES (?1)").bind(&key).execute(&mut **tx).await?;
+    sqlx::query("INSERT INTO effects VALUES (?1)")
+        .bind(&key)
+        .execute(&mut **tx)
+        .await?;
     sqlx::raw_sql("ROLLBACK").execute(&mut **tx).await?;
     Ok(1)
 }
 
 #[tokio::test]
 async fn keyed_ok_after_the_handler_ended_the_transaction_is_not_ok_sqlite() {
-    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("idem-rev3-keyed-release.sqlite");
+    let path =
+        std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("idem-rev3-keyed-release.sqlite");
     let _ = std::fs::remove_file(&path);
     let pool = SqlitePoolOptions::new()
         .max_connections(2)
@@ -81,13 +88,19 @@ async fn keyed_ok_after_the_handler_ended_the_transaction_is_not_ok_sqlite() {
         )
         .await
         .unwrap();
-    sqlx::raw_sql("CREATE TABLE effects (k TEXT)").execute(&pool).await.unwrap();
+    sqlx::raw_sql("CREATE TABLE effects (k TEXT)")
+        .execute(&pool)
+        .await
+        .unwrap();
     let store = SqliteStore::new(pool.clone());
     store.migrate().await.unwrap();
     let mut tx = pool.begin().await.unwrap();
     let out = ends_tx_sqlite(&store, &mut tx, "k".into()).await;
     let committed = tx.commit().await;
-    let e: i64 = sqlx::query_scalar("SELECT count(*) FROM effects").fetch_one(&pool).await.unwrap();
+    let e: i64 = sqlx::query_scalar("SELECT count(*) FROM effects")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
     let m: i64 = sqlx::query_scalar("SELECT count(*) FROM idem_keys WHERE state = 2")
         .fetch_one(&pool)
         .await

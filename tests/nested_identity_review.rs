@@ -29,7 +29,8 @@ enum AppError {
 }
 
 async fn pool(name: &str) -> SqlitePool {
-    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("idem-rev3-{name}.sqlite"));
+    let path =
+        std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("idem-rev3-{name}.sqlite"));
     let _ = std::fs::remove_file(&path);
     let _ = std::fs::remove_file(path.with_extension("sqlite-wal"));
     let _ = std::fs::remove_file(path.with_extension("sqlite-shm"));
@@ -44,7 +45,10 @@ async fn pool(name: &str) -> SqlitePool {
         )
         .await
         .unwrap();
-    sqlx::raw_sql("CREATE TABLE effects (k TEXT)").execute(&pool).await.unwrap();
+    sqlx::raw_sql("CREATE TABLE effects (k TEXT)")
+        .execute(&pool)
+        .await
+        .unwrap();
     pool
 }
 
@@ -61,7 +65,12 @@ async fn effects(pool: &SqlitePool, k: &str) -> i64 {
 }
 
 async fn marks(pool: &SqlitePool, k: &str) -> i64 {
-    count(pool, "SELECT count(*) FROM idem_keys WHERE idem_key = ?1 AND state = 2", k).await
+    count(
+        pool,
+        "SELECT count(*) FROM idem_keys WHERE idem_key = ?1 AND state = 2",
+        k,
+    )
+    .await
 }
 
 /// Ends its transaction itself, then fails: undoing to idem's savepoint fails, idem rolls the
@@ -72,7 +81,10 @@ async fn innermost(
     tx: &mut SqliteConnection,
     key: String,
 ) -> Result<u32, AppError> {
-    sqlx::query("INSERT INTO effects VALUES (?1)").bind(&key).execute(&mut *tx).await?;
+    sqlx::query("INSERT INTO effects VALUES (?1)")
+        .bind(&key)
+        .execute(&mut *tx)
+        .await?;
     sqlx::raw_sql("ROLLBACK").execute(&mut *tx).await?;
     Err(AppError::Refused)
 }
@@ -86,7 +98,10 @@ async fn middle(
     outer_store: &SqliteStore,
     outer_tx: &mut SqliteConnection,
 ) -> Result<u32, AppError> {
-    sqlx::query("INSERT INTO effects VALUES (?1)").bind(&key).execute(&mut **tx).await?;
+    sqlx::query("INSERT INTO effects VALUES (?1)")
+        .bind(&key)
+        .execute(&mut **tx)
+        .await?;
     innermost(outer_store, outer_tx, format!("{key}.in")).await
 }
 
@@ -112,7 +127,10 @@ async fn outer(
     direct: bool,
     plain: bool,
 ) -> Result<u32, AppError> {
-    sqlx::query("INSERT INTO effects VALUES (?1)").bind(&key).execute(&mut **tx).await?;
+    sqlx::query("INSERT INTO effects VALUES (?1)")
+        .bind(&key)
+        .execute(&mut **tx)
+        .await?;
     let nested = if plain {
         plain_middle(other, format!("{key}.plain"), store, &mut **tx).await
     } else if direct {
@@ -124,7 +142,10 @@ async fn outer(
         out
     };
     assert!(
-        matches!(nested, Err(AppError::Idem(Error::TransactionAborted { .. }))),
+        matches!(
+            nested,
+            Err(AppError::Idem(Error::TransactionAborted { .. }))
+        ),
         "{nested:?}"
     );
     Ok(1)
@@ -142,8 +163,7 @@ async fn run(direct: bool, plain: bool, name: &str) {
     let committed = tx.commit().await;
     let (e, m) = (effects(&p1, "o").await, marks(&p1, "o").await);
     assert_eq!(
-        e,
-        m,
+        e, m,
         "the outer answered {out:?}, the commit {committed:?}: {m} done mark(s) for {e} effect(s) \
          (its writes were rolled back by the innermost call on its transaction)"
     );
@@ -174,7 +194,10 @@ async fn innermost_tx(
     tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
     key: String,
 ) -> Result<u32, AppError> {
-    sqlx::query("INSERT INTO effects VALUES (?1)").bind(&key).execute(&mut **tx).await?;
+    sqlx::query("INSERT INTO effects VALUES (?1)")
+        .bind(&key)
+        .execute(&mut **tx)
+        .await?;
     sqlx::raw_sql("ROLLBACK").execute(&mut **tx).await?;
     Err(AppError::Refused)
 }
@@ -193,14 +216,19 @@ async fn run_in_tx_outer_with_an_attribute_inner_on_its_connection_or_transactio
             .run_in_tx(&opts, idem_runtime::Call::new("o"), move |tx| {
                 Box::pin(async move {
                     let s = &s;
-                    sqlx::query("INSERT INTO effects VALUES ('o')").execute(&mut **tx).await?;
+                    sqlx::query("INSERT INTO effects VALUES ('o')")
+                        .execute(&mut **tx)
+                        .await?;
                     let nested = if as_conn {
                         innermost(s, &mut **tx, "o.in".into()).await
                     } else {
                         innermost_tx(s, tx, "o.in".into()).await
                     };
                     assert!(
-                        matches!(nested, Err(AppError::Idem(Error::TransactionAborted { .. }))),
+                        matches!(
+                            nested,
+                            Err(AppError::Idem(Error::TransactionAborted { .. }))
+                        ),
                         "{nested:?}"
                     );
                     Ok(1)
@@ -208,7 +236,10 @@ async fn run_in_tx_outer_with_an_attribute_inner_on_its_connection_or_transactio
             })
             .await;
         let (e, m) = (effects(&p1, "o").await, marks(&p1, "o").await);
-        assert_eq!(e, m, "as_conn {as_conn}: {out:?}: {m} mark(s), {e} effect(s)");
+        assert_eq!(
+            e, m,
+            "as_conn {as_conn}: {out:?}: {m} mark(s), {e} effect(s)"
+        );
         assert!(out.is_err(), "{out:?}");
     }
 }
@@ -230,7 +261,9 @@ async fn unkeyed_ends(
     tx: &mut SqliteConnection,
     key: Option<Rid>,
 ) -> Result<u32, AppError> {
-    sqlx::query("INSERT INTO effects VALUES ('unkeyed')").execute(&mut *tx).await?;
+    sqlx::query("INSERT INTO effects VALUES ('unkeyed')")
+        .execute(&mut *tx)
+        .await?;
     sqlx::raw_sql("ROLLBACK").execute(&mut *tx).await?;
     Ok(7)
 }
@@ -241,10 +274,16 @@ async fn outer_of_unkeyed(
     tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
     key: String,
 ) -> Result<u32, AppError> {
-    sqlx::query("INSERT INTO effects VALUES (?1)").bind(&key).execute(&mut **tx).await?;
+    sqlx::query("INSERT INTO effects VALUES (?1)")
+        .bind(&key)
+        .execute(&mut **tx)
+        .await?;
     let nested = unkeyed_ends(store, &mut **tx, None).await;
     assert!(
-        matches!(nested, Err(AppError::Idem(Error::TransactionAborted { .. }))),
+        matches!(
+            nested,
+            Err(AppError::Idem(Error::TransactionAborted { .. }))
+        ),
         "{nested:?}"
     );
     Ok(1)

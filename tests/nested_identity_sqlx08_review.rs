@@ -45,7 +45,10 @@ async fn outer08(
     sqlx08::query(insert).bind(&key).execute(&mut **tx).await?;
     let nested = inner08(store, &mut *tx, format!("{key}.in"), insert).await;
     assert!(
-        matches!(nested, Err(AppError::Idem(Error::TransactionAborted { .. }))),
+        matches!(
+            nested,
+            Err(AppError::Idem(Error::TransactionAborted { .. }))
+        ),
         "{nested:?}"
     );
     Ok(1)
@@ -66,6 +69,9 @@ async fn sqlx08_outer_transaction_inner_connection_leaves_no_mark_without_effect
     let committed = tx.commit().await;
     let (e, m) = (s.effects_of("o").await, s.marks_of("o").await);
     s.drop_tables().await;
-    assert_eq!(e, m, "{out:?}, commit {committed:?}: {m} mark(s), {e} effect(s)");
+    assert_eq!(
+        e, m,
+        "{out:?}, commit {committed:?}: {m} mark(s), {e} effect(s)"
+    );
     assert!(out.is_err(), "{out:?}");
 }

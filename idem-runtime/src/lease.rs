@@ -156,6 +156,9 @@ pub(crate) struct Held {
     ///
     /// [`TxRef::identity`]: crate::TxRef
     pub(crate) tx: std::sync::atomic::AtomicUsize,
+    /// The call this one is nested in (the task's lease when it was made), so that an abort
+    /// reaches every enclosing call on the same transaction, through calls on others between.
+    parent: Option<Arc<Held>>,
     signal: Notify,
     /// Claims of nested transactional calls, made outside the transaction this handler runs in
     /// (MySQL/MariaDB), whose done marks are in that transaction: if this call undoes its writes
@@ -182,6 +185,7 @@ impl Held {
             finishing: AtomicBool::new(false),
             aborted: AtomicBool::new(false),
             tx: std::sync::atomic::AtomicUsize::new(0),
+            parent: Held::enclosing(),
             signal: Notify::new(),
             nested: Mutex::new(Vec::new()),
         })
@@ -195,6 +199,18 @@ impl Held {
     /// The transaction this call runs in was rolled back under it (by a nested call).
     pub(crate) fn abort(&self) {
         self.aborted.store(true, Ordering::Release);
+    }
+
+    /// The transaction `tx` (a [`TxRef::identity`](crate::TxRef)) was rolled back under the
+    /// call running in this task: abort every enclosing call on it, however deep.
+    pub(crate) fn abort_enclosing_on(tx: usize) {
+        let mut next = Held::enclosing();
+        while let Some(held) = next {
+            if held.tx.load(Ordering::Relaxed) == tx {
+                held.abort();
+            }
+            next = held.parent.clone();
+        }
     }
 
     /// Whether [`abort`](Self::abort) was called.

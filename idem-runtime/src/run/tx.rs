@@ -396,8 +396,11 @@ where
     match mark {
         Ok(()) => {
             if let Err(e) = txs.release_savepoint_in(as_tx(tx).0, &savepoint).await {
-                // Harmless: the transaction's end releases it.
-                tracing::debug!(scope, key = %key, error = %e, "savepoint not released");
+                // The savepoint is gone: the handler ended the transaction itself (or the
+                // connection broke), so its writes are not in it and the mark may have been
+                // written outside it. Not `Ok`: the caller must not take this for a commit.
+                release_nested(&held).await;
+                return aborted(txs, as_tx(tx).0, opts, key, e).await;
             }
             txs.marked_in(scope, key, &lease).await;
             adopt_nested(&held, renewer.as_ref(), opts);
@@ -474,11 +477,7 @@ where
     }
     // The calls around this one in that transaction: their writes are gone as well. (One on
     // another transaction keeps its own.)
-    if let Some(enclosing) = lease::Held::enclosing()
-        && enclosing.tx.load(Ordering::Relaxed) == id
-    {
-        enclosing.abort();
-    }
+    lease::Held::abort_enclosing_on(id);
     lift(
         opts,
         Error::TransactionAborted {

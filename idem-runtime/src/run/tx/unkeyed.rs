@@ -77,11 +77,7 @@ where
                 tracing::warn!(scope = &*opts.scope, error = %e, "rolling the transaction back failed too");
             }
             // The calls around this one in that transaction lost their writes too.
-            if let Some(enclosing) = crate::lease::Held::enclosing()
-                && enclosing.tx.load(std::sync::atomic::Ordering::Relaxed) == id
-            {
-                enclosing.abort();
-            }
+            crate::lease::Held::abort_enclosing_on(id);
             lift(
                 opts,
                 Error::TransactionAborted {

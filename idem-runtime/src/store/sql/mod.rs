@@ -417,6 +417,7 @@ impl<DB: Backend> SqlStore<DB> {
             fingerprint: lease.fingerprint.map(|f| f.0),
             output,
             keep_us: micros(keep),
+            in_tx: false,
         };
         DB::complete(conn, &self.inner.sql, &mark).await
     }

@@ -5,8 +5,8 @@ use sqlx::{PgConnection, Pool, Postgres, SqlStr};
 use super::pg_exec::PgExec;
 use super::sealed::{At, Claim, Current, Mark, Migrations, Ops, Seen, Table};
 use super::{
-    Backend, MAX_RACES, advisory_key, apply_migrations, db_error as unavailable, done_by,
-    side_pool, token_bytes, watchdog_pool,
+    Backend, MAX_RACES, advisory_key, apply_migrations, claim_gone, db_error as unavailable,
+    done_by, side_pool, token_bytes, watchdog_pool,
 };
 use crate::StoreError;
 use crate::pg_tx::{Param, PgTransaction};
@@ -285,11 +285,15 @@ async fn complete_on<E: PgExec + ?Sized>(
     if conn.exec(sql.mark.as_str(), &params).await? == 1 {
         return Ok(());
     }
-    if conn.row(sql.complete.as_str(), &params).await?.is_some() {
+    // Not in the transaction the claim was made in: its row is there, so a mark that finds it
+    // taken does not write one of its own (which would commit by itself for writes that are
+    // gone, were the transaction ended under the call).
+    if !mark.in_tx && conn.row(sql.complete.as_str(), &params).await?.is_some() {
         return Ok(());
     }
     let owner = match conn.row(sql.owner.as_str(), &params[..2]).await? {
         Some(mut row) => Some((row.small_at(0)?, row.bytes_at(1)?)),
+        None if mark.in_tx => return Err(claim_gone()),
         None => None,
     };
     done_by(owner, mark.token)

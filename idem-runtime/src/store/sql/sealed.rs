@@ -119,6 +119,11 @@ pub struct Mark<'a> {
     pub fingerprint: Option<[u8; 16]>,
     pub output: &'a [u8],
     pub keep_us: i64,
+    /// The claim was made in the transaction this mark is written in: its row must be there,
+    /// in flight with this token. Where it is not, the transaction was ended under the call (a
+    /// handler that rolled it back itself): the mark must not fall back to writing a new row,
+    /// which would commit on its own (autocommit) for writes that are gone.
+    pub in_tx: bool,
 }
 
 /// A row as read back, with its remaining time by the database's clock.

@@ -180,6 +180,14 @@ fn is_missing_table(d: &dyn sqlx::error::DatabaseError) -> bool {
 
 /// After a mark that wrote nothing: fine if this token already completed the key (a retry),
 /// otherwise another holder owns it.
+/// What a mark in the claim's own transaction answers when the claim's row is not there: the
+/// transaction was ended under the call (a handler that rolled it back itself).
+pub(crate) fn claim_gone() -> StoreError {
+    StoreError::TransactionGone(
+        "the claim made in this transaction is gone: the transaction was ended under the call (a handler that rolled it back itself?)".into(),
+    )
+}
+
 pub(crate) fn done_by(row: Option<(i16, Vec<u8>)>, token: Token) -> Result<(), StoreError> {
     match row {
         Some((DONE, t)) if token_of(&t)? == token => Ok(()),

@@ -5,7 +5,7 @@ use sqlx::{Pool, Row, SqlStr, Sqlite, SqliteConnection};
 
 use super::sealed::{At, Claim, Current, Mark, Migrations, Ops, Seen, Table};
 use super::{
-    Backend, MAX_RACES, apply_migrations, corrupt, db_error as unavailable, done_by,
+    Backend, MAX_RACES, apply_migrations, claim_gone, corrupt, db_error as unavailable, done_by,
     side_pool_with, token_bytes, watchdog_pool,
 };
 use crate::StoreError;
@@ -127,18 +127,23 @@ impl Ops for Sqlite, SqliteConnection {
         if marked.rows_affected() == 1 {
             return Ok(());
         }
-        let written = sqlx::query(sql.complete.clone())
-            .bind(mark.at.scope)
-            .bind(mark.at.key)
-            .bind(&token[..])
-            .bind(mark.keep_us)
-            .bind(mark.output)
-            .bind(mark.fingerprint.as_ref().map(|f| &f[..]))
-            .fetch_optional(&mut *conn)
-            .await
-            .map_err(unavailable)?;
-        if written.is_some() {
-            return Ok(());
+        // In the transaction the claim was made in, its row is there: a mark that finds it
+        // taken writes no row of its own (it would commit by itself for writes that are gone,
+        // were the transaction ended under the call).
+        if !mark.in_tx {
+            let written = sqlx::query(sql.complete.clone())
+                .bind(mark.at.scope)
+                .bind(mark.at.key)
+                .bind(&token[..])
+                .bind(mark.keep_us)
+                .bind(mark.output)
+                .bind(mark.fingerprint.as_ref().map(|f| &f[..]))
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err(unavailable)?;
+            if written.is_some() {
+                return Ok(());
+            }
         }
         let row: Option<(i16, Vec<u8>)> = sqlx::query_as(sql.owner.clone())
             .bind(mark.at.scope)
@@ -146,6 +151,9 @@ impl Ops for Sqlite, SqliteConnection {
             .fetch_optional(&mut *conn)
             .await
             .map_err(unavailable)?;
+        if row.is_none() && mark.in_tx {
+            return Err(claim_gone());
+        }
         done_by(row, mark.token)
     }
 

@@ -70,24 +70,21 @@ impl<DB: Backend> TxStore for SqlStore<DB> {
         output: &[u8],
         keep: Duration,
     ) -> Result<(), StoreError> {
+        let scope = stored_scope(scope);
+        let mark = Mark {
+            at: At {
+                scope: &scope,
+                key: key.as_str(),
+            },
+            token: lease.token,
+            fingerprint: lease.fingerprint.map(|f| f.0),
+            output,
+            keep_us: micros(keep),
+            in_tx: DB::CLAIMS_IN_TX,
+        };
         match conn_of::<DB>(tx)? {
-            Conn::Native(c) => {
-                SqlStore::complete_in(self, c, scope, key, lease, output, keep).await
-            }
-            Conn::Foreign(t) => {
-                let scope = stored_scope(scope);
-                let mark = Mark {
-                    at: At {
-                        scope: &scope,
-                        key: key.as_str(),
-                    },
-                    token: lease.token,
-                    fingerprint: lease.fingerprint.map(|f| f.0),
-                    output,
-                    keep_us: micros(keep),
-                };
-                DB::complete_foreign(t, &self.inner.sql, &mark).await
-            }
+            Conn::Native(c) => DB::complete(c, &self.inner.sql, &mark).await,
+            Conn::Foreign(t) => DB::complete_foreign(t, &self.inner.sql, &mark).await,
         }
     }
 
