@@ -11,6 +11,9 @@
 //! the outer's mark then finds its claim row gone, inserts a done row in the fresh transaction
 //! (`COMPLETE`), the failed `RELEASE SAVEPOINT` is "harmless", and the call answers `Ok`. The
 //! caller commits: a done mark for writes that were rolled back (a lost effect).
+// The connection is passed as `&mut **tx` on purpose: which object a call is given is what
+// its transaction's identity is taken from.
+#![allow(clippy::explicit_auto_deref)]
 
 use std::time::Duration;
 
