@@ -184,7 +184,7 @@ impl Row {
 /// use idem_runtime::PgError;
 /// let e = PgError::new("connection closed").with_code("08006");
 /// assert_eq!(e.code(), Some("08006"));
-/// assert_eq!(e.to_string(), "connection closed");
+/// assert_eq!(e.to_string(), "connection closed (SQLSTATE 08006)");
 /// ```
 pub struct PgError {
     code: Option<String>,
